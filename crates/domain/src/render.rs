@@ -1,0 +1,223 @@
+//! From MongoDB documents to the response's JSON.
+//!
+//! Both the live aggregation and the read model render calls through these
+//! functions, so that a cached answer and a live one are equal byte for byte.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bson::{Bson, Document};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::value::RawValue;
+use serde_json::{Map, Number, Value};
+
+use crate::ids::{StatusKey, UserId};
+use crate::params::GroupedRequest;
+use crate::response::{GroupedResponse, StatusGroup, Summary, GROUPED_MESSAGE};
+use crate::status::Status;
+
+/// The call fields that name a user, and the response field that shows them.
+pub const USER_REFERENCES: [(&str, &str); 3] = [
+    ("owner_id", "owner_details"),
+    ("user_id", "user_details"),
+    ("assigned_to_id", "assigned_to_details"),
+];
+
+/// A BSON value as plain JSON: dates as RFC 3339 UTC strings
+/// (`2025-10-13T10:00:00Z`, with milliseconds only when they are not zero),
+/// ObjectIds as hex strings, 64-bit and 32-bit integers as numbers.
+pub fn bson_to_json(value: &Bson) -> Value {
+    match value {
+        Bson::Double(f) => Number::from_f64(*f).map(Value::Number).unwrap_or(Value::Null),
+        Bson::String(s) => Value::String(s.clone()),
+        Bson::Array(items) => Value::Array(items.iter().map(bson_to_json).collect()),
+        Bson::Document(doc) => Value::Object(document_to_json(doc)),
+        Bson::Boolean(b) => Value::Bool(*b),
+        Bson::Null | Bson::Undefined | Bson::MaxKey | Bson::MinKey => Value::Null,
+        Bson::Int32(n) => Value::from(*n),
+        Bson::Int64(n) => Value::from(*n),
+        Bson::DateTime(d) => Value::String(rfc3339(d.timestamp_millis())),
+        Bson::ObjectId(oid) => Value::String(oid.to_hex()),
+        Bson::Decimal128(d) => Value::String(d.to_string()),
+        Bson::Timestamp(ts) => Value::from(ts.time),
+        Bson::Symbol(s) | Bson::JavaScriptCode(s) => Value::String(s.clone()),
+        Bson::JavaScriptCodeWithScope(c) => Value::String(c.code.clone()),
+        Bson::RegularExpression(re) => Value::String(format!("/{}/{}", re.pattern, re.options)),
+        Bson::Binary(bin) => Value::String(bin.bytes.iter().map(|b| format!("{b:02x}")).collect()),
+        Bson::DbPointer(_) => Value::Null,
+    }
+}
+
+fn document_to_json(doc: &Document) -> Map<String, Value> {
+    doc.iter().map(|(k, v)| (k.clone(), bson_to_json(v))).collect()
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC.
+pub fn rfc3339(ms: i64) -> String {
+    match DateTime::<Utc>::from_timestamp_millis(ms) {
+        Some(t) => t.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        None => ms.to_string(),
+    }
+}
+
+/// Which user fields a response may show. `_id` never; by default `id`,
+/// `name` and `email`, so that a password hash can never leave the service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserFields(Vec<String>);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UserFieldsError {
+    #[error("the user field allowlist is empty")]
+    Empty,
+    #[error("user field {0:?} may not be shown")]
+    Forbidden(String),
+}
+
+impl UserFields {
+    pub fn new(fields: Vec<String>) -> Result<Self, UserFieldsError> {
+        if fields.is_empty() {
+            return Err(UserFieldsError::Empty);
+        }
+        if let Some(bad) = fields.iter().find(|f| f.is_empty() || f.starts_with('_') || f.contains('.') || f.starts_with('$')) {
+            return Err(UserFieldsError::Forbidden(bad.clone()));
+        }
+        let mut unique = Vec::with_capacity(fields.len());
+        for f in fields {
+            if !unique.contains(&f) {
+                unique.push(f);
+            }
+        }
+        Ok(Self(unique))
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.0
+    }
+
+    /// The allowed fields of a user document, in allowlist order.
+    pub fn project(&self, user: &Document) -> Map<String, Value> {
+        self.0.iter().filter_map(|f| user.get(f).map(|v| (f.clone(), bson_to_json(v)))).collect()
+    }
+}
+
+impl Default for UserFields {
+    fn default() -> Self {
+        Self(vec!["id".into(), "name".into(), "email".into()])
+    }
+}
+
+/// Users by id, already cut down to the allowed fields.
+#[derive(Debug, Default, Clone)]
+pub struct UserDirectory(HashMap<UserId, Map<String, Value>>);
+
+impl UserDirectory {
+    /// From user documents in `_id` order; the first document with an id wins.
+    pub fn from_documents<'a>(users: impl IntoIterator<Item = &'a Document>, fields: &UserFields) -> Self {
+        let mut map = HashMap::new();
+        for user in users {
+            if let Some(id) = user.get("id").and_then(UserId::from_bson) {
+                map.entry(id).or_insert_with(|| fields.project(user));
+            }
+        }
+        Self(map)
+    }
+
+    pub fn get(&self, id: UserId) -> Option<&Map<String, Value>> {
+        self.0.get(&id)
+    }
+}
+
+/// The user ids a call refers to.
+pub fn user_references(call: &Document) -> impl Iterator<Item = UserId> + '_ {
+    USER_REFERENCES.iter().filter_map(|(field, _)| call.get(*field).and_then(UserId::from_bson))
+}
+
+/// A call as the response shows it with enrichment: every stored field but
+/// `_id`, then `owner_details`, `user_details` and `assigned_to_details`
+/// (`{}` when the reference is missing or names no user).
+pub fn enriched_call(call: &Document, users: &UserDirectory) -> Map<String, Value> {
+    let mut out: Map<String, Value> = call.iter().filter(|(k, _)| k.as_str() != "_id").map(|(k, v)| (k.clone(), bson_to_json(v))).collect();
+    for (field, details) in USER_REFERENCES {
+        let user = call.get(field).and_then(UserId::from_bson).and_then(|id| users.get(id)).cloned().unwrap_or_default();
+        out.insert(details.to_string(), Value::Object(user));
+    }
+    out
+}
+
+/// Serialises a JSON value that is known to be valid into a raw value.
+pub fn raw(value: &Value) -> Box<RawValue> {
+    // A serde_json::Value always serialises; the fallback is unreachable.
+    serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"))
+}
+
+/// One status's share of a tenant's calls: how many, and the first calls in
+/// response order (already cut to the request's limit, already rendered).
+#[derive(Debug, Default)]
+pub struct GroupCalls {
+    pub total: u64,
+    pub calls: Vec<Box<RawValue>>,
+}
+
+/// The grouped response: every visible status in id order, with its calls.
+/// Calls of statuses the tenant does not see count nowhere.
+pub fn assemble(statuses: Vec<Status>, mut groups: BTreeMap<StatusKey, GroupCalls>, request: &GroupedRequest) -> GroupedResponse {
+    let data: Vec<StatusGroup> = statuses
+        .into_iter()
+        .map(|s| {
+            let group = groups.remove(&s.key).unwrap_or_default();
+            StatusGroup {
+                id: s.key.get(),
+                name: s.name,
+                description: s.description,
+                color: s.color,
+                total_calls: group.total,
+                calls: if request.include_calls { group.calls } else { Vec::new() },
+            }
+        })
+        .collect();
+    GroupedResponse {
+        status: 200,
+        message: GROUPED_MESSAGE,
+        summary: Summary {
+            total_calls: data.iter().map(|g| g.total_calls).sum(),
+            total_status_groups: data.len(),
+            limit_per_status: request.limit.get(),
+        },
+        data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::{doc, oid::ObjectId, DateTime as BsonDate};
+
+    #[test]
+    fn dates_render_as_rfc3339_utc() {
+        assert_eq!(rfc3339(1_760_349_600_000), "2025-10-13T10:00:00Z");
+        assert_eq!(rfc3339(1_760_349_600_123), "2025-10-13T10:00:00.123Z");
+        assert_eq!(bson_to_json(&Bson::DateTime(BsonDate::from_millis(0))), Value::from("1970-01-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn enriched_call_drops_id_and_shows_only_allowed_user_fields() {
+        let fields = UserFields::default();
+        let users = vec![doc! {"_id": ObjectId::new(), "id": 1, "name": "Ann", "email": "a@x", "password_hash": "secret"}];
+        let dir = UserDirectory::from_documents(&users, &fields);
+        let call = doc! {"_id": ObjectId::new(), "id": 9, "owner_id": 1, "user_id": 77, "subject": "Hi"};
+        let out = Value::Object(enriched_call(&call, &dir));
+        assert_eq!(
+            out,
+            serde_json::json!({"id": 9, "owner_id": 1, "user_id": 77, "subject": "Hi",
+                "owner_details": {"id": 1, "name": "Ann", "email": "a@x"},
+                "user_details": {}, "assigned_to_details": {}})
+        );
+        assert!(!out.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn allowlist_rejects_private_fields() {
+        assert_eq!(UserFields::new(vec!["_id".into()]), Err(UserFieldsError::Forbidden("_id".into())));
+        assert_eq!(UserFields::new(vec![]), Err(UserFieldsError::Empty));
+        assert_eq!(UserFields::new(vec!["id".into(), "id".into()]).unwrap().names(), ["id".to_string()]);
+    }
+}

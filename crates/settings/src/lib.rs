@@ -1,0 +1,383 @@
+//! callboard's configuration: `config/default.toml` (compiled in), then an
+//! optional file, then `CALLBOARD_*` environment variables.
+//!
+//! Every environment variable is listed in [`ENV_KEYS`]; the names are a
+//! public interface. An unknown key or variable is an error, and every error
+//! names the key (and its variable) that is wrong. Settings build their own
+//! clients ([`MongoSettings::client`], [`RedisSettings::pool`]).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use callboard_domain::render::UserFields;
+use callboard_domain::{Limit, MAX_LIMIT_CEILING};
+use serde::Deserialize;
+
+const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+
+/// Environment variable -> configuration key. Values are strings, except
+/// those listed in [`LIST_KEYS`] (comma lists) and [`INT_KEYS`].
+pub const ENV_KEYS: &[(&str, &str)] = &[
+    ("CALLBOARD_HTTP_ADDR", "http.addr"),
+    ("CALLBOARD_HTTP_WORKERS", "http.workers"),
+    ("CALLBOARD_MONGODB_URI", "mongodb.uri"),
+    ("CALLBOARD_MONGODB_DB", "mongodb.db"),
+    ("CALLBOARD_REDIS_URL", "redis.url"),
+    ("CALLBOARD_REDIS_KEY_PREFIX", "redis.key_prefix"),
+    ("CALLBOARD_JWT_SECRET", "auth.jwt_secret"),
+    ("CALLBOARD_USER_FIELDS", "query.user_fields"),
+    ("CALLBOARD_LOG", "log.filter"),
+    ("CALLBOARD_LOG_FORMAT", "log.format"),
+];
+const LIST_KEYS: &[&str] = &["query.user_fields"];
+const INT_KEYS: &[&str] = &["http.workers"];
+
+/// `CALLBOARD_*` variables that are not settings: the config file's path,
+/// and the test harness's own.
+fn is_reserved_env(name: &str) -> bool {
+    name == "CALLBOARD_CONFIG" || name.starts_with("CALLBOARD_TEST_") || name.starts_with("CALLBOARD_STANDIN_")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("unknown environment variable {0}: not a callboard setting (see config/default.toml)")]
+    UnknownEnv(String),
+    #[error("{key}{}: {message}", env_hint(.key))]
+    Invalid { key: &'static str, message: String },
+}
+
+fn env_hint(key: &str) -> String {
+    ENV_KEYS.iter().find(|(_, k)| *k == key).map(|(e, _)| format!(" ({e})")).unwrap_or_default()
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid { key, message: message.into() }
+}
+
+/// A value that must not reach logs: `Debug` and `Display` print `[redacted]`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub mongodb: MongoSettings,
+    pub redis: RedisSettings,
+    pub auth: AuthSettings,
+    pub query: QuerySettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub addr: String,
+    pub max_body_bytes: usize,
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoSettings {
+    /// May carry credentials, hence a secret.
+    pub uri: Secret,
+    pub db: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: Secret,
+    pub pool_size: usize,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub jwt_secret: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuerySettings {
+    pub default_limit: u32,
+    pub max_limit: u32,
+    pub user_fields: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Settings {
+    /// Loads the layers: defaults, `file` if given, then `env`.
+    pub fn load<I>(file: Option<&Path>, env: I) -> Result<Self, SettingsError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut tree = parse_toml("config/default.toml (built in)", DEFAULT_TOML)?;
+        if let Some(path) = file {
+            let shown = path.display().to_string();
+            let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read { path: shown.clone(), source })?;
+            merge(&mut tree, parse_toml(&shown, &text)?);
+        }
+        for (name, value) in env {
+            if !name.starts_with("CALLBOARD_") || is_reserved_env(&name) {
+                continue;
+            }
+            let Some((_, key)) = ENV_KEYS.iter().find(|(e, _)| *e == name) else {
+                return Err(SettingsError::UnknownEnv(name));
+            };
+            set(&mut tree, key, env_value(key, &value)?);
+        }
+        let settings: Settings = tree.try_into().map_err(|e: toml::de::Error| SettingsError::Parse {
+            path: "configuration".into(),
+            message: e.message().to_string(),
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Loads from the process environment.
+    pub fn from_env(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let file = file.map(Path::to_path_buf).or_else(|| std::env::var_os("CALLBOARD_CONFIG").map(Into::into));
+        Self::load(file.as_deref(), std::env::vars())
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        self.http.socket_addr()?;
+        if self.http.max_body_bytes == 0 {
+            return Err(invalid("http.max_body_bytes", "must be positive"));
+        }
+        let uri = self.mongodb.uri.expose();
+        if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {
+            return Err(invalid("mongodb.uri", "must start with mongodb:// or mongodb+srv://"));
+        }
+        if self.mongodb.db.is_empty() || self.mongodb.db.contains(['/', '\\', '.', ' ', '"', '$']) {
+            return Err(invalid("mongodb.db", format!("{:?} is not a valid database name", self.mongodb.db)));
+        }
+        let url = self.redis.url.expose();
+        if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+            return Err(invalid("redis.url", "must start with redis://, rediss:// or unix://"));
+        }
+        if self.redis.pool_size == 0 {
+            return Err(invalid("redis.pool_size", "must be positive"));
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}', ':', ' ']) {
+            return Err(invalid("redis.key_prefix", "must be non-empty, without braces, colons or spaces"));
+        }
+        if let Some(secret) = &self.auth.jwt_secret {
+            check_jwt_secret(secret)?;
+        }
+        self.query.max_limit()?;
+        self.query.default_limit()?;
+        self.query.user_fields()?;
+        Ok(())
+    }
+
+    /// The token secret; commands that verify or sign tokens need it.
+    pub fn jwt_secret(&self) -> Result<&Secret, SettingsError> {
+        self.auth.jwt_secret.as_ref().ok_or_else(|| invalid("auth.jwt_secret", "is not set"))
+    }
+}
+
+fn check_jwt_secret(secret: &Secret) -> Result<(), SettingsError> {
+    if secret.expose().len() < 32 {
+        return Err(invalid("auth.jwt_secret", "must be at least 32 bytes"));
+    }
+    Ok(())
+}
+
+impl HttpSettings {
+    pub fn socket_addr(&self) -> Result<SocketAddr, SettingsError> {
+        self.addr.parse().map_err(|_| invalid("http.addr", format!("{:?} is not an address like 0.0.0.0:8006", self.addr)))
+    }
+}
+
+impl QuerySettings {
+    pub fn max_limit(&self) -> Result<u32, SettingsError> {
+        if self.max_limit == 0 || self.max_limit > MAX_LIMIT_CEILING {
+            return Err(invalid("query.max_limit", format!("must be between 1 and {MAX_LIMIT_CEILING}")));
+        }
+        Ok(self.max_limit)
+    }
+
+    pub fn default_limit(&self) -> Result<Limit, SettingsError> {
+        let max = self.max_limit()?;
+        Limit::new(i64::from(self.default_limit), max)
+            .map_err(|_| invalid("query.default_limit", format!("must be between 1 and query.max_limit ({max})")))
+    }
+
+    pub fn user_fields(&self) -> Result<UserFields, SettingsError> {
+        UserFields::new(self.user_fields.clone()).map_err(|e| invalid("query.user_fields", e.to_string()))
+    }
+}
+
+impl MongoSettings {
+    /// A client for the configured deployment. Connecting is lazy; the first
+    /// operation reports an unreachable server.
+    pub async fn client(&self) -> Result<mongodb::Client, SettingsError> {
+        let mut options = mongodb::options::ClientOptions::parse(self.uri.expose())
+            .await
+            .map_err(|e| invalid("mongodb.uri", e.to_string()))?;
+        options.app_name.get_or_insert_with(|| "callboard".into());
+        mongodb::Client::with_options(options).map_err(|e| invalid("mongodb.uri", e.to_string()))
+    }
+
+    pub async fn database(&self) -> Result<mongodb::Database, SettingsError> {
+        Ok(self.client().await?.database(&self.db))
+    }
+}
+
+impl RedisSettings {
+    pub fn pool(&self) -> Result<deadpool_redis::Pool, SettingsError> {
+        let mut config = deadpool_redis::Config::from_url(self.url.expose());
+        config.pool = Some(deadpool_redis::PoolConfig::new(self.pool_size));
+        config
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .map_err(|e| invalid("redis.url", e.to_string()))
+    }
+}
+
+fn parse_toml(path: &str, text: &str) -> Result<toml::Table, SettingsError> {
+    text.parse::<toml::Table>().map_err(|e| SettingsError::Parse { path: path.into(), message: e.message().to_string() })
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn set(tree: &mut toml::Table, key: &str, value: toml::Value) {
+    let (section, field) = key.split_once('.').expect("ENV_KEYS are section.field");
+    let table = tree.entry(section).or_insert_with(|| toml::Value::Table(Default::default()));
+    if let toml::Value::Table(t) = table {
+        t.insert(field.to_string(), value);
+    }
+}
+
+fn env_value(key: &'static str, raw: &str) -> Result<toml::Value, SettingsError> {
+    if LIST_KEYS.contains(&key) {
+        let items = raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into()));
+        return Ok(toml::Value::Array(items.collect()));
+    }
+    if INT_KEYS.contains(&key) {
+        return raw
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .map(toml::Value::Integer)
+            .ok_or_else(|| invalid(key, format!("{raw:?} is not a non-negative integer")));
+    }
+    Ok(toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        Settings::load(None, env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_load_and_env_overrides_apply() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.http.addr, "0.0.0.0:8006");
+        assert_eq!(s.mongodb.db, "crm");
+        assert!(s.auth.jwt_secret.is_none());
+        let s = load(&[
+            ("CALLBOARD_MONGODB_URI", "mongodb://db:27017"),
+            ("CALLBOARD_MONGODB_DB", "other"),
+            ("CALLBOARD_REDIS_URL", "redis://r:6380"),
+            ("CALLBOARD_HTTP_ADDR", "127.0.0.1:9000"),
+            ("CALLBOARD_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+            ("CALLBOARD_LOG", "debug"),
+            ("CALLBOARD_USER_FIELDS", "id, name"),
+            ("CALLBOARD_TEST_MONGODB_URI", "ignored"),
+            ("PATH", "/bin"),
+        ])
+        .unwrap();
+        assert_eq!(s.mongodb.uri.expose(), "mongodb://db:27017");
+        assert_eq!(s.mongodb.db, "other");
+        assert_eq!(s.redis.url.expose(), "redis://r:6380");
+        assert_eq!(s.http.socket_addr().unwrap().port(), 9000);
+        assert_eq!(s.jwt_secret().unwrap().expose().len(), 32);
+        assert_eq!(s.log.filter, "debug");
+        assert_eq!(s.query.user_fields().unwrap().names(), ["id", "name"]);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_variable() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("CALLBOARD_HTTP_ADDR", "nonsense", "http.addr (CALLBOARD_HTTP_ADDR)"),
+            ("CALLBOARD_MONGODB_URI", "http://x", "mongodb.uri (CALLBOARD_MONGODB_URI)"),
+            ("CALLBOARD_MONGODB_DB", "a.b", "mongodb.db (CALLBOARD_MONGODB_DB)"),
+            ("CALLBOARD_REDIS_URL", "localhost", "redis.url (CALLBOARD_REDIS_URL)"),
+            ("CALLBOARD_JWT_SECRET", "short", "auth.jwt_secret (CALLBOARD_JWT_SECRET)"),
+            ("CALLBOARD_USER_FIELDS", "_id,name", "query.user_fields (CALLBOARD_USER_FIELDS)"),
+            ("CALLBOARD_HTTP_WORKERS", "-2", "http.workers (CALLBOARD_HTTP_WORKERS)"),
+            ("CALLBOARD_MONGO_URI", "mongodb://x", "CALLBOARD_MONGO_URI"),
+        ];
+        for (var, value, expected) in cases {
+            let err = load(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(expected), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_file_keys_fail_and_secrets_are_redacted() {
+        let dir = std::env::temp_dir().join(format!("cb-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "[http]\nadress = \"x\"\n").unwrap();
+        let err = Settings::load(Some(&path), std::iter::empty()).unwrap_err().to_string();
+        assert!(err.contains("adress"), "{err}");
+        std::fs::write(&path, "[query]\nmax_limit = 50\ndefault_limit = 60\n").unwrap();
+        let err = Settings::load(Some(&path), std::iter::empty()).unwrap_err().to_string();
+        assert!(err.contains("query.default_limit"), "{err}");
+        let s = load(&[("CALLBOARD_JWT_SECRET", "0123456789abcdef0123456789abcdef")]).unwrap();
+        assert!(!format!("{s:?}").contains("0123456789abcdef"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
