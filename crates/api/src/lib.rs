@@ -1,0 +1,128 @@
+//! callboard's HTTP surface.
+//!
+//! Handlers are short: extract typed input ([`Caller`] from the bearer
+//! token, [`params::GroupedParams`] from the query string and body),
+//! call the domain, render. Every error leaves through [`error::ApiError`].
+//! [`create_app`] builds the actix `App`, so tests can drive it in process or
+//! over a port; [`Application`] binds and runs it.
+
+pub mod auth;
+pub mod error;
+pub mod params;
+mod routes;
+mod state;
+
+use std::net::TcpListener;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::{web, App, HttpServer};
+use callboard_settings::{Settings, SettingsError};
+use callboard_store::LiveQuery;
+use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder, TracingLogger};
+
+pub use auth::{Caller, JwtKeys, Role};
+pub use params::ParamLimits;
+pub use state::AppState;
+
+pub const GROUPED_PATH: &str = "/crm/calls/get-grouped-by-status";
+
+/// Everything the app needs, built from settings.
+#[derive(Clone)]
+pub struct AppParts {
+    pub state: AppState,
+    pub keys: JwtKeys,
+    pub limits: ParamLimits,
+}
+
+impl AppParts {
+    pub async fn from_settings(settings: &Settings) -> Result<Self, SettingsError> {
+        let db = settings.mongodb.database().await?;
+        Ok(Self {
+            state: AppState { live: LiveQuery::new(db, settings.query.user_fields()?) },
+            keys: JwtKeys::new(settings.jwt_secret()?.expose().as_bytes()),
+            limits: ParamLimits {
+                max_body_bytes: settings.http.max_body_bytes,
+                default_limit: settings.query.default_limit()?,
+                max_limit: settings.query.max_limit()?,
+            },
+        })
+    }
+}
+
+/// Request spans carry the route, the tenant and whether the cache served.
+pub struct CallboardSpan;
+
+impl RootSpanBuilder for CallboardSpan {
+    fn on_request_start(request: &ServiceRequest) -> tracing::Span {
+        tracing_actix_web::root_span!(request, tenant = tracing::field::Empty, cache = tracing::field::Empty)
+    }
+
+    fn on_request_end<B: MessageBody>(span: tracing::Span, outcome: &Result<ServiceResponse<B>, actix_web::Error>) {
+        DefaultRootSpanBuilder::on_request_end(span, outcome);
+    }
+}
+
+pub fn create_app(
+    parts: AppParts,
+) -> App<impl ServiceFactory<ServiceRequest, Config = (), Response = ServiceResponse<impl MessageBody>, Error = actix_web::Error, InitError = ()>> {
+    App::new()
+        .wrap(TracingLogger::<CallboardSpan>::new())
+        .app_data(web::Data::new(parts.state))
+        .app_data(web::Data::new(parts.keys))
+        .app_data(web::Data::new(parts.limits))
+        .service(
+            web::resource(GROUPED_PATH)
+                .route(web::post().to(routes::grouped::get_grouped_by_status))
+                .default_service(web::to(error::method_not_allowed)),
+        )
+        .route("/healthz", web::get().to(routes::health::healthz))
+        .route("/readyz", web::get().to(routes::health::readyz))
+        .default_service(web::to(error::not_found))
+}
+
+/// The API bound to its port, ready to run.
+pub struct Application {
+    port: u16,
+    server: Server,
+}
+
+impl Application {
+    pub async fn build(settings: &Settings) -> Result<Self, ApplicationError> {
+        let addr = settings.http.socket_addr()?;
+        let listener = TcpListener::bind(addr).map_err(|e| ApplicationError::Bind(addr.to_string(), e))?;
+        Self::with_listener(settings, listener).await
+    }
+
+    pub async fn with_listener(settings: &Settings, listener: TcpListener) -> Result<Self, ApplicationError> {
+        let port = listener.local_addr().map_err(|e| ApplicationError::Bind("listener".into(), e))?.port();
+        let parts = AppParts::from_settings(settings).await?;
+        let mut server = HttpServer::new(move || create_app(parts.clone())).disable_signals();
+        if settings.http.workers > 0 {
+            server = server.workers(settings.http.workers);
+        }
+        let server = server.listen(listener).map_err(|e| ApplicationError::Bind("listener".into(), e))?.run();
+        Ok(Self { port, server })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle that stops the server gracefully.
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplicationError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(String, std::io::Error),
+}

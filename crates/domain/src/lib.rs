@@ -17,6 +17,6 @@ mod status;
 
 pub use ids::{CallId, StatusKey, TenantId, UserId};
 pub use order::CallOrder;
-pub use params::{GroupedRequest, Limit, ParamError, MAX_LIMIT_CEILING};
+pub use params::{GroupedRequest, Limit, ParamError, ParamValue, MAX_LIMIT_CEILING};
 pub use response::{GroupedResponse, StatusGroup, Summary, GROUPED_MESSAGE};
 pub use status::Status;

@@ -1,0 +1,2 @@
+pub mod grouped;
+pub mod health;

@@ -1,0 +1,151 @@
+//! The `callboard` binary: parses the command line and wires the crates
+//! together. No logic lives here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use callboard_api::{Application, JwtKeys};
+use callboard_domain::TenantId;
+use callboard_settings::{LogFormat, Settings};
+use callboard_store::{indexes, seed};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "callboard", version, about = "CRM call statuses, grouped and cached")]
+struct Cli {
+    /// An extra configuration file layered over config/default.toml
+    /// (also CALLBOARD_CONFIG).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    Serve,
+    /// Create the indexes of the specification (idempotent).
+    CreateIndexes,
+    /// Generate deterministic demo or benchmark data.
+    Seed {
+        #[arg(long, default_value_t = 10)]
+        tenants: u32,
+        #[arg(long, default_value_t = 10_000)]
+        calls: u64,
+        #[arg(long, default_value_t = 100)]
+        users: u32,
+        #[arg(long, default_value_t = 5)]
+        statuses: u32,
+        /// Random seed: the same seed gives the same data.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Drop `calls`, `users` and `call_status` first. Without it, seed
+        /// refuses to write into a database that holds any of them.
+        #[arg(long)]
+        drop: bool,
+    },
+    /// Print a signed bearer token.
+    Token {
+        #[arg(long)]
+        tenant: i64,
+        /// Give the token `role: "admin"`.
+        #[arg(long)]
+        admin: bool,
+        /// How long the token is valid, e.g. 1h, 30m, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::from_env(cli.config.as_deref())?;
+    if !matches!(cli.command, Command::Token { .. }) {
+        let format = match settings.log.format {
+            LogFormat::Text => callboard_telemetry::Format::Text,
+            LogFormat::Json => callboard_telemetry::Format::Json,
+        };
+        callboard_telemetry::init(&settings.log.filter, format)?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(cli.command, settings))
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => serve(settings).await,
+        Command::CreateIndexes => create_indexes(settings).await,
+        Command::Seed { tenants, calls, users, statuses, seed, drop } => {
+            seed_data(settings, seed::SeedPlan { tenants, calls, users, statuses, seed }, drop).await
+        }
+        Command::Token { tenant, admin, ttl } => {
+            let tenant = TenantId::new(tenant)?;
+            let keys = JwtKeys::new(settings.jwt_secret()?.expose().as_bytes());
+            println!("{}", keys.mint(tenant, admin, ttl));
+            Ok(())
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let app = Application::build(&settings).await?;
+    tracing::info!(addr = %settings.http.addr, port = app.port(), "API listening");
+    let handle = app.handle();
+    let server = tokio::spawn(app.run_until_stopped());
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    handle.stop(true).await;
+    server.await.context("API task")??;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn create_indexes(settings: Settings) -> anyhow::Result<()> {
+    let db = settings.mongodb.database().await?;
+    let results = indexes::ensure(&db).await.context("creating indexes")?;
+    for r in &results {
+        let verb = match r.outcome {
+            indexes::Outcome::Created => "created",
+            indexes::Outcome::Existed => "exists ",
+        };
+        println!("{verb} {}.{}", r.collection, indexes::index_name(&r.keys));
+    }
+    let created = results.iter().filter(|r| r.outcome == indexes::Outcome::Created).count();
+    println!("{created} created, {} already existed", results.len() - created);
+    Ok(())
+}
+
+async fn seed_data(settings: Settings, plan: seed::SeedPlan, drop: bool) -> anyhow::Result<()> {
+    let db = settings.mongodb.database().await?;
+    let bar = indicatif::ProgressBar::new(plan.calls);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} calls {bar:40} {pos}/{len} ({per_sec}, eta {eta})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let report = seed::load(&db, &plan, drop, |n| bar.set_position(n)).await?;
+    bar.finish_and_clear();
+    println!(
+        "seeded {} calls, {} users, {} statuses across {} tenants into {} in {:.1}s",
+        report.calls,
+        report.users,
+        report.statuses,
+        plan.tenants,
+        db.name(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
