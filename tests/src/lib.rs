@@ -1,0 +1,119 @@
+//! Shared helpers for callboard's integration tests: [`spawn_app`] starts
+//! real servers and the API on a free port; [`reference`] recomputes the
+//! expected response from raw documents, independently of the service.
+
+pub mod dataset;
+pub mod reference;
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use bson::Document;
+use callboard_api::{Application, JwtKeys, GROUPED_PATH};
+use callboard_domain::TenantId;
+use callboard_settings::Settings;
+use callboard_testkit::{unique_db_name, Services};
+use serde_json::Value;
+
+pub const SECRET: &str = "test-secret-0123456789abcdef-0123456789";
+
+/// A running API with its own servers and database.
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub db: mongodb::Database,
+    pub keys: JwtKeys,
+    pub settings: Settings,
+    pub services: Services,
+    handle: actix_web::dev::ServerHandle,
+}
+
+/// Settings pointing at `services`, with database `db_name`.
+pub fn test_settings(services: &Services, db_name: &str) -> Settings {
+    let env = [
+        ("CALLBOARD_MONGODB_URI", services.mongo.uri()),
+        ("CALLBOARD_MONGODB_DB", db_name.to_string()),
+        ("CALLBOARD_REDIS_URL", services.redis.url()),
+        ("CALLBOARD_HTTP_ADDR", "127.0.0.1:0".to_string()),
+        ("CALLBOARD_JWT_SECRET", SECRET.to_string()),
+        ("CALLBOARD_HTTP_WORKERS", "2".to_string()),
+    ];
+    Settings::load(None, env.into_iter().map(|(k, v)| (k.to_string(), v))).expect("test settings are valid")
+}
+
+pub async fn spawn_app() -> TestApp {
+    callboard_telemetry::init_for_tests();
+    let services = Services::start().expect("start Redis and MongoDB");
+    let settings = test_settings(&services, &unique_db_name("cbtest"));
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let app = Application::with_listener(&settings, listener).await.expect("build the app");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let handle = app.handle();
+    tokio::spawn(app.run_until_stopped());
+    let db = settings.mongodb.database().await.expect("mongo client");
+    TestApp {
+        address,
+        client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client"),
+        db,
+        keys: JwtKeys::new(SECRET.as_bytes()),
+        settings,
+        services,
+        handle,
+    }
+}
+
+impl TestApp {
+    pub fn token(&self, tenant: i64) -> String {
+        self.keys.mint(TenantId::new(tenant).expect("valid tenant"), false, Duration::from_secs(3600))
+    }
+
+    pub fn admin_token(&self, tenant: i64) -> String {
+        self.keys.mint(TenantId::new(tenant).expect("valid tenant"), true, Duration::from_secs(3600))
+    }
+
+    pub fn grouped_url(&self) -> String {
+        format!("{}{}", self.address, GROUPED_PATH)
+    }
+
+    /// POSTs a multipart form, as `curl -F name=value` does.
+    pub async fn post_grouped_form(&self, token: Option<&str>, fields: &[(&str, &str)]) -> reqwest::Response {
+        let mut form = reqwest::multipart::Form::new();
+        for (k, v) in fields {
+            form = form.text(k.to_string(), v.to_string());
+        }
+        let mut req = self.client.post(self.grouped_url()).multipart(form);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.expect("request sent")
+    }
+
+    /// POSTs a multipart form and returns the JSON of a 200 response.
+    pub async fn grouped(&self, tenant: i64, fields: &[(&str, &str)]) -> Value {
+        let response = self.post_grouped_form(Some(&self.token(tenant)), fields).await;
+        let status = response.status();
+        let body = response.text().await.expect("body");
+        assert_eq!(status, 200, "unexpected status; body: {body}");
+        serde_json::from_str(&body).expect("JSON body")
+    }
+
+    pub async fn insert(&self, collection: &str, docs: &[Document]) {
+        if !docs.is_empty() {
+            self.db.collection::<Document>(collection).insert_many(docs).await.expect("insert");
+        }
+    }
+
+    pub async fn stop(self) {
+        self.handle.stop(false).await;
+        if self.services.mongo.is_external() {
+            let _ = self.db.drop().await;
+        }
+    }
+}
+
+/// The path of the `callboard` binary built alongside the tests.
+pub fn callboard_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test exe path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    dir.join("callboard")
+}

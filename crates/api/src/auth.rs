@@ -52,16 +52,24 @@ impl JwtKeys {
     /// A token for `tenant`, valid for `ttl`.
     pub fn mint(&self, tenant: TenantId, admin: bool, ttl: Duration) -> String {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let claims = Claims { tenant_id: tenant.get(), exp: now + ttl.as_secs(), iat: Some(now), role: admin.then(|| "admin".into()) };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).expect("HS256 signing of plain claims cannot fail")
+        let claims = Claims {
+            tenant_id: tenant.get(),
+            exp: now + ttl.as_secs(),
+            iat: Some(now),
+            role: admin.then(|| "admin".into()),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 signing of plain claims cannot fail")
     }
 
     pub fn verify(&self, token: &str) -> Result<Caller, ApiError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => ApiError::new(ErrorCode::TokenExpired, "the token has expired"),
-            _ => ApiError::new(ErrorCode::InvalidToken, "the token is not valid"),
-        })?;
-        let tenant = TenantId::new(data.claims.tenant_id).map_err(|_| ApiError::new(ErrorCode::InvalidToken, "the token's tenant_id is not valid"))?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => ApiError::new(ErrorCode::TokenExpired, "the token has expired"),
+                _ => ApiError::new(ErrorCode::InvalidToken, "the token is not valid"),
+            })?;
+        let tenant = TenantId::new(data.claims.tenant_id)
+            .map_err(|_| ApiError::new(ErrorCode::InvalidToken, "the token's tenant_id is not valid"))?;
         let role = if data.claims.role.as_deref() == Some("admin") { Role::Admin } else { Role::Member };
         Ok(Caller { tenant, role })
     }

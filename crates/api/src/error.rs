@@ -72,9 +72,13 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let (status, name) = self.code.meta();
-        let mut response = HttpResponse::build(status).json(Envelope { status: status.as_u16(), message: &self.message, error: name });
+        let mut response =
+            HttpResponse::build(status).json(Envelope { status: status.as_u16(), message: &self.message, error: name });
         if status == StatusCode::UNAUTHORIZED {
-            let challenge = format!("Bearer error=\"{}\"", if self.code == ErrorCode::MissingToken { "invalid_request" } else { "invalid_token" });
+            let challenge = format!(
+                "Bearer error=\"{}\"",
+                if self.code == ErrorCode::MissingToken { "invalid_request" } else { "invalid_token" }
+            );
             if let Ok(v) = HeaderValue::from_str(&challenge) {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
             }
@@ -117,7 +121,20 @@ mod tests {
     #[test]
     fn every_code_has_a_distinct_name_and_an_error_status() {
         use ErrorCode::*;
-        let all = [InvalidParameter, MalformedBody, UnsupportedMediaType, PayloadTooLarge, MissingToken, InvalidToken, TokenExpired, Forbidden, NotFound, MethodNotAllowed, DatabaseUnavailable, Internal];
+        let all = [
+            InvalidParameter,
+            MalformedBody,
+            UnsupportedMediaType,
+            PayloadTooLarge,
+            MissingToken,
+            InvalidToken,
+            TokenExpired,
+            Forbidden,
+            NotFound,
+            MethodNotAllowed,
+            DatabaseUnavailable,
+            Internal,
+        ];
         let mut names: Vec<&str> = all.iter().map(|c| c.meta().1).collect();
         names.sort();
         names.dedup();

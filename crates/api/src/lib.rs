@@ -65,7 +65,15 @@ impl RootSpanBuilder for CallboardSpan {
 
 pub fn create_app(
     parts: AppParts,
-) -> App<impl ServiceFactory<ServiceRequest, Config = (), Response = ServiceResponse<impl MessageBody>, Error = actix_web::Error, InitError = ()>> {
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
     App::new()
         .wrap(TracingLogger::<CallboardSpan>::new())
         .app_data(web::Data::new(parts.state))

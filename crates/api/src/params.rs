@@ -52,13 +52,15 @@ fn too_large(max: usize) -> ApiError {
 }
 
 async fn read_body(req: &HttpRequest, mut payload: Payload, max: usize) -> Result<Bytes, ApiError> {
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > max) {
         return Err(too_large(max));
     }
     let mut body = BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::new(ErrorCode::MalformedBody, format!("could not read the request body: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| ApiError::new(ErrorCode::MalformedBody, format!("could not read the request body: {e}")))?;
         if body.len() + chunk.len() > max {
             return Err(too_large(max));
         }
@@ -68,15 +70,15 @@ async fn read_body(req: &HttpRequest, mut payload: Payload, max: usize) -> Resul
 }
 
 fn query_params(query: &str) -> Result<Vec<(String, ParamValue)>, ApiError> {
-    let pairs: Vec<(String, String)> =
-        serde_urlencoded::from_str(query).map_err(|e| ApiError::new(ErrorCode::InvalidParameter, format!("the query string is malformed: {e}")))?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidParameter, format!("the query string is malformed: {e}")))?;
     Ok(pairs.into_iter().map(|(k, v)| (k, ParamValue::Text(v))).collect())
 }
 
 async fn body_params(headers: &HeaderMap, body: Bytes) -> Result<Vec<(String, ParamValue)>, ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    if body.is_empty() && mime != "multipart/form-data" {
+    if body.is_empty() {
         return Ok(Vec::new());
     }
     match mime.as_str() {
@@ -96,8 +98,8 @@ async fn body_params(headers: &HeaderMap, body: Bytes) -> Result<Vec<(String, Pa
 }
 
 fn json_params(body: &[u8]) -> Result<Vec<(String, ParamValue)>, ApiError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::new(ErrorCode::MalformedBody, format!("the JSON body is malformed: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(ErrorCode::MalformedBody, format!("the JSON body is malformed: {e}")))?;
     let serde_json::Value::Object(map) = value else {
         return Err(ApiError::new(ErrorCode::MalformedBody, "the JSON body must be an object"));
     };
@@ -107,7 +109,9 @@ fn json_params(body: &[u8]) -> Result<Vec<(String, ParamValue)>, ApiError> {
             let v = match v {
                 serde_json::Value::String(s) => ParamValue::Text(s),
                 serde_json::Value::Bool(b) => ParamValue::Bool(b),
-                serde_json::Value::Number(n) => n.as_i64().map(ParamValue::Int).unwrap_or_else(|| ParamValue::Float(n.as_f64().unwrap_or(f64::NAN))),
+                serde_json::Value::Number(n) => {
+                    n.as_i64().map(ParamValue::Int).unwrap_or_else(|| ParamValue::Float(n.as_f64().unwrap_or(f64::NAN)))
+                }
                 serde_json::Value::Null => ParamValue::Other("null"),
                 serde_json::Value::Array(_) => ParamValue::Other("an array"),
                 serde_json::Value::Object(_) => ParamValue::Other("an object"),
@@ -120,7 +124,12 @@ fn json_params(body: &[u8]) -> Result<Vec<(String, ParamValue)>, ApiError> {
 /// Text fields of a multipart body; a file part is an error for a known
 /// parameter only when its content is not UTF-8.
 async fn multipart_params(headers: &HeaderMap, body: Bytes) -> Result<Vec<(String, ParamValue)>, ApiError> {
-    let malformed = |e: actix_multipart::MultipartError| ApiError::new(ErrorCode::MalformedBody, format!("the multipart body is malformed: {e}"));
+    if is_empty_multipart(headers, &body) {
+        return Ok(Vec::new());
+    }
+    let malformed = |e: actix_multipart::MultipartError| {
+        ApiError::new(ErrorCode::MalformedBody, format!("the multipart body is malformed: {e}"))
+    };
     let stream = futures::stream::once(async move { Ok::<_, actix_web::error::PayloadError>(body) });
     let mut multipart = actix_multipart::Multipart::new(headers, stream);
     let mut params = Vec::new();
@@ -131,8 +140,23 @@ async fn multipart_params(headers: &HeaderMap, body: Bytes) -> Result<Vec<(Strin
         while let Some(chunk) = field.next().await {
             value.extend_from_slice(&chunk.map_err(malformed)?);
         }
-        let text = String::from_utf8(value).map_err(|_| ApiError::new(ErrorCode::InvalidParameter, format!("{name} must be UTF-8 text")))?;
+        let text = String::from_utf8(value)
+            .map_err(|_| ApiError::new(ErrorCode::InvalidParameter, format!("{name} must be UTF-8 text")))?;
         params.push((name, ParamValue::Text(text)));
     }
     Ok(params)
+}
+
+/// A form with no fields is just the close delimiter, `--BOUNDARY--`, which
+/// actix-multipart reports as an incomplete stream.
+fn is_empty_multipart(headers: &HeaderMap, body: &[u8]) -> bool {
+    let boundary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| ct.split(';').map(str::trim).find_map(|p| p.strip_prefix("boundary=")))
+        .map(|b| b.trim_matches('"'));
+    match boundary {
+        Some(b) => body.trim_ascii() == format!("--{b}--").as_bytes(),
+        None => false,
+    }
 }

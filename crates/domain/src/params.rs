@@ -13,10 +13,7 @@ impl Limit {
     /// `value` must lie in `1..=max`.
     pub fn new(value: i64, max: u32) -> Result<Self, ParamError> {
         if value < 1 || value > i64::from(max) {
-            return Err(ParamError::new(
-                "limit",
-                format!("limit must be an integer between 1 and {max}, got {value}"),
-            ));
+            return Err(ParamError::new("limit", format!("limit must be an integer between 1 and {max}, got {value}")));
         }
         Ok(Self(value as u32))
     }
@@ -118,7 +115,9 @@ fn parse_limit(value: &ParamValue, max: u32) -> Result<Limit, ParamError> {
     let invalid = || ParamError::new("limit", format!("limit must be an integer between 1 and {max}, got {value}"));
     match value {
         ParamValue::Int(n) => Limit::new(*n, max),
-        ParamValue::Text(s) if is_decimal_integer(s) => s.parse::<i64>().map_err(|_| invalid()).and_then(|n| Limit::new(n, max)),
+        ParamValue::Text(s) if is_decimal_integer(s) => {
+            s.parse::<i64>().map_err(|_| invalid()).and_then(|n| Limit::new(n, max))
+        }
         _ => Err(invalid()),
     }
 }
@@ -161,7 +160,12 @@ mod tests {
 
     #[test]
     fn accepts_text_and_typed_values() {
-        let r = parse(&[("limit", text("50")), ("include_enrichment", text("False")), ("include_calls", ParamValue::Bool(false))]).unwrap();
+        let r = parse(&[
+            ("limit", text("50")),
+            ("include_enrichment", text("False")),
+            ("include_calls", ParamValue::Bool(false)),
+        ])
+        .unwrap();
         assert_eq!((r.limit.get(), r.include_enrichment, r.include_calls), (50, false, false));
         assert_eq!(parse(&[("limit", ParamValue::Int(1000))]).unwrap().limit.get(), 1000);
         assert_eq!(parse(&[("limit", text("1"))]).unwrap().limit.get(), 1);

@@ -16,11 +16,8 @@ use crate::response::{GroupedResponse, StatusGroup, Summary, GROUPED_MESSAGE};
 use crate::status::Status;
 
 /// The call fields that name a user, and the response field that shows them.
-pub const USER_REFERENCES: [(&str, &str); 3] = [
-    ("owner_id", "owner_details"),
-    ("user_id", "user_details"),
-    ("assigned_to_id", "assigned_to_details"),
-];
+pub const USER_REFERENCES: [(&str, &str); 3] =
+    [("owner_id", "owner_details"), ("user_id", "user_details"), ("assigned_to_id", "assigned_to_details")];
 
 /// A BSON value as plain JSON: dates as RFC 3339 UTC strings
 /// (`2025-10-13T10:00:00Z`, with milliseconds only when they are not zero),
@@ -77,7 +74,9 @@ impl UserFields {
         if fields.is_empty() {
             return Err(UserFieldsError::Empty);
         }
-        if let Some(bad) = fields.iter().find(|f| f.is_empty() || f.starts_with('_') || f.contains('.') || f.starts_with('$')) {
+        if let Some(bad) =
+            fields.iter().find(|f| f.is_empty() || f.starts_with('_') || f.contains('.') || f.starts_with('$'))
+        {
             return Err(UserFieldsError::Forbidden(bad.clone()));
         }
         let mut unique = Vec::with_capacity(fields.len());
@@ -135,9 +134,11 @@ pub fn user_references(call: &Document) -> impl Iterator<Item = UserId> + '_ {
 /// `_id`, then `owner_details`, `user_details` and `assigned_to_details`
 /// (`{}` when the reference is missing or names no user).
 pub fn enriched_call(call: &Document, users: &UserDirectory) -> Map<String, Value> {
-    let mut out: Map<String, Value> = call.iter().filter(|(k, _)| k.as_str() != "_id").map(|(k, v)| (k.clone(), bson_to_json(v))).collect();
+    let mut out: Map<String, Value> =
+        call.iter().filter(|(k, _)| k.as_str() != "_id").map(|(k, v)| (k.clone(), bson_to_json(v))).collect();
     for (field, details) in USER_REFERENCES {
-        let user = call.get(field).and_then(UserId::from_bson).and_then(|id| users.get(id)).cloned().unwrap_or_default();
+        let user =
+            call.get(field).and_then(UserId::from_bson).and_then(|id| users.get(id)).cloned().unwrap_or_default();
         out.insert(details.to_string(), Value::Object(user));
     }
     out
@@ -146,7 +147,8 @@ pub fn enriched_call(call: &Document, users: &UserDirectory) -> Map<String, Valu
 /// Serialises a JSON value that is known to be valid into a raw value.
 pub fn raw(value: &Value) -> Box<RawValue> {
     // A serde_json::Value always serialises; the fallback is unreachable.
-    serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"))
+    serde_json::value::to_raw_value(value)
+        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"))
 }
 
 /// One status's share of a tenant's calls: how many, and the first calls in
@@ -159,7 +161,11 @@ pub struct GroupCalls {
 
 /// The grouped response: every visible status in id order, with its calls.
 /// Calls of statuses the tenant does not see count nowhere.
-pub fn assemble(statuses: Vec<Status>, mut groups: BTreeMap<StatusKey, GroupCalls>, request: &GroupedRequest) -> GroupedResponse {
+pub fn assemble(
+    statuses: Vec<Status>,
+    mut groups: BTreeMap<StatusKey, GroupCalls>,
+    request: &GroupedRequest,
+) -> GroupedResponse {
     let data: Vec<StatusGroup> = statuses
         .into_iter()
         .map(|s| {
@@ -201,7 +207,8 @@ mod tests {
     #[test]
     fn enriched_call_drops_id_and_shows_only_allowed_user_fields() {
         let fields = UserFields::default();
-        let users = vec![doc! {"_id": ObjectId::new(), "id": 1, "name": "Ann", "email": "a@x", "password_hash": "secret"}];
+        let users =
+            vec![doc! {"_id": ObjectId::new(), "id": 1, "name": "Ann", "email": "a@x", "password_hash": "secret"}];
         let dir = UserDirectory::from_documents(&users, &fields);
         let call = doc! {"_id": ObjectId::new(), "id": 9, "owner_id": 1, "user_id": 77, "subject": "Hi"};
         let out = Value::Object(enriched_call(&call, &dir));

@@ -86,11 +86,9 @@ mod tests {
             doc! {"id": 5, "name": "Null tenant", "tenant_id": null, "deleted": 0},
             doc! {"id": 5, "name": "Later duplicate"},
         ];
-        let seen: Vec<(i64, Value)> = Status::visible_to(&docs, t6).into_iter().map(|s| (s.key.get(), s.name)).collect();
-        assert_eq!(
-            seen,
-            vec![(1, "One".into()), (2, "Six's two".into()), (5, "Null tenant".into())]
-        );
+        let seen: Vec<(i64, Value)> =
+            Status::visible_to(&docs, t6).into_iter().map(|s| (s.key.get(), s.name)).collect();
+        assert_eq!(seen, vec![(1, "One".into()), (2, "Six's two".into()), (5, "Null tenant".into())]);
     }
 
     #[test]

@@ -151,7 +151,8 @@ impl Settings {
         let mut tree = parse_toml("config/default.toml (built in)", DEFAULT_TOML)?;
         if let Some(path) = file {
             let shown = path.display().to_string();
-            let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read { path: shown.clone(), source })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| SettingsError::Read { path: shown.clone(), source })?;
             merge(&mut tree, parse_toml(&shown, &text)?);
         }
         for (name, value) in env {
@@ -223,7 +224,9 @@ fn check_jwt_secret(secret: &Secret) -> Result<(), SettingsError> {
 
 impl HttpSettings {
     pub fn socket_addr(&self) -> Result<SocketAddr, SettingsError> {
-        self.addr.parse().map_err(|_| invalid("http.addr", format!("{:?} is not an address like 0.0.0.0:8006", self.addr)))
+        self.addr
+            .parse()
+            .map_err(|_| invalid("http.addr", format!("{:?} is not an address like 0.0.0.0:8006", self.addr)))
     }
 }
 
@@ -266,14 +269,13 @@ impl RedisSettings {
     pub fn pool(&self) -> Result<deadpool_redis::Pool, SettingsError> {
         let mut config = deadpool_redis::Config::from_url(self.url.expose());
         config.pool = Some(deadpool_redis::PoolConfig::new(self.pool_size));
-        config
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .map_err(|e| invalid("redis.url", e.to_string()))
+        config.create_pool(Some(deadpool_redis::Runtime::Tokio1)).map_err(|e| invalid("redis.url", e.to_string()))
     }
 }
 
 fn parse_toml(path: &str, text: &str) -> Result<toml::Table, SettingsError> {
-    text.parse::<toml::Table>().map_err(|e| SettingsError::Parse { path: path.into(), message: e.message().to_string() })
+    text.parse::<toml::Table>()
+        .map_err(|e| SettingsError::Parse { path: path.into(), message: e.message().to_string() })
 }
 
 fn merge(base: &mut toml::Table, over: toml::Table) {

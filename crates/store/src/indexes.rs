@@ -70,7 +70,9 @@ fn same_keys(a: &Document, b: &Document) -> bool {
         _ => None,
     };
     a.len() == b.len()
-        && a.iter().zip(b.iter()).all(|((ka, va), (kb, vb))| ka == kb && (va == vb || (direction(va).is_some() && direction(va) == direction(vb))))
+        && a.iter().zip(b.iter()).all(|((ka, va), (kb, vb))| {
+            ka == kb && (va == vb || (direction(va).is_some() && direction(va) == direction(vb)))
+        })
 }
 
 /// `tenant_id_1_deleted_1_status_id_1`: MongoDB's default index name.

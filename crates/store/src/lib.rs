@@ -33,7 +33,9 @@ impl StoreError {
         match self {
             StoreError::Mongo(e) => matches!(
                 *e.kind,
-                mongodb::error::ErrorKind::ServerSelection { .. } | mongodb::error::ErrorKind::Io(_) | mongodb::error::ErrorKind::ConnectionPoolCleared { .. }
+                mongodb::error::ErrorKind::ServerSelection { .. }
+                    | mongodb::error::ErrorKind::Io(_)
+                    | mongodb::error::ErrorKind::ConnectionPoolCleared { .. }
             ),
             StoreError::SeedRefused(_) => false,
         }

@@ -57,7 +57,11 @@ impl LiveQuery {
             calls.truncate(request.limit.as_usize());
         }
         let users = if request.include_calls && request.include_enrichment {
-            let ids: BTreeSet<i64> = merged.values().flat_map(|(_, calls)| calls.iter().flat_map(render::user_references)).map(|u| u.get()).collect();
+            let ids: BTreeSet<i64> = merged
+                .values()
+                .flat_map(|(_, calls)| calls.iter().flat_map(render::user_references))
+                .map(|u| u.get())
+                .collect();
             self.users(ids).await?
         } else {
             UserDirectory::default()
@@ -83,11 +87,11 @@ impl LiveQuery {
 
     /// The live statuses `tenant` sees: its own and the global ones.
     async fn statuses(&self, tenant: TenantId) -> Result<Vec<Status>, StoreError> {
-        let filter = doc! {
-            "deleted": {"$ne": 1},
-            "$or": [{"tenant_id": tenant.get()}, {"tenant_id": {"$exists": false}}, {"tenant_id": Bson::Null}],
-        };
-        let docs: Vec<Document> = self.db.collection::<Document>(CALL_STATUS).find(filter).sort(doc! {"_id": 1}).await?.try_collect().await?;
+        // `{$in: [T, null]}` matches the tenant's, null and missing
+        // `tenant_id`s in one clause (MongoDB's null-equality).
+        let filter = doc! {"deleted": {"$ne": 1}, "tenant_id": {"$in": [Bson::Int64(tenant.get()), Bson::Null]}};
+        let docs: Vec<Document> =
+            self.db.collection::<Document>(CALL_STATUS).find(filter).sort(doc! {"_id": 1}).await?.try_collect().await?;
         Ok(Status::visible_to(&docs, tenant))
     }
 
@@ -96,13 +100,18 @@ impl LiveQuery {
     async fn status_rows(&self, tenant: TenantId, request: &GroupedRequest) -> Result<Vec<StatusRow>, StoreError> {
         let mut group = doc! {"_id": "$status_id", "total": {"$sum": 1}};
         if request.include_calls {
-            let output: Bson = if request.include_enrichment { "$$ROOT".into() } else { doc! {"id": "$id", "start_time": "$start_time"}.into() };
+            let output: Bson = if request.include_enrichment {
+                "$$ROOT".into()
+            } else {
+                doc! {"id": "$id", "start_time": "$start_time"}.into()
+            };
             group.insert(
                 "top",
                 doc! {"$topN": {"n": i64::from(request.limit.get()), "sortBy": {"start_time": -1, "id": -1}, "output": output}},
             );
         }
-        let pipeline = vec![doc! {"$match": {"tenant_id": tenant.get(), "deleted": {"$ne": 1}}}, doc! {"$group": group}];
+        let pipeline =
+            vec![doc! {"$match": {"tenant_id": tenant.get(), "deleted": {"$ne": 1}}}, doc! {"$group": group}];
         let options = AggregateOptions::builder().allow_disk_use(true).build();
         let mut cursor = self.db.collection::<Document>(CALLS).aggregate(pipeline).with_options(options).await?;
         let mut rows = Vec::new();
@@ -114,7 +123,9 @@ impl LiveQuery {
                 _ => 0,
             };
             let top = match row.remove("top") {
-                Some(Bson::Array(items)) => items.into_iter().filter_map(|b| if let Bson::Document(d) = b { Some(d) } else { None }).collect(),
+                Some(Bson::Array(items)) => {
+                    items.into_iter().filter_map(|b| if let Bson::Document(d) = b { Some(d) } else { None }).collect()
+                }
                 _ => Vec::new(),
             };
             rows.push(StatusRow { status_id: row.remove("_id").unwrap_or(Bson::Null), total, top });

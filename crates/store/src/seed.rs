@@ -45,7 +45,8 @@ const STATUS_NAMES: &[(&str, &str, &str)] = &[
 ];
 const FIRST: &[&str] = &["John", "Jane", "Ana", "Luis", "Mei", "Omar", "Priya", "Sven", "Zoe", "Kofi"];
 const LAST: &[&str] = &["Doe", "Smith", "Garcia", "Chen", "Haddad", "Patel", "Berg", "Okafor", "Novak", "Ito"];
-const SUBJECTS: &[&str] = &["Follow-up call", "Demo", "Renewal", "Support", "Discovery", "Pricing", "Onboarding", "Check-in"];
+const SUBJECTS: &[&str] =
+    &["Follow-up call", "Demo", "Renewal", "Support", "Discovery", "Pricing", "Onboarding", "Check-in"];
 
 impl SeedPlan {
     /// `call_status`: `statuses` global statuses with ids 1..=statuses, plus
@@ -94,7 +95,8 @@ impl SeedPlan {
         let tenant = rng.gen_range(1..=self.tenants) as i64;
         // Mostly live statuses; 1% on the soft-deleted one.
         let status = if rng.gen_bool(0.01) { self.statuses + 1 } else { rng.gen_range(1..=self.statuses) };
-        let status_id: Bson = if rng.gen_bool(0.3) { Bson::String(status.to_string()) } else { Bson::Int64(status as i64) };
+        let status_id: Bson =
+            if rng.gen_bool(0.3) { Bson::String(status.to_string()) } else { Bson::Int64(status as i64) };
         let mut user_ref = |missing: f64| -> Option<i64> {
             let roll: f64 = rng.gen();
             if roll < missing {
@@ -152,7 +154,12 @@ pub struct SeedReport {
 /// case those collections are dropped first.
 ///
 /// `progress` is called with the number of calls inserted so far.
-pub async fn load(db: &Database, plan: &SeedPlan, drop: bool, progress: impl Fn(u64)) -> Result<SeedReport, StoreError> {
+pub async fn load(
+    db: &Database,
+    plan: &SeedPlan,
+    drop: bool,
+    progress: impl Fn(u64),
+) -> Result<SeedReport, StoreError> {
     if plan.tenants == 0 || plan.users == 0 || plan.statuses == 0 {
         return Err(StoreError::SeedRefused("--tenants, --users and --statuses must be at least 1".into()));
     }

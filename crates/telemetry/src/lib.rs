@@ -25,7 +25,9 @@ pub fn init(filter: &str, format: Format) -> Result<(), TelemetryError> {
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         Format::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
-        Format::Json => registry.with(fmt::layer().json().with_current_span(true).with_writer(std::io::stderr)).try_init(),
+        Format::Json => {
+            registry.with(fmt::layer().json().with_current_span(true).with_writer(std::io::stderr)).try_init()
+        }
     };
     result.map_err(|_| TelemetryError::AlreadySet)
 }
@@ -36,7 +38,8 @@ pub fn init_for_tests() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if let Ok(filter) = std::env::var("TEST_LOG") {
-            let filter = if filter.is_empty() || filter == "1" || filter == "true" { "info".to_string() } else { filter };
+            let filter =
+                if filter.is_empty() || filter == "1" || filter == "true" { "info".to_string() } else { filter };
             let _ = init(&filter, Format::Text);
         }
     });

@@ -1,0 +1,305 @@
+//! Real servers for tests: `redis-server` and the MongoDB stand-in
+//! (nx-27017 through `../shared/standin/nx_standin.py`), each on a free
+//! loopback port, killed when dropped (and when the test process dies).
+//!
+//! With `CALLBOARD_TEST_MONGODB_URI` set, tests use that MongoDB (a real
+//! replica set) instead of starting the stand-in; every test still gets a
+//! database of its own ([`unique_db_name`]).
+//!
+//! Paths, overridable by the environment:
+//! - `CALLBOARD_STANDIN_PYTHON`: the venv's python (`<workspace>/.venv/bin/python`);
+//! - `CALLBOARD_STANDIN_SCRIPT`: the launcher (`<workspace>/../shared/standin/nx_standin.py`);
+//! - `CALLBOARD_TEST_REDIS_SERVER`: the redis-server binary (`redis-server`).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestkitError {
+    #[error("{what} not found at {path}: {hint}")]
+    Missing { what: &'static str, path: PathBuf, hint: &'static str },
+    #[error("could not start {what}: {source}")]
+    Spawn { what: &'static str, source: std::io::Error },
+    #[error("{what} did not come up on port {port} within {secs}s; log: {log}")]
+    NotReady { what: &'static str, port: u16, secs: u64, log: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+}
+
+/// A free loopback port. Another process may take it before we bind it;
+/// callers retry a start that fails.
+pub fn free_port() -> Result<u16, TestkitError> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A database name no other test in this run uses.
+pub fn unique_db_name(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{prefix}_{}_{}_{nanos}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A child process killed on drop, and by the kernel if this process dies.
+#[derive(Debug)]
+struct Guarded(Child);
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_guarded(mut cmd: Command, what: &'static str, log: &Path) -> Result<Guarded, TestkitError> {
+    let out = std::fs::File::create(log)?;
+    cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    // SAFETY: prctl is async-signal-safe; it runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn().map(Guarded).map_err(|source| TestkitError::Spawn { what, source })
+}
+
+fn wait_for_port(child: &mut Guarded, what: &'static str, port: u16, log: &Path) -> Result<(), TestkitError> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.0.try_wait() {
+            break;
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let tail = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: String = tail.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
+    Err(TestkitError::NotReady { what, port, secs: READY_TIMEOUT.as_secs(), log: tail })
+}
+
+/// A `redis-server` with no persistence.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    _child: Guarded,
+}
+
+impl RedisServer {
+    pub fn start(dir: &Path) -> Result<Self, TestkitError> {
+        let bin = std::env::var("CALLBOARD_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let mut last = None;
+        for _ in 0..5 {
+            let port = free_port()?;
+            let mut cmd = Command::new(&bin);
+            cmd.args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ]);
+            cmd.arg("--dir").arg(dir);
+            let log = dir.join(format!("redis-{port}.log"));
+            let mut child = spawn_guarded(cmd, "redis-server (apt-get install redis-server, or `make test`)", &log)?;
+            match wait_for_port(&mut child, "redis-server", port, &log) {
+                Ok(()) => return Ok(Self { port, _child: child }),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// Where the stand-in keeps its data.
+#[derive(Debug, Clone)]
+pub enum StandinStorage {
+    /// One in-memory SQLite per database: fast, gone with the process.
+    Memory,
+    /// One file per database under this folder: survives a restart.
+    DataDir(PathBuf),
+}
+
+/// The MongoDB stand-in, nx-27017 0.8.1 started through the shared launcher.
+#[derive(Debug)]
+pub struct Standin {
+    port: u16,
+    dir: PathBuf,
+    storage: StandinStorage,
+    child: Option<Guarded>,
+}
+
+impl Standin {
+    pub fn python() -> PathBuf {
+        std::env::var_os("CALLBOARD_STANDIN_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join(".venv/bin/python"))
+    }
+
+    pub fn script() -> PathBuf {
+        std::env::var_os("CALLBOARD_STANDIN_SCRIPT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("../shared/standin/nx_standin.py"))
+    }
+
+    pub fn start(dir: &Path, storage: StandinStorage) -> Result<Self, TestkitError> {
+        let mut last = None;
+        for _ in 0..5 {
+            let mut s = Self { port: free_port()?, dir: dir.to_path_buf(), storage: storage.clone(), child: None };
+            match s.launch() {
+                Ok(()) => return Ok(s),
+                Err(e @ TestkitError::Missing { .. }) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    fn launch(&mut self) -> Result<(), TestkitError> {
+        let python = Self::python();
+        let script = Self::script();
+        if !python.exists() {
+            return Err(TestkitError::Missing {
+                what: "the stand-in's python",
+                path: python,
+                hint: "run `make test` (it creates .venv), or set CALLBOARD_STANDIN_PYTHON",
+            });
+        }
+        if !script.exists() {
+            return Err(TestkitError::Missing {
+                what: "nx_standin.py",
+                path: script,
+                hint: "../shared must sit beside the checkout, or set CALLBOARD_STANDIN_SCRIPT",
+            });
+        }
+        let mut cmd = Command::new(python);
+        cmd.arg(script).args(["-p", &self.port.to_string(), "--host", "127.0.0.1"]);
+        match &self.storage {
+            StandinStorage::Memory => cmd.args(["--db", "memory"]),
+            StandinStorage::DataDir(d) => cmd.arg("--data-dir").arg(d),
+        };
+        cmd.arg("--pid-file").arg(self.dir.join(format!("nx-{}.pid", self.port)));
+        cmd.arg("--log-file").arg(self.dir.join(format!("nx-{}.log", self.port)));
+        let log = self.dir.join(format!("nx-{}.out", self.port));
+        let mut child = spawn_guarded(cmd, "the MongoDB stand-in", &log)?;
+        wait_for_port(&mut child, "MongoDB stand-in", self.port, &log)?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    /// Kills the server (SIGKILL): the fault a crash would cause.
+    pub fn kill(&mut self) {
+        self.child = None;
+    }
+
+    /// Stops it with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: sending a signal to our own child's pid.
+            unsafe {
+                libc::kill(c.0.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(c.0.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts it again on the same port (with `DataDir`, with the same data).
+    pub fn restart(&mut self) -> Result<(), TestkitError> {
+        self.stop();
+        self.launch()
+    }
+}
+
+/// Where a test's MongoDB lives.
+#[derive(Debug)]
+pub enum Mongo {
+    Standin(Standin),
+    /// `CALLBOARD_TEST_MONGODB_URI`: a real deployment.
+    External(String),
+}
+
+impl Mongo {
+    pub fn uri(&self) -> String {
+        match self {
+            Mongo::Standin(s) => s.uri(),
+            Mongo::External(uri) => uri.clone(),
+        }
+    }
+
+    pub fn is_external(&self) -> bool {
+        matches!(self, Mongo::External(_))
+    }
+}
+
+/// A test's servers: one Redis, one MongoDB, one scratch folder.
+#[derive(Debug)]
+pub struct Services {
+    pub redis: RedisServer,
+    pub mongo: Mongo,
+    pub dir: tempfile::TempDir,
+}
+
+impl Services {
+    /// Redis, and the stand-in in memory unless `CALLBOARD_TEST_MONGODB_URI`
+    /// names a real MongoDB.
+    pub fn start() -> Result<Self, TestkitError> {
+        Self::start_with(StandinStorage::Memory)
+    }
+
+    pub fn start_with(storage: StandinStorage) -> Result<Self, TestkitError> {
+        let dir = tempfile::Builder::new().prefix("callboard-test-").tempdir()?;
+        let redis = RedisServer::start(dir.path())?;
+        let mongo = match std::env::var("CALLBOARD_TEST_MONGODB_URI") {
+            Ok(uri) if !uri.is_empty() => Mongo::External(uri),
+            _ => {
+                let storage = match storage {
+                    StandinStorage::DataDir(d) if d.as_os_str().is_empty() => {
+                        StandinStorage::DataDir(dir.path().join("nx-data"))
+                    }
+                    other => other,
+                };
+                if let StandinStorage::DataDir(d) = &storage {
+                    std::fs::create_dir_all(d)?;
+                }
+                Mongo::Standin(Standin::start(dir.path(), storage)?)
+            }
+        };
+        Ok(Self { redis, mongo, dir })
+    }
+}

@@ -7,7 +7,12 @@ use crate::params::GroupedParams;
 use crate::state::AppState;
 
 /// `POST /crm/calls/get-grouped-by-status`
-pub async fn get_grouped_by_status(caller: Caller, GroupedParams(request): GroupedParams, state: web::Data<AppState>, span: RootSpan) -> Result<HttpResponse, ApiError> {
+pub async fn get_grouped_by_status(
+    caller: Caller,
+    GroupedParams(request): GroupedParams,
+    state: web::Data<AppState>,
+    span: RootSpan,
+) -> Result<HttpResponse, ApiError> {
     span.record("tenant", caller.tenant.get());
     let response = state.live.grouped(caller.tenant, &request).await?;
     span.record("cache", "miss");

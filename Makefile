@@ -1,0 +1,59 @@
+# callboard — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+PYTHON      := $(VENV)/bin/python
+STANDIN     ?= $(abspath ../shared/standin/nx_standin.py)
+RUN_DIR     := .run
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CARGO       ?= cargo
+
+# `make run` ports and settings (override on the command line).
+RUN_MONGO_PORT ?= 27017
+RUN_REDIS_PORT ?= 6379
+RUN_HTTP_ADDR  ?= 127.0.0.1:8006
+RUN_CALLS      ?= 10000
+RUN_TENANTS    ?= 10
+RUN_SECRET     ?= callboard-demo-secret-not-for-production
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+.PHONY: deps
+deps: ## Install what tests and `make run` need (redis-server, the stand-in venv)
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@command -v redis-server >/dev/null || { echo "redis-server could not be installed" >&2; exit 1; }
+	@$(MAKE) --no-print-directory $(PYTHON)
+	@test -f $(STANDIN) || { echo "missing $(STANDIN): ../shared must sit beside the checkout" >&2; exit 1; }
+
+$(PYTHON): deploy/standin/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r deploy/standin/requirements.txt
+	@touch $(PYTHON)
+
+.PHONY: test
+test: deps ## Run the whole test suite against real Redis and the MongoDB stand-in
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+.PHONY: fmt
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+.PHONY: lint
+lint: ## cargo fmt --check and clippy -D warnings
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+.PHONY: build
+build: ## Build the release binary
+	$(CARGO) build --release -p callboard
+
+.PHONY: run
+run: deps build ## Start Redis and the stand-in, seed demo data, serve on :8006
+	@bash deploy/run-local.sh

@@ -1,0 +1,345 @@
+//! The HTTP contract: the specification's examples, auth, bad input, tenant
+//! isolation.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bson::{doc, DateTime};
+use callboard_store::{CALLS, CALL_STATUS, USERS};
+use callboard_tests::dataset::generate;
+use callboard_tests::reference::{assert_same, expected, Query};
+use callboard_tests::{spawn_app, TestApp, SECRET};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+
+async fn seeded_app() -> (TestApp, callboard_tests::dataset::Dataset) {
+    let app = spawn_app().await;
+    let ds = generate(11, 400);
+    app.insert(CALL_STATUS, &ds.statuses).await;
+    app.insert(USERS, &ds.users).await;
+    app.insert(CALLS, &ds.calls).await;
+    (app, ds)
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn sign(alg: Algorithm, claims: Value, secret: &str) -> String {
+    jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
+
+#[tokio::test]
+async fn the_specifications_three_curl_examples() {
+    let (app, ds) = seeded_app().await;
+    let tenant = 2;
+    type Fields<'a> = &'a [(&'a str, &'a str)];
+    let examples: [(Fields, usize, bool); 3] = [
+        (&[("limit", "100"), ("include_enrichment", "true")], 100, true),
+        (&[("include_enrichment", "false")], 100, false),
+        (&[("limit", "50"), ("include_enrichment", "true")], 50, true),
+    ];
+    for (fields, limit, enrichment) in examples {
+        let response = app.post_grouped_form(Some(&app.token(tenant)), fields).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let body: Value = response.json().await.unwrap();
+        let keys: Vec<&String> = body.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["status", "message", "data", "summary"]);
+        for group in body["data"].as_array().unwrap() {
+            let keys: Vec<&String> = group.as_object().unwrap().keys().collect();
+            assert_eq!(keys, ["id", "name", "description", "color", "total_calls", "calls"]);
+            for call in group["calls"].as_array().unwrap() {
+                if enrichment {
+                    let call = call.as_object().unwrap();
+                    assert!(!call.contains_key("_id"));
+                    for details in ["owner_details", "user_details", "assigned_to_details"] {
+                        assert!(call[details].is_object(), "{details} missing");
+                    }
+                } else {
+                    assert!(call.is_i64(), "ids only: {call}");
+                }
+            }
+        }
+        let want = expected(
+            &ds,
+            &Query { tenant, limit, include_enrichment: enrichment, include_calls: true },
+            &["id", "name", "email"],
+        );
+        assert_same(&body, &want, &format!("example {fields:?}"));
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_way_of_sending_parameters_gives_the_same_answer() {
+    let (app, ds) = seeded_app().await;
+    let token = app.token(1);
+    let want = expected(
+        &ds,
+        &Query { tenant: 1, limit: 3, include_enrichment: false, include_calls: true },
+        &["id", "name", "email"],
+    );
+    let url = app.grouped_url();
+    let requests = [
+        app.client.post(&url).bearer_auth(&token).form(&[("limit", "3"), ("include_enrichment", "false")]),
+        app.client.post(&url).bearer_auth(&token).json(&json!({"limit": 3, "include_enrichment": false})),
+        app.client.post(&url).bearer_auth(&token).json(&json!({"limit": "3", "include_enrichment": "false"})),
+        app.client.post(format!("{url}?limit=3&include_enrichment=false")).bearer_auth(&token),
+        app.client.post(format!("{url}?limit=3")).bearer_auth(&token).form(&[("include_enrichment", "FALSE")]),
+    ];
+    for (i, req) in requests.into_iter().enumerate() {
+        let response = req.send().await.unwrap();
+        assert_eq!(response.status(), 200, "request {i}");
+        assert_same(&response.json().await.unwrap(), &want, &format!("request {i}"));
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_json_error_and_nothing_else() {
+    let (app, _) = seeded_app().await;
+    let token = app.token(1);
+    let url = app.grouped_url();
+    let exp_past = now() - 3600;
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
+        (
+            "limit 0",
+            app.client.post(&url).bearer_auth(&token).multipart(form(&[("limit", "0")])),
+            422,
+            "invalid_parameter",
+        ),
+        (
+            "limit -1",
+            app.client.post(&url).bearer_auth(&token).multipart(form(&[("limit", "-1")])),
+            422,
+            "invalid_parameter",
+        ),
+        (
+            "limit 1001",
+            app.client.post(&url).bearer_auth(&token).multipart(form(&[("limit", "1001")])),
+            422,
+            "invalid_parameter",
+        ),
+        (
+            "limit abc",
+            app.client.post(&url).bearer_auth(&token).multipart(form(&[("limit", "abc")])),
+            422,
+            "invalid_parameter",
+        ),
+        (
+            "limit 1.5",
+            app.client.post(&url).bearer_auth(&token).multipart(form(&[("limit", "1.5")])),
+            422,
+            "invalid_parameter",
+        ),
+        (
+            "limit empty",
+            app.client.post(&url).bearer_auth(&token).multipart(form(&[("limit", "")])),
+            422,
+            "invalid_parameter",
+        ),
+        (
+            "limit twice",
+            app.client.post(&url).bearer_auth(&token).multipart(form(&[("limit", "5"), ("limit", "6")])),
+            422,
+            "invalid_parameter",
+        ),
+        (
+            "json limit 1.5",
+            app.client.post(&url).bearer_auth(&token).json(&json!({"limit": 1.5})),
+            422,
+            "invalid_parameter",
+        ),
+        (
+            "enrichment maybe",
+            app.client.post(&url).bearer_auth(&token).multipart(form(&[("include_enrichment", "maybe")])),
+            422,
+            "invalid_parameter",
+        ),
+        (
+            "include_calls 2",
+            app.client.post(&url).bearer_auth(&token).multipart(form(&[("include_calls", "2")])),
+            422,
+            "invalid_parameter",
+        ),
+        ("no token", app.client.post(&url).multipart(form(&[("limit", "5")])), 401, "missing_token"),
+        ("basic auth", app.client.post(&url).basic_auth("a", Some("b")), 401, "missing_token"),
+        ("garbage token", app.client.post(&url).bearer_auth("not.a.jwt"), 401, "invalid_token"),
+        (
+            "expired",
+            app.client.post(&url).bearer_auth(sign(Algorithm::HS256, json!({"tenant_id": 1, "exp": exp_past}), SECRET)),
+            401,
+            "token_expired",
+        ),
+        (
+            "wrong signature",
+            app.client.post(&url).bearer_auth(sign(
+                Algorithm::HS256,
+                json!({"tenant_id": 1, "exp": now() + 600}),
+                "another-secret-another-secret-xx",
+            )),
+            401,
+            "invalid_token",
+        ),
+        (
+            "alg none",
+            app.client.post(&url).bearer_auth(alg_none(json!({"tenant_id": 1, "exp": now() + 600}))),
+            401,
+            "invalid_token",
+        ),
+        (
+            "HS512",
+            app.client.post(&url).bearer_auth(sign(
+                Algorithm::HS512,
+                json!({"tenant_id": 1, "exp": now() + 600}),
+                SECRET,
+            )),
+            401,
+            "invalid_token",
+        ),
+        (
+            "no exp",
+            app.client.post(&url).bearer_auth(sign(Algorithm::HS256, json!({"tenant_id": 1}), SECRET)),
+            401,
+            "invalid_token",
+        ),
+        (
+            "string tenant",
+            app.client.post(&url).bearer_auth(sign(
+                Algorithm::HS256,
+                json!({"tenant_id": "1", "exp": now() + 600}),
+                SECRET,
+            )),
+            401,
+            "invalid_token",
+        ),
+        (
+            "body over 64 KB",
+            app.client.post(&url).bearer_auth(&token).multipart(form(&[("limit", "5"), ("pad", &"x".repeat(70_000))])),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "malformed JSON",
+            app.client.post(&url).bearer_auth(&token).header("content-type", "application/json").body("{\"limit\": "),
+            400,
+            "malformed_body",
+        ),
+        ("JSON array", app.client.post(&url).bearer_auth(&token).json(&json!([1, 2])), 400, "malformed_body"),
+        (
+            "broken multipart",
+            app.client
+                .post(&url)
+                .bearer_auth(&token)
+                .header("content-type", "multipart/form-data; boundary=xyz")
+                .body("--xyz\r\nnonsense"),
+            400,
+            "malformed_body",
+        ),
+        (
+            "text/plain body",
+            app.client.post(&url).bearer_auth(&token).header("content-type", "text/plain").body("limit=5"),
+            415,
+            "unsupported_media_type",
+        ),
+        ("GET", app.client.get(&url).bearer_auth(&token), 405, "method_not_allowed"),
+        (
+            "unknown route",
+            app.client.post(format!("{}/crm/calls/nope", app.address)).bearer_auth(&token),
+            404,
+            "not_found",
+        ),
+    ];
+    for (name, request, status, code) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{name}");
+        assert_eq!(response.headers()["content-type"], "application/json", "{name}");
+        if status == 401 {
+            assert!(response.headers().contains_key("www-authenticate"), "{name}");
+        }
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["status"], status, "{name}: {body}");
+        assert_eq!(body["error"], code, "{name}: {body}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: {body}");
+        assert_eq!(body.as_object().unwrap().len(), 3, "{name}: only status, message, error: {body}");
+    }
+    // The server is still well after all of that.
+    assert_eq!(app.post_grouped_form(Some(&token), &[]).await.status(), 200);
+    app.stop().await;
+}
+
+fn form(fields: &[(&str, &str)]) -> reqwest::multipart::Form {
+    fields.iter().fold(reqwest::multipart::Form::new(), |f, (k, v)| f.text(k.to_string(), v.to_string()))
+}
+
+fn alg_none(claims: Value) -> String {
+    format!("{}.{}.", base64_url(br#"{"alg":"none","typ":"JWT"}"#), base64_url(claims.to_string().as_bytes()))
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_tenant_sees_only_its_own_data_whatever_it_sends() {
+    let app = spawn_app().await;
+    app.insert(
+        CALL_STATUS,
+        &[doc! {"id": 1, "name": "Open"}, doc! {"id": 2, "name": "B's secret status", "tenant_id": 20}],
+    )
+    .await;
+    app.insert(USERS, &[doc! {"id": 1, "name": "Ann", "email": "ann@a", "password_hash": "pw"}]).await;
+    let t = DateTime::from_millis(1_760_000_000_000);
+    app.insert(
+        CALLS,
+        &[
+            doc! {"id": 1, "tenant_id": 10, "status_id": 1, "start_time": t, "owner_id": 1, "subject": "A's call"},
+            doc! {"id": 2, "tenant_id": 20, "status_id": 1, "start_time": t, "subject": "B's call"},
+            doc! {"id": 3, "tenant_id": 20, "status_id": 2, "start_time": t, "subject": "B's other call"},
+        ],
+    )
+    .await;
+    let token_a = app.token(10);
+    for request in [
+        app.client.post(app.grouped_url()).bearer_auth(&token_a).form(&[("tenant_id", "20")]),
+        app.client.post(format!("{}?tenant_id=20", app.grouped_url())).bearer_auth(&token_a),
+        app.client.post(app.grouped_url()).bearer_auth(&token_a).json(&json!({"tenant_id": 20})),
+    ] {
+        let body: Value = request.send().await.unwrap().json().await.unwrap();
+        let text = body.to_string();
+        assert!(!text.contains("B's"), "tenant 10 saw tenant 20's data: {text}");
+        assert_eq!(body["summary"]["total_calls"], 1);
+        assert_eq!(body["data"][0]["calls"][0]["subject"], "A's call");
+        assert_eq!(body["data"][0]["calls"][0]["owner_details"], json!({"id": 1, "name": "Ann", "email": "ann@a"}));
+        assert!(!text.contains("pw"));
+    }
+    let b = app.grouped(20, &[]).await;
+    assert_eq!(b["summary"], json!({"total_calls": 2, "total_status_groups": 2, "limit_per_status": 100}));
+    let other = app.grouped(30, &[]).await;
+    assert_eq!(other["summary"]["total_calls"], 0);
+    assert_eq!(
+        other["data"],
+        json!([{"id": 1, "name": "Open", "description": null, "color": null, "total_calls": 0, "calls": []}])
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let app = spawn_app().await;
+    let r = app.client.get(format!("{}/healthz", app.address)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app.client.get(format!("{}/readyz", app.address)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["checks"]["mongodb"], true);
+    app.stop().await;
+}
