@@ -130,17 +130,45 @@ pub fn user_references(call: &Document) -> impl Iterator<Item = UserId> + '_ {
     USER_REFERENCES.iter().filter_map(|(field, _)| call.get(*field).and_then(UserId::from_bson))
 }
 
-/// A call as the response shows it with enrichment: every stored field but
-/// `_id`, then `owner_details`, `user_details` and `assigned_to_details`
-/// (`{}` when the reference is missing or names no user).
+/// A call's own fields as the response shows them: every stored field but
+/// `_id` and the three detail fields, which enrichment adds at the end.
+pub fn call_base(call: &Document) -> Map<String, Value> {
+    call.iter()
+        .filter(|(k, _)| k.as_str() != "_id" && !USER_REFERENCES.iter().any(|(_, d)| d == k))
+        .map(|(k, v)| (k.clone(), bson_to_json(v)))
+        .collect()
+}
+
+/// A call as the response shows it with enrichment: [`call_base`], then
+/// `owner_details`, `user_details` and `assigned_to_details` (`{}` when the
+/// reference is missing or names no user).
 pub fn enriched_call(call: &Document, users: &UserDirectory) -> Map<String, Value> {
-    let mut out: Map<String, Value> =
-        call.iter().filter(|(k, _)| k.as_str() != "_id").map(|(k, v)| (k.clone(), bson_to_json(v))).collect();
+    let mut out = call_base(call);
     for (field, details) in USER_REFERENCES {
         let user =
             call.get(field).and_then(UserId::from_bson).and_then(|id| users.get(id)).cloned().unwrap_or_default();
         out.insert(details.to_string(), Value::Object(user));
     }
+    out
+}
+
+/// [`enriched_call`]'s JSON from the pieces the read model stores: the
+/// serialised [`call_base`] and each detail's serialised user (`{}` for none).
+/// Produces the same bytes as serialising `enriched_call`.
+pub fn splice_details(base: &str, details: [&str; 3]) -> String {
+    let body = base.strip_suffix('}').unwrap_or(base);
+    let mut out = String::with_capacity(base.len() + 64 + details.iter().map(|d| d.len()).sum::<usize>());
+    out.push_str(body);
+    for (i, ((_, name), value)) in USER_REFERENCES.iter().zip(details).enumerate() {
+        if i > 0 || body.len() > 1 {
+            out.push(',');
+        }
+        out.push('"');
+        out.push_str(name);
+        out.push_str("\":");
+        out.push_str(value);
+    }
+    out.push('}');
     out
 }
 
@@ -219,6 +247,28 @@ mod tests {
                 "user_details": {}, "assigned_to_details": {}})
         );
         assert!(!out.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn spliced_details_equal_the_serialised_enriched_call() {
+        let fields = UserFields::default();
+        let users = vec![doc! {"id": 1, "name": "Ann", "email": "a@x"}];
+        let dir = UserDirectory::from_documents(&users, &fields);
+        for call in [
+            doc! {"_id": 1, "id": 9, "owner_id": 1, "subject": "Hi", "owner_details": "stored junk"},
+            doc! {"_id": 2},
+            doc! {"id": 3, "assigned_to_id": 1, "when": BsonDate::from_millis(5)},
+        ] {
+            let expected = serde_json::to_string(&enriched_call(&call, &dir)).unwrap();
+            let base = serde_json::to_string(&call_base(&call)).unwrap();
+            let detail = |f: &str| {
+                let user =
+                    call.get(f).and_then(UserId::from_bson).and_then(|id| dir.get(id)).cloned().unwrap_or_default();
+                serde_json::to_string(&user).unwrap()
+            };
+            let spliced = splice_details(&base, [&detail("owner_id"), &detail("user_id"), &detail("assigned_to_id")]);
+            assert_eq!(spliced, expected);
+        }
     }
 
     #[test]
