@@ -4,18 +4,20 @@ SHELL := /bin/bash
 
 VENV        := .venv
 PYTHON      := $(VENV)/bin/python
+VENV_STAMP  := $(VENV)/.installed
 STANDIN     ?= $(abspath ../shared/standin/nx_standin.py)
 RUN_DIR     := .run
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO       ?= cargo
 
 # `make run` ports and settings (override on the command line).
-RUN_MONGO_PORT ?= 27017
-RUN_REDIS_PORT ?= 6379
+RUN_MONGO_PORT ?= 27018
+RUN_REDIS_PORT ?= 16379
 RUN_HTTP_ADDR  ?= 127.0.0.1:8006
 RUN_CALLS      ?= 10000
 RUN_TENANTS    ?= 10
 RUN_SECRET     ?= callboard-demo-secret-not-for-production
+export RUN_MONGO_PORT RUN_REDIS_PORT RUN_HTTP_ADDR RUN_CALLS RUN_TENANTS RUN_SECRET STANDIN
 
 .PHONY: help
 help: ## List the targets
@@ -25,13 +27,15 @@ help: ## List the targets
 deps: ## Install what tests and `make run` need (redis-server, the stand-in venv)
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 	@command -v redis-server >/dev/null || { echo "redis-server could not be installed" >&2; exit 1; }
-	@$(MAKE) --no-print-directory $(PYTHON)
+	@$(MAKE) --no-print-directory $(VENV_STAMP)
+	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
+	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@test -f $(STANDIN) || { echo "missing $(STANDIN): ../shared must sit beside the checkout" >&2; exit 1; }
 
-$(PYTHON): deploy/standin/requirements.txt
+$(VENV_STAMP): deploy/standin/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r deploy/standin/requirements.txt
-	@touch $(PYTHON)
+	@touch $(VENV_STAMP)
 
 .PHONY: test
 test: deps ## Run the whole test suite against real Redis and the MongoDB stand-in
@@ -46,7 +50,7 @@ fmt: ## Format the code
 	$(CARGO) fmt --all
 
 .PHONY: lint
-lint: ## cargo fmt --check and clippy -D warnings
+lint: deps ## cargo fmt --check and clippy -D warnings
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 

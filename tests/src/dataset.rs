@@ -29,6 +29,8 @@ pub fn generate(seed: u64, calls: usize) -> Dataset {
     // must not match them.
     users.push(doc! {"name": "Ghost", "email": "ghost@example.com"});
     users.push(doc! {"id": Bson::Null, "name": "Null ghost"});
+    // Tenant 2's own user: only tenant 2 may see its details.
+    users.push(doc! {"id": 9, "name": "Two's agent", "email": "agent@two", "tenant_id": 2});
     users.shuffle(&mut rng);
 
     let statuses = vec![
@@ -40,6 +42,8 @@ pub fn generate(seed: u64, calls: usize) -> Dataset {
         doc! {"id": "2", "name": "Tenant one's own two", "description": "Shadows the global 2", "color": "#ABCDEF", "tenant_id": 1},
         doc! {"id": 6, "name": "Tenant three, deleted", "description": "x", "color": "#FFFFFF", "tenant_id": 3, "deleted": 1},
         doc! {"id": 7, "name": "No colour", "tenant_id": 3},
+        // A deleted own status does not hide the live global one.
+        doc! {"id": 1, "name": "One's deleted one", "tenant_id": 1, "deleted": 1},
     ];
 
     let status_choices: Vec<Bson> = vec![
@@ -47,6 +51,7 @@ pub fn generate(seed: u64, calls: usize) -> Dataset {
         "1".into(),
         Bson::Int64(2),
         "2".into(),
+        2.0.into(),
         3.into(),
         "3".into(),
         4.into(),
@@ -73,13 +78,20 @@ pub fn generate(seed: u64, calls: usize) -> Dataset {
                 call.insert("start_time", DateTime::from_millis(*times.choose(&mut rng).expect("times")));
             }
             for field in ["owner_id", "user_id", "assigned_to_id"] {
-                match rng.gen_range(0..10) {
+                match rng.gen_range(0..12) {
                     0 => {}
                     1 => {
                         call.insert(field, 99);
                     }
                     2 => {
                         call.insert(field, Bson::Null);
+                    }
+                    3 => {
+                        // A string never matches an integer user id.
+                        call.insert(field, "3");
+                    }
+                    4 => {
+                        call.insert(field, 9);
                     }
                     _ => {
                         call.insert(field, rng.gen_range(1..=8));

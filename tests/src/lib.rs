@@ -110,10 +110,3 @@ impl TestApp {
         }
     }
 }
-
-/// The path of the `callboard` binary built alongside the tests.
-pub fn callboard_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test exe path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    dir.join("callboard")
-}

@@ -77,8 +77,12 @@ pub fn expected(ds: &Dataset, q: &Query, user_fields: &[&str]) -> Value {
             }
         }
     }
+    // Users a tenant may see: its own and those of no tenant.
     let mut users: HashMap<i64, &Document> = HashMap::new();
-    for u in &ds.users {
+    for u in ds.users.iter().filter(|u| match u.get("tenant_id") {
+        None | Some(Bson::Null) => true,
+        Some(t) => as_int(t) == Some(q.tenant),
+    }) {
         if let Some(id) = u.get("id").and_then(as_int) {
             users.entry(id).or_insert(u);
         }
@@ -140,17 +144,20 @@ pub fn expected(ds: &Dataset, q: &Query, user_fields: &[&str]) -> Value {
             })
         })
         .collect();
+    let summary = json!({"total_calls": total, "total_status_groups": data.len(), "limit_per_status": q.limit});
     json!({
         "status": 200,
         "message": "Calls grouped by status retrieved successfully",
-        "summary": {"total_calls": total, "total_status_groups": data.len(), "limit_per_status": q.limit},
         "data": data,
+        "summary": summary,
     })
 }
 
 /// Panics with both documents, pretty-printed, when they differ.
+/// Compares the serialised forms, so that key order counts too.
 pub fn assert_same(actual: &Value, expected: &Value, context: &str) {
-    if actual != expected {
+    let serialised = |v: &Value| serde_json::to_string(v).unwrap_or_default();
+    if serialised(actual) != serialised(expected) {
         let a = serde_json::to_string_pretty(actual).unwrap_or_default();
         let e = serde_json::to_string_pretty(expected).unwrap_or_default();
         let first = a.lines().zip(e.lines()).position(|(x, y)| x != y).unwrap_or(0);

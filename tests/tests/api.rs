@@ -227,6 +227,36 @@ async fn bad_input_gets_a_json_error_and_nothing_else() {
         ),
         ("JSON array", app.client.post(&url).bearer_auth(&token).json(&json!([1, 2])), 400, "malformed_body"),
         (
+            "multipart, 1-char boundary",
+            app.client
+                .post(&url)
+                .bearer_auth(&token)
+                .header("content-type", "multipart/form-data; boundary=a")
+                .body("--\n"),
+            400,
+            "malformed_body",
+        ),
+        (
+            "multipart, empty boundary",
+            app.client
+                .post(&url)
+                .bearer_auth(&token)
+                .header("content-type", "multipart/form-data; boundary=\"\"")
+                .body("\n"),
+            400,
+            "malformed_body",
+        ),
+        (
+            "chunked body over 64 KB",
+            app.client.post(&url).bearer_auth(&token).header("content-type", "application/x-www-form-urlencoded").body(
+                reqwest::Body::wrap_stream(futures::stream::iter(
+                    (0..70).map(|_| Ok::<_, std::io::Error>(vec![b'a'; 1024])),
+                )),
+            ),
+            413,
+            "payload_too_large",
+        ),
+        (
             "broken multipart",
             app.client
                 .post(&url)

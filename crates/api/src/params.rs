@@ -121,8 +121,8 @@ fn json_params(body: &[u8]) -> Result<Vec<(String, ParamValue)>, ApiError> {
         .collect())
 }
 
-/// Text fields of a multipart body; a file part is an error for a known
-/// parameter only when its content is not UTF-8.
+/// The known parameters among a multipart body's fields; other fields
+/// (a file, say) are read past and ignored.
 async fn multipart_params(headers: &HeaderMap, body: Bytes) -> Result<Vec<(String, ParamValue)>, ApiError> {
     if is_empty_multipart(headers, &body) {
         return Ok(Vec::new());
@@ -139,6 +139,9 @@ async fn multipart_params(headers: &HeaderMap, body: Bytes) -> Result<Vec<(Strin
         let mut value = Vec::new();
         while let Some(chunk) = field.next().await {
             value.extend_from_slice(&chunk.map_err(malformed)?);
+        }
+        if !GroupedRequest::is_parameter(&name) {
+            continue;
         }
         let text = String::from_utf8(value)
             .map_err(|_| ApiError::new(ErrorCode::InvalidParameter, format!("{name} must be UTF-8 text")))?;

@@ -120,6 +120,40 @@ impl UserId {
     }
 }
 
+/// A document's `_id` as a string key: an ObjectId as its 24 hex digits
+/// (so string order is `_id` order), any other `_id` as `~` plus a type tag
+/// and its value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DocKey(String);
+
+impl DocKey {
+    pub fn from_bson(id: &Bson) -> Self {
+        Self(match id {
+            Bson::ObjectId(oid) => oid.to_hex(),
+            Bson::String(s) => format!("~s:{s}"),
+            other => match integral(other) {
+                Some(n) => format!("~i:{n}"),
+                None => format!("~j:{}", other.clone().into_relaxed_extjson()),
+            },
+        })
+    }
+
+    /// A key read back from storage.
+    pub fn from_stored(s: String) -> Self {
+        Self(s)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DocKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// An integer held in any BSON numeric type (an integral double counts).
 pub(crate) fn integral(value: &Bson) -> Option<i64> {
     match value {

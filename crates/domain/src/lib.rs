@@ -15,8 +15,8 @@ pub mod render;
 mod response;
 mod status;
 
-pub use ids::{CallId, StatusKey, TenantId, UserId};
+pub use ids::{CallId, DocKey, StatusKey, TenantId, UserId};
 pub use order::CallOrder;
 pub use params::{GroupedRequest, Limit, ParamError, ParamValue, MAX_LIMIT_CEILING};
 pub use response::{GroupedResponse, StatusGroup, Summary, GROUPED_MESSAGE};
-pub use status::Status;
+pub use status::{is_deleted, Status, StatusRecord, StatusScope};

@@ -82,6 +82,11 @@ pub struct GroupedRequest {
 }
 
 impl GroupedRequest {
+    /// The parameters this endpoint reads; any other is ignored.
+    pub fn is_parameter(name: &str) -> bool {
+        matches!(name, "limit" | "include_enrichment" | "include_calls")
+    }
+
     /// Builds a request from parameters, however they were sent.
     ///
     /// Unknown parameters are ignored, as the endpoint this replaces did;
@@ -94,8 +99,7 @@ impl GroupedRequest {
         let mut request = Self { limit: default_limit, include_enrichment: true, include_calls: true };
         let mut seen = HashSet::new();
         for (name, value) in params {
-            let known = matches!(name.as_str(), "limit" | "include_enrichment" | "include_calls");
-            if !known {
+            if !Self::is_parameter(&name) {
                 continue;
             }
             if !seen.insert(name.clone()) {

@@ -164,9 +164,12 @@ impl Settings {
             };
             set(&mut tree, key, env_value(key, &value)?);
         }
-        let settings: Settings = tree.try_into().map_err(|e: toml::de::Error| SettingsError::Parse {
+        // Through text, so that a type error points at the offending key.
+        let merged = toml::to_string(&tree)
+            .map_err(|e| SettingsError::Parse { path: "configuration".into(), message: e.to_string() })?;
+        let settings: Settings = toml::from_str(&merged).map_err(|e| SettingsError::Parse {
             path: "configuration".into(),
-            message: e.message().to_string(),
+            message: e.to_string().trim_end().to_string(),
         })?;
         settings.validate()?;
         Ok(settings)
@@ -175,7 +178,11 @@ impl Settings {
     /// Loads from the process environment.
     pub fn from_env(file: Option<&Path>) -> Result<Self, SettingsError> {
         let file = file.map(Path::to_path_buf).or_else(|| std::env::var_os("CALLBOARD_CONFIG").map(Into::into));
-        Self::load(file.as_deref(), std::env::vars())
+        // A variable that is not UTF-8 cannot be a setting; a CALLBOARD_ one
+        // still fails as unknown rather than being skipped.
+        let env =
+            std::env::vars_os().map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()));
+        Self::load(file.as_deref(), env)
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
@@ -378,6 +385,9 @@ mod tests {
         std::fs::write(&path, "[query]\nmax_limit = 50\ndefault_limit = 60\n").unwrap();
         let err = Settings::load(Some(&path), std::iter::empty()).unwrap_err().to_string();
         assert!(err.contains("query.default_limit"), "{err}");
+        std::fs::write(&path, "[query]\nmax_limit = \"many\"\n").unwrap();
+        let err = Settings::load(Some(&path), std::iter::empty()).unwrap_err().to_string();
+        assert!(err.contains("max_limit"), "{err}");
         let s = load(&[("CALLBOARD_JWT_SECRET", "0123456789abcdef0123456789abcdef")]).unwrap();
         assert!(!format!("{s:?}").contains("0123456789abcdef"));
         std::fs::remove_dir_all(&dir).ok();

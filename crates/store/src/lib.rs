@@ -31,12 +31,14 @@ impl StoreError {
     /// that failed on a reachable server).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            StoreError::Mongo(e) => matches!(
-                *e.kind,
+            StoreError::Mongo(e) => match *e.kind {
                 mongodb::error::ErrorKind::ServerSelection { .. }
-                    | mongodb::error::ErrorKind::Io(_)
-                    | mongodb::error::ErrorKind::ConnectionPoolCleared { .. }
-            ),
+                | mongodb::error::ErrorKind::Io(_)
+                | mongodb::error::ErrorKind::ConnectionPoolCleared { .. } => true,
+                // MaxTimeMSExpired: the query gave up rather than hang.
+                mongodb::error::ErrorKind::Command(ref c) => c.code == 50,
+                _ => false,
+            },
             StoreError::SeedRefused(_) => false,
         }
     }

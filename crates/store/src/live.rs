@@ -1,8 +1,9 @@
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
 
 use bson::{doc, Bson, Document};
 use callboard_domain::render::{self, GroupCalls, UserDirectory, UserFields};
-use callboard_domain::{CallOrder, GroupedRequest, GroupedResponse, Status, StatusKey, TenantId};
+use callboard_domain::{CallOrder, DocKey, GroupedRequest, GroupedResponse, Status, StatusKey, TenantId};
 use futures::TryStreamExt;
 use mongodb::options::AggregateOptions;
 use mongodb::Database;
@@ -10,23 +11,28 @@ use tracing::instrument;
 
 use crate::{StoreError, CALLS, CALL_STATUS, USERS};
 
+/// A query that takes longer than this fails (and the API answers 503)
+/// rather than holding the request open.
+const MAX_TIME: Duration = Duration::from_secs(20);
+/// Large enough that no query here needs a second batch in practice.
+const BATCH: u32 = 16_384;
+
 /// The grouped response computed from MongoDB on every call.
 ///
-/// Three round trips whatever the data size: the tenant's statuses and the
-/// calls aggregation run concurrently, then one `$in` query fetches every
-/// user the shown calls refer to. Users are joined here rather than with
-/// `$lookup` (docs/adr/0001-live-query-joins-users-in-process.md): one fetch
-/// serves the three references of every call, the allowlist is applied by
-/// the server's projection, and a missing `owner_id` cannot match users that
-/// lack an `id` as `$lookup`'s null-equality would.
+/// At most four round trips whatever the data size: the tenant's statuses
+/// and the grouping aggregation run concurrently; then, for an enriched
+/// response, the shown calls' documents by `_id`, then every user they
+/// refer to with one `$in`. Users are joined here rather than with
+/// `$lookup` (docs/adr/0001-live-query-joins-users-in-process.md).
 #[derive(Clone)]
 pub struct LiveQuery {
     db: Database,
     user_fields: UserFields,
 }
 
-/// One row of the calls aggregation: a raw `status_id` value (1 and "1"
-/// arrive as separate rows), its live call count and its first calls.
+/// One row of the grouping aggregation: a raw `status_id` value (1 and "1"
+/// arrive as separate rows), its live call count and the sort fields and
+/// `_id` of its first calls.
 struct StatusRow {
     status_id: Bson,
     total: u64,
@@ -42,12 +48,17 @@ impl LiveQuery {
         &self.db
     }
 
+    pub fn user_fields(&self) -> &UserFields {
+        &self.user_fields
+    }
+
     #[instrument(name = "live_query", skip(self), fields(tenant = %tenant, limit = request.limit.get()))]
     pub async fn grouped(&self, tenant: TenantId, request: &GroupedRequest) -> Result<GroupedResponse, StoreError> {
         let (statuses, rows) = tokio::try_join!(self.statuses(tenant), self.status_rows(tenant, request))?;
+        let visible: BTreeSet<StatusKey> = statuses.iter().map(|s| s.key).collect();
         let mut merged: BTreeMap<StatusKey, (u64, Vec<Document>)> = BTreeMap::new();
         for row in rows {
-            let Some(key) = StatusKey::from_bson(&row.status_id) else { continue };
+            let Some(key) = StatusKey::from_bson(&row.status_id).filter(|k| visible.contains(k)) else { continue };
             let entry = merged.entry(key).or_default();
             entry.0 += row.total;
             entry.1.extend(row.top);
@@ -56,27 +67,29 @@ impl LiveQuery {
             calls.sort_by_cached_key(CallOrder::of);
             calls.truncate(request.limit.as_usize());
         }
-        let users = if request.include_calls && request.include_enrichment {
-            let ids: BTreeSet<i64> = merged
-                .values()
-                .flat_map(|(_, calls)| calls.iter().flat_map(render::user_references))
-                .map(|u| u.get())
-                .collect();
-            self.users(ids).await?
+        let enriched = request.include_calls && request.include_enrichment;
+        let (documents, users) = if enriched {
+            let ids: Vec<Bson> =
+                merged.values().flat_map(|(_, calls)| calls.iter().filter_map(|c| c.get("_id").cloned())).collect();
+            let documents = self.calls_by_id(tenant, ids).await?;
+            let user_ids: BTreeSet<i64> =
+                documents.values().flat_map(render::user_references).map(|u| u.get()).collect();
+            (documents, self.users(tenant, user_ids).await?)
         } else {
-            UserDirectory::default()
+            Default::default()
         };
         let groups = merged
             .into_iter()
             .map(|(key, (total, calls))| {
                 let calls = calls
                     .iter()
-                    .map(|call| {
-                        if request.include_enrichment {
-                            render::raw(&serde_json::Value::Object(render::enriched_call(call, &users)))
-                        } else {
-                            render::raw(&call.get("id").map(render::bson_to_json).unwrap_or_default())
+                    .filter_map(|call| {
+                        if !enriched {
+                            return Some(render::raw(&call.get("id").map(render::bson_to_json).unwrap_or_default()));
                         }
+                        // A call deleted between the two queries is skipped.
+                        let full = documents.get(&DocKey::from_bson(call.get("_id")?))?;
+                        Some(render::raw(&serde_json::Value::Object(render::enriched_call(full, &users))))
                     })
                     .collect();
                 (key, GroupCalls { total, calls })
@@ -90,29 +103,37 @@ impl LiveQuery {
         // `{$in: [T, null]}` matches the tenant's, null and missing
         // `tenant_id`s in one clause (MongoDB's null-equality).
         let filter = doc! {"deleted": {"$ne": 1}, "tenant_id": {"$in": [Bson::Int64(tenant.get()), Bson::Null]}};
-        let docs: Vec<Document> =
-            self.db.collection::<Document>(CALL_STATUS).find(filter).sort(doc! {"_id": 1}).await?.try_collect().await?;
+        let docs: Vec<Document> = self
+            .db
+            .collection::<Document>(CALL_STATUS)
+            .find(filter)
+            .max_time(MAX_TIME)
+            .batch_size(BATCH)
+            .await?
+            .try_collect()
+            .await?;
         Ok(Status::visible_to(&docs, tenant))
     }
 
-    /// Counts per raw `status_id`, and with calls requested the first
-    /// `limit` calls of each (whole documents, or just the sort fields).
+    /// Counts per raw `status_id`, and with calls requested the `_id`, `id`
+    /// and `start_time` of the first `limit` calls of each. Whole documents
+    /// are fetched afterwards so that a group row stays far below MongoDB's
+    /// 16 MB document limit whatever the calls hold.
     async fn status_rows(&self, tenant: TenantId, request: &GroupedRequest) -> Result<Vec<StatusRow>, StoreError> {
         let mut group = doc! {"_id": "$status_id", "total": {"$sum": 1}};
         if request.include_calls {
-            let output: Bson = if request.include_enrichment {
-                "$$ROOT".into()
-            } else {
-                doc! {"id": "$id", "start_time": "$start_time"}.into()
-            };
             group.insert(
                 "top",
-                doc! {"$topN": {"n": i64::from(request.limit.get()), "sortBy": {"start_time": -1, "id": -1}, "output": output}},
+                doc! {"$topN": {
+                    "n": i64::from(request.limit.get()),
+                    "sortBy": {"start_time": -1, "id": -1},
+                    "output": {"_id": "$_id", "id": "$id", "start_time": "$start_time"},
+                }},
             );
         }
         let pipeline =
             vec![doc! {"$match": {"tenant_id": tenant.get(), "deleted": {"$ne": 1}}}, doc! {"$group": group}];
-        let options = AggregateOptions::builder().allow_disk_use(true).build();
+        let options = AggregateOptions::builder().allow_disk_use(true).max_time(MAX_TIME).batch_size(BATCH).build();
         let mut cursor = self.db.collection::<Document>(CALLS).aggregate(pipeline).with_options(options).await?;
         let mut rows = Vec::new();
         while let Some(mut row) = cursor.try_next().await? {
@@ -133,7 +154,25 @@ impl LiveQuery {
         Ok(rows)
     }
 
-    async fn users(&self, ids: BTreeSet<i64>) -> Result<UserDirectory, StoreError> {
+    async fn calls_by_id(&self, tenant: TenantId, ids: Vec<Bson>) -> Result<HashMap<DocKey, Document>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let docs: Vec<Document> = self
+            .db
+            .collection::<Document>(CALLS)
+            .find(doc! {"_id": {"$in": ids}, "tenant_id": tenant.get(), "deleted": {"$ne": 1}})
+            .max_time(MAX_TIME)
+            .batch_size(BATCH)
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs.into_iter().filter_map(|d| Some((DocKey::from_bson(d.get("_id")?), d))).collect())
+    }
+
+    /// The users the tenant may see among `ids`: those without a
+    /// `tenant_id` (or a null one) and the tenant's own.
+    async fn users(&self, tenant: TenantId, ids: BTreeSet<i64>) -> Result<UserDirectory, StoreError> {
         if ids.is_empty() {
             return Ok(UserDirectory::default());
         }
@@ -145,9 +184,11 @@ impl LiveQuery {
         let docs: Vec<Document> = self
             .db
             .collection::<Document>(USERS)
-            .find(doc! {"id": {"$in": ids}})
+            .find(doc! {"id": {"$in": ids}, "tenant_id": {"$in": [Bson::Int64(tenant.get()), Bson::Null]}})
             .projection(projection)
             .sort(doc! {"_id": 1})
+            .max_time(MAX_TIME)
+            .batch_size(BATCH)
             .await?
             .try_collect()
             .await?;

@@ -4,7 +4,12 @@ use std::process::{Command, Output};
 
 use callboard_api::JwtKeys;
 use callboard_testkit::{unique_db_name, Services};
-use callboard_tests::{callboard_bin, SECRET};
+
+const SECRET: &str = "cli-test-secret-0123456789abcdef-0123";
+
+fn callboard_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_callboard")
+}
 
 fn callboard(services: &Services, db: &str, args: &[&str]) -> Output {
     Command::new(callboard_bin())
@@ -14,7 +19,7 @@ fn callboard(services: &Services, db: &str, args: &[&str]) -> Output {
         .env("CALLBOARD_JWT_SECRET", SECRET)
         .env("CALLBOARD_LOG", "warn")
         .output()
-        .expect("run callboard (built by `cargo test --workspace`)")
+        .expect("run callboard")
 }
 
 fn stdout(o: &Output) -> String {

@@ -1,0 +1,1 @@
+//! The projector (work in progress).

@@ -1,0 +1,126 @@
+//! The Redis key schema. Every key of a tenant carries the hash tag `{tN}`,
+//! so one tenant's keys share a Redis Cluster slot and one tenant's change is
+//! one atomic MULTI; keys shared by every tenant carry `{g}`.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:{tN}:z:<status>` | ZSET | member `<call id as 16 hex>:<_id>`, score `start_time` ms (undated: [`crate::codec::UNDATED`]) |
+//! | `P:{tN}:doc` | HASH | member -> `<owner>,<user>,<assignee>\|<call JSON without details>` |
+//! | `P:{tN}:idx` | HASH | call `_id` -> `<status>\|<score>\|<member>`: the call state index |
+//! | `P:{tN}:st` | HASH | status `_id` -> the tenant's own status (JSON `StatusRecord`) |
+//! | `P:{tN}:meta` | HASH | `last_event_ms` |
+//! | `P:{g}:st` | HASH | status `_id` -> global status |
+//! | `P:{g}:users` | HASH | user id -> allowlisted user JSON |
+//! | `P:{g}:uloc` | HASH | user `_id` -> user id |
+//! | `P:{g}:sloc` | HASH | status `_id` -> `g` or tenant id |
+//! | `P:{g}:cloc` | HASH | call `_id` -> tenant id, for every call in a warm(ing) tenant |
+//! | `P:{g}:tstate` | HASH | tenant -> `warming:<epoch>` or `warm:<epoch>`; absent = cold |
+//! | `P:{g}:epoch` | STRING | warm epoch counter |
+//! | `P:{g}:cmdq` | LIST | commands for the active projector (`warm`, `purge`) |
+//! | `P:{g}:job:<id>` | HASH | a warm job's progress |
+//! | `P:{g}:ckpt` | STRING | the resume token of the last applied batch (BSON) |
+//! | `P:{g}:lease` | STRING | the active projector's id, with a TTL |
+//! | `P:{g}:progress` | HASH | projector heartbeat, last event time, lag |
+
+use callboard_domain::{StatusKey, TenantId};
+
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+
+    fn tenant(&self, t: TenantId, suffix: &str) -> String {
+        format!("{}:{{t{}}}:{suffix}", self.prefix, t.get())
+    }
+
+    fn global(&self, suffix: &str) -> String {
+        format!("{}:{{g}}:{suffix}", self.prefix)
+    }
+
+    pub fn zset(&self, t: TenantId, status: StatusKey) -> String {
+        self.tenant(t, &format!("z:{}", status.get()))
+    }
+    pub fn docs(&self, t: TenantId) -> String {
+        self.tenant(t, "doc")
+    }
+    pub fn idx(&self, t: TenantId) -> String {
+        self.tenant(t, "idx")
+    }
+    pub fn statuses(&self, t: TenantId) -> String {
+        self.tenant(t, "st")
+    }
+    pub fn meta(&self, t: TenantId) -> String {
+        self.tenant(t, "meta")
+    }
+    /// A SCAN pattern for the call keys of `t` (not its statuses, which
+    /// the projector keeps for every tenant).
+    pub fn tenant_call_pattern(&self, t: TenantId) -> Vec<String> {
+        vec![self.tenant(t, "z:*"), self.docs(t), self.idx(t), self.meta(t)]
+    }
+    /// A SCAN pattern matching every tenant key.
+    pub fn all_tenants_pattern(&self) -> String {
+        format!("{}:{{t*", self.prefix)
+    }
+
+    pub fn global_statuses(&self) -> String {
+        self.global("st")
+    }
+    pub fn users(&self) -> String {
+        self.global("users")
+    }
+    pub fn user_loc(&self) -> String {
+        self.global("uloc")
+    }
+    pub fn status_loc(&self) -> String {
+        self.global("sloc")
+    }
+    pub fn call_loc(&self) -> String {
+        self.global("cloc")
+    }
+    pub fn tenant_state(&self) -> String {
+        self.global("tstate")
+    }
+    pub fn epoch(&self) -> String {
+        self.global("epoch")
+    }
+    pub fn commands(&self) -> String {
+        self.global("cmdq")
+    }
+    pub fn job(&self, id: &str) -> String {
+        self.global(&format!("job:{id}"))
+    }
+    pub fn checkpoint(&self) -> String {
+        self.global("ckpt")
+    }
+    pub fn lease(&self) -> String {
+        self.global("lease")
+    }
+    pub fn progress(&self) -> String {
+        self.global("progress")
+    }
+    /// Every key under the prefix.
+    pub fn everything_pattern(&self) -> String {
+        format!("{}:*", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_keys_share_a_hash_tag() {
+        let k = Keys::new("cb");
+        let t = TenantId::new(6).unwrap();
+        for key in [k.zset(t, StatusKey::new(1)), k.docs(t), k.idx(t), k.statuses(t), k.meta(t)] {
+            assert!(key.starts_with("cb:{t6}:"), "{key}");
+        }
+        assert_eq!(k.zset(t, StatusKey::new(-2)), "cb:{t6}:z:-2");
+        assert!(k.users().starts_with("cb:{g}:"));
+    }
+}

@@ -1,0 +1,29 @@
+//! callboard's read model in Redis: the key schema ([`keys`]), the value
+//! encodings ([`codec`]), the query side ([`ReadModel`]) and the write side
+//! the projector uses ([`write`]).
+//!
+//! Per tenant, Redis holds each status's calls in response order (a ZSET),
+//! each call's pre-rendered JSON, and a call state index from `_id` to
+//! (status, sort key, member) that makes every write idempotent. Users and
+//! global statuses are shared by all tenants. docs/ARCHITECTURE.md explains
+//! the consistency argument.
+
+pub mod codec;
+pub mod keys;
+mod read;
+pub mod write;
+
+pub use keys::Keys;
+pub use read::{JobStatus, Progress, ReadModel, TenantState};
+
+pub use redis;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadModelError {
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("Redis pool: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    #[error("corrupt read model value at {key}: {detail}")]
+    Corrupt { key: String, detail: String },
+}

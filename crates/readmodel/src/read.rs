@@ -1,0 +1,346 @@
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use callboard_domain::render::{self, GroupCalls};
+use callboard_domain::{GroupedRequest, GroupedResponse, Status, StatusRecord, TenantId, UserId};
+use deadpool_redis::Pool;
+use redis::{AsyncCommands, Script};
+use serde_json::value::RawValue;
+
+use crate::codec::{member_call_id, split_stored};
+use crate::{Keys, ReadModelError};
+
+/// Whether a tenant's calls are in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantState {
+    Cold,
+    /// A snapshot is being loaded (or queued), generation `epoch`.
+    Warming(u64),
+    /// Snapshot loaded and the stream applied on top: reads are served.
+    Warm(u64),
+}
+
+impl TenantState {
+    pub fn parse(raw: Option<&str>) -> Self {
+        match raw.and_then(|r| r.split_once(':')) {
+            Some(("warm", e)) => e.parse().map(TenantState::Warm).unwrap_or(TenantState::Cold),
+            Some(("warming", e)) => e.parse().map(TenantState::Warming).unwrap_or(TenantState::Cold),
+            _ => TenantState::Cold,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TenantState::Cold => "cold",
+            TenantState::Warming(_) => "warming",
+            TenantState::Warm(_) => "warm",
+        }
+    }
+
+    /// Whether the projector maintains this tenant's calls.
+    pub fn is_maintained(self) -> bool {
+        !matches!(self, TenantState::Cold)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JobStatus {
+    pub job_id: String,
+    pub state: &'static str,
+    pub total: u64,
+    pub done: u64,
+    pub created_ms: i64,
+}
+
+/// What the projector last reported.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Progress {
+    pub heartbeat_ms: Option<i64>,
+    pub last_event_ms: Option<i64>,
+    pub lag_ms: Option<i64>,
+    pub events_applied: u64,
+    pub owner: Option<String>,
+}
+
+/// Reads served by Redis alone.
+#[derive(Clone)]
+pub struct ReadModel {
+    pool: Pool,
+    keys: Keys,
+    read_groups: Script,
+    request_warm: Script,
+}
+
+/// For each status ZSET in KEYS (all but the last), its size and, unless
+/// ARGV[2] is "0", its first ARGV[1] members; with ARGV[2] = "2" also their
+/// stored documents from the HASH in the last KEY. One script, so counts
+/// and calls come from one consistent moment.
+const READ_GROUPS: &str = r#"
+local limit = tonumber(ARGV[1])
+local mode = ARGV[2]
+local docs_key = KEYS[#KEYS]
+local out = {}
+for i = 1, #KEYS - 1 do
+  local count = redis.call('ZCARD', KEYS[i])
+  local members = {}
+  local docs = {}
+  if mode ~= '0' and count > 0 then
+    members = redis.call('ZREVRANGE', KEYS[i], 0, limit - 1)
+    if mode == '2' and #members > 0 then
+      docs = redis.call('HMGET', docs_key, unpack(members))
+    end
+  end
+  out[i] = {count, members, docs}
+end
+return out
+"#;
+
+/// Single-flight warm request: only the first caller for a cold tenant
+/// moves it to `warming` and queues the warm; ARGV[3] = "1" forces a new
+/// warm even when the tenant is warm or warming.
+/// KEYS: tstate, epoch, cmdq, job. ARGV: tenant, job id, force.
+const REQUEST_WARM: &str = r#"
+if ARGV[3] ~= '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  return 0
+end
+local epoch = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], ARGV[1], 'warming:' .. epoch)
+redis.call('RPUSH', KEYS[3], 'warm ' .. ARGV[1] .. ' ' .. epoch .. ' ' .. ARGV[2])
+if ARGV[2] ~= '-' then
+  redis.call('HINCRBY', KEYS[4], 'total', 1)
+end
+return epoch
+"#;
+
+impl ReadModel {
+    pub fn new(pool: Pool, keys: Keys) -> Self {
+        Self { pool, keys, read_groups: Script::new(READ_GROUPS), request_warm: Script::new(REQUEST_WARM) }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, ReadModelError> {
+        Ok(self.pool.get().await?)
+    }
+
+    pub async fn ping(&self) -> Result<(), ReadModelError> {
+        let mut c = self.conn().await?;
+        let _: String = redis::cmd("PING").query_async(&mut c).await?;
+        Ok(())
+    }
+
+    pub async fn tenant_state(&self, tenant: TenantId) -> Result<TenantState, ReadModelError> {
+        let mut c = self.conn().await?;
+        let raw: Option<String> = c.hget(self.keys.tenant_state(), tenant.get()).await?;
+        Ok(TenantState::parse(raw.as_deref()))
+    }
+
+    pub async fn tenant_states(&self) -> Result<BTreeMap<TenantId, TenantState>, ReadModelError> {
+        let mut c = self.conn().await?;
+        let all: HashMap<i64, String> = c.hgetall(self.keys.tenant_state()).await?;
+        Ok(all.into_iter().filter_map(|(t, s)| Some((TenantId::new(t).ok()?, TenantState::parse(Some(&s))))).collect())
+    }
+
+    /// The grouped response from Redis alone, or `None` when the tenant is
+    /// not warm.
+    pub async fn grouped(
+        &self,
+        tenant: TenantId,
+        request: &GroupedRequest,
+    ) -> Result<Option<GroupedResponse>, ReadModelError> {
+        let mut c = self.conn().await?;
+        let (state, own, global): (Option<String>, HashMap<String, String>, HashMap<String, String>) = redis::pipe()
+            .hget(self.keys.tenant_state(), tenant.get())
+            .hgetall(self.keys.statuses(tenant))
+            .hgetall(self.keys.global_statuses())
+            .query_async(&mut c)
+            .await?;
+        if !matches!(TenantState::parse(state.as_deref()), TenantState::Warm(_)) {
+            return Ok(None);
+        }
+        let records = own.values().chain(global.values()).map(|json| {
+            serde_json::from_str::<StatusRecord>(json)
+                .map_err(|e| ReadModelError::Corrupt { key: "statuses".into(), detail: e.to_string() })
+        });
+        let statuses = Status::visible(records.collect::<Result<Vec<_>, _>>()?, tenant);
+        let mode = match (request.include_calls, request.include_enrichment) {
+            (false, _) => "0",
+            (true, false) => "1",
+            (true, true) => "2",
+        };
+        let mut invocation = self.read_groups.prepare_invoke();
+        for s in &statuses {
+            invocation.key(self.keys.zset(tenant, s.key));
+        }
+        invocation.key(self.keys.docs(tenant)).arg(request.limit.get()).arg(mode);
+        let groups: Vec<(u64, Vec<String>, Vec<Option<String>>)> =
+            if statuses.is_empty() { Vec::new() } else { invocation.invoke_async(&mut c).await? };
+
+        let mut users: HashMap<UserId, String> = HashMap::new();
+        if mode == "2" {
+            let ids: BTreeSet<UserId> = groups
+                .iter()
+                .flat_map(|(_, _, docs)| docs.iter().flatten())
+                .filter_map(|d| split_stored(d))
+                .flat_map(|(refs, _)| refs.into_iter().flatten())
+                .collect();
+            if !ids.is_empty() {
+                let ids: Vec<i64> = ids.into_iter().map(UserId::get).collect();
+                let found: Vec<Option<String>> =
+                    redis::cmd("HMGET").arg(self.keys.users()).arg(&ids).query_async(&mut c).await?;
+                users = ids.into_iter().zip(found).filter_map(|(id, u)| Some((UserId::new(id), u?))).collect();
+            }
+        }
+        let mut by_status = BTreeMap::new();
+        for (status, (count, members, docs)) in statuses.iter().zip(groups) {
+            let calls = match mode {
+                "0" => Vec::new(),
+                "1" => members
+                    .iter()
+                    .map(|m| member_call_id(m).map(|id| render::raw(&id.get().into())).ok_or_else(|| corrupt(m)))
+                    .collect::<Result<_, _>>()?,
+                _ => docs
+                    .iter()
+                    .zip(&members)
+                    .map(|(doc, m)| {
+                        let (refs, json) = doc.as_deref().and_then(split_stored).ok_or_else(|| corrupt(m))?;
+                        let detail =
+                            |r: Option<UserId>| r.and_then(|id| users.get(&id)).map(String::as_str).unwrap_or("{}");
+                        let spliced = render::splice_details(json, [detail(refs[0]), detail(refs[1]), detail(refs[2])]);
+                        RawValue::from_string(spliced)
+                            .map_err(|e| ReadModelError::Corrupt { key: m.clone(), detail: e.to_string() })
+                    })
+                    .collect::<Result<_, _>>()?,
+            };
+            by_status.insert(status.key, GroupCalls { total: count, calls });
+        }
+        Ok(Some(render::assemble(statuses, by_status, request)))
+    }
+
+    /// Queues a warm of a cold tenant unless one is already under way
+    /// (single-flight). Returns the new epoch when this call queued it.
+    pub async fn request_warm(&self, tenant: TenantId) -> Result<Option<u64>, ReadModelError> {
+        self.queue_warm(tenant, None, false).await
+    }
+
+    /// Queues a warm of `tenant` as part of `job`, even if it is warm.
+    pub async fn force_warm(&self, tenant: TenantId, job: &str) -> Result<u64, ReadModelError> {
+        Ok(self.queue_warm(tenant, Some(job), true).await?.unwrap_or(0))
+    }
+
+    async fn queue_warm(
+        &self,
+        tenant: TenantId,
+        job: Option<&str>,
+        force: bool,
+    ) -> Result<Option<u64>, ReadModelError> {
+        let mut c = self.conn().await?;
+        let job_key = self.keys.job(job.unwrap_or("-"));
+        let epoch: u64 = self
+            .request_warm
+            .key(self.keys.tenant_state())
+            .key(self.keys.epoch())
+            .key(self.keys.commands())
+            .key(job_key)
+            .arg(tenant.get())
+            .arg(job.unwrap_or("-"))
+            .arg(if force { "1" } else { "0" })
+            .invoke_async(&mut c)
+            .await?;
+        Ok((epoch > 0).then_some(epoch))
+    }
+
+    /// Creates a warm job record and returns its id.
+    pub async fn create_job(&self) -> Result<String, ReadModelError> {
+        let mut c = self.conn().await?;
+        let n: u64 = c.incr(self.keys.epoch(), 1).await?;
+        let id = format!("w{n}");
+        let now = now_ms();
+        let _: () = redis::pipe()
+            .hset_multiple(self.keys.job(&id), &[("total", "0"), ("done", "0")])
+            .hset(self.keys.job(&id), "created_ms", now)
+            .expire(self.keys.job(&id), 7 * 24 * 3600)
+            .query_async(&mut c)
+            .await?;
+        Ok(id)
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Option<JobStatus>, ReadModelError> {
+        if !id.starts_with('w') || !id[1..].bytes().all(|b| b.is_ascii_digit()) || id.len() < 2 {
+            return Ok(None);
+        }
+        let mut c = self.conn().await?;
+        let h: HashMap<String, i64> = c.hgetall(self.keys.job(id)).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        let total = h.get("total").copied().unwrap_or(0).max(0) as u64;
+        let done = h.get("done").copied().unwrap_or(0).max(0) as u64;
+        Ok(Some(JobStatus {
+            job_id: id.to_string(),
+            state: if done >= total { "done" } else { "running" },
+            total,
+            done,
+            created_ms: h.get("created_ms").copied().unwrap_or(0),
+        }))
+    }
+
+    /// Marks `tenant` cold at once (reads go live from now on) and queues
+    /// the removal of its calls for the projector.
+    pub async fn invalidate(&self, tenant: TenantId) -> Result<(), ReadModelError> {
+        let mut c = self.conn().await?;
+        let _: () = redis::pipe()
+            .atomic()
+            .hdel(self.keys.tenant_state(), tenant.get())
+            .rpush(self.keys.commands(), format!("purge {}", tenant.get()))
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks every tenant cold and queues their removal.
+    pub async fn invalidate_all(&self) -> Result<Vec<TenantId>, ReadModelError> {
+        let tenants: Vec<TenantId> = self.tenant_states().await?.into_keys().collect();
+        for t in &tenants {
+            self.invalidate(*t).await?;
+        }
+        Ok(tenants)
+    }
+
+    /// Calls held for `tenant`.
+    pub async fn tenant_calls(&self, tenant: TenantId) -> Result<u64, ReadModelError> {
+        let mut c = self.conn().await?;
+        Ok(c.hlen(self.keys.idx(tenant)).await?)
+    }
+
+    pub async fn tenant_last_event_ms(&self, tenant: TenantId) -> Result<Option<i64>, ReadModelError> {
+        let mut c = self.conn().await?;
+        Ok(c.hget(self.keys.meta(tenant), "last_event_ms").await?)
+    }
+
+    pub async fn progress(&self) -> Result<Progress, ReadModelError> {
+        let mut c = self.conn().await?;
+        let (h, owner): (HashMap<String, i64>, Option<String>) =
+            redis::pipe().hgetall(self.keys.progress()).get(self.keys.lease()).query_async(&mut c).await?;
+        Ok(Progress {
+            heartbeat_ms: h.get("heartbeat_ms").copied(),
+            last_event_ms: h.get("last_event_ms").copied(),
+            lag_ms: h.get("lag_ms").copied(),
+            events_applied: h.get("events_applied").copied().unwrap_or(0).max(0) as u64,
+            owner,
+        })
+    }
+}
+
+fn corrupt(member: &str) -> ReadModelError {
+    ReadModelError::Corrupt { key: member.to_string(), detail: "missing or malformed call".into() }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

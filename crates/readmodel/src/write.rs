@@ -1,0 +1,2 @@
+//! The write side: operations the projector plans, applied atomically per
+//! tenant.
