@@ -20,6 +20,7 @@ pub const SECRET: &str = "test-secret-0123456789abcdef-0123456789";
 /// A running API with its own servers and database.
 pub struct TestApp {
     pub address: String,
+    projector: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
     pub client: reqwest::Client,
     pub db: mongodb::Database,
     pub keys: JwtKeys,
@@ -53,6 +54,7 @@ pub async fn spawn_app() -> TestApp {
     let db = settings.mongodb.database().await.expect("mongo client");
     TestApp {
         address,
+        projector: None,
         client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client"),
         db,
         keys: JwtKeys::new(SECRET.as_bytes()),
@@ -103,7 +105,86 @@ impl TestApp {
         }
     }
 
-    pub async fn stop(self) {
+    /// Runs a projector in this process (a lease TTL short enough for
+    /// tests) until [`TestApp::stop_projector`] or [`TestApp::stop`].
+    pub fn start_projector(&mut self) {
+        let db = self.db.clone();
+        let pool = self.settings.redis.pool().expect("redis pool");
+        let keys = callboard_readmodel::Keys::new(&self.settings.redis.key_prefix);
+        let fields = self.settings.query.user_fields().expect("user fields");
+        let config = callboard_projector::ProjectorConfig {
+            lease_ttl: Duration::from_secs(3),
+            batch_wait: Duration::from_millis(50),
+            ..Default::default()
+        };
+        let projector = callboard_projector::Projector::new(db, pool, keys, fields, config);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = projector
+                .run(async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        self.projector = Some((tx, task));
+    }
+
+    pub async fn stop_projector(&mut self) {
+        if let Some((tx, task)) = self.projector.take() {
+            let _ = tx.send(());
+            let _ = task.await;
+        }
+    }
+
+    /// POSTs and returns (X-Cache, body).
+    pub async fn grouped_as(&self, token: &str, fields: &[(&str, &str)], no_cache: bool) -> (String, Value) {
+        let mut form = reqwest::multipart::Form::new();
+        for (k, v) in fields {
+            form = form.text(k.to_string(), v.to_string());
+        }
+        let mut req = self.client.post(self.grouped_url()).bearer_auth(token).multipart(form);
+        if no_cache {
+            req = req.header("Cache-Control", "no-cache");
+        }
+        let response = req.send().await.expect("request sent");
+        let status = response.status();
+        let cache = response.headers().get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let body = response.text().await.expect("body");
+        assert_eq!(status, 200, "unexpected status; body: {body}");
+        (cache, serde_json::from_str(&body).expect("JSON body"))
+    }
+
+    /// The live answer (admin token, `Cache-Control: no-cache`).
+    pub async fn live(&self, tenant: i64, fields: &[(&str, &str)]) -> Value {
+        let (cache, body) = self.grouped_as(&self.admin_token(tenant), fields, true).await;
+        assert_eq!(cache, "miss", "no-cache must answer live");
+        body
+    }
+
+    /// Polls until `tenant`'s cached answer is a hit equal to the live one
+    /// for `fields`, or `timeout` passes; returns the last (hit?, cached,
+    /// live) seen.
+    pub async fn wait_for_projection(
+        &self,
+        tenant: i64,
+        fields: &[(&str, &str)],
+        timeout: Duration,
+    ) -> (bool, Value, Value) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let token = self.token(tenant);
+        loop {
+            let live = self.live(tenant, fields).await;
+            let (cache, cached) = self.grouped_as(&token, fields, false).await;
+            let same = serde_json::to_string(&cached).ok() == serde_json::to_string(&live).ok();
+            if (cache == "hit" && same) || tokio::time::Instant::now() >= deadline {
+                return (cache == "hit", cached, live);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.stop_projector().await;
         self.handle.stop(false).await;
         if self.services.mongo.is_external() {
             let _ = self.db.drop().await;

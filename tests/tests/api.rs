@@ -363,13 +363,13 @@ async fn a_tenant_sees_only_its_own_data_whatever_it_sends() {
 }
 
 #[tokio::test]
-async fn health_and_readiness() {
+async fn health_and_readiness_without_a_projector() {
     let app = spawn_app().await;
     let r = app.client.get(format!("{}/healthz", app.address)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let r = app.client.get(format!("{}/readyz", app.address)).send().await.unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 503, "no projector runs, so not ready");
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["checks"]["mongodb"], true);
+    assert_eq!(body["checks"], json!({"mongodb": true, "redis": true, "projector": false}));
     app.stop().await;
 }

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod metrics;
 pub mod params;
 mod routes;
 mod state;
@@ -17,13 +18,15 @@ use std::net::TcpListener;
 use actix_web::body::MessageBody;
 use actix_web::dev::{Server, ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::{web, App, HttpServer};
+use callboard_readmodel::{Keys, ReadModel};
 use callboard_settings::{Settings, SettingsError};
 use callboard_store::LiveQuery;
 use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder, TracingLogger};
 
 pub use auth::{Caller, JwtKeys, Role};
+pub use metrics::Metrics;
 pub use params::ParamLimits;
-pub use state::AppState;
+pub use state::{AppState, CacheOutcome};
 
 pub const GROUPED_PATH: &str = "/crm/calls/get-grouped-by-status";
 
@@ -38,8 +41,9 @@ pub struct AppParts {
 impl AppParts {
     pub async fn from_settings(settings: &Settings) -> Result<Self, SettingsError> {
         let db = settings.mongodb.database().await?;
+        let cache = ReadModel::new(settings.redis.pool()?, Keys::new(&settings.redis.key_prefix));
         Ok(Self {
-            state: AppState { live: LiveQuery::new(db, settings.query.user_fields()?) },
+            state: AppState { live: LiveQuery::new(db, settings.query.user_fields()?), cache, metrics: Metrics::new() },
             keys: JwtKeys::new(settings.jwt_secret()?.expose().as_bytes()),
             limits: ParamLimits {
                 max_body_bytes: settings.http.max_body_bytes,
@@ -79,14 +83,20 @@ pub fn create_app(
         .app_data(web::Data::new(parts.state))
         .app_data(web::Data::new(parts.keys))
         .app_data(web::Data::new(parts.limits))
-        .service(
-            web::resource(GROUPED_PATH)
-                .route(web::post().to(routes::grouped::get_grouped_by_status))
-                .default_service(web::to(error::method_not_allowed)),
-        )
-        .route("/healthz", web::get().to(routes::health::healthz))
-        .route("/readyz", web::get().to(routes::health::readyz))
+        .service(route(GROUPED_PATH, web::post().to(routes::grouped::get_grouped_by_status)))
+        .service(route("/healthz", web::get().to(routes::health::healthz)))
+        .service(route("/readyz", web::get().to(routes::health::readyz)))
+        .service(route("/metrics", web::get().to(routes::health::metrics)))
+        .service(route("/admin/cache/warm", web::post().to(routes::admin::warm)))
+        .service(route("/admin/cache/warm/{job_id}", web::get().to(routes::admin::warm_job)))
+        .service(route("/admin/cache/status", web::get().to(routes::admin::status)))
+        .service(route("/admin/cache/invalidate", web::post().to(routes::admin::invalidate)))
         .default_service(web::to(error::not_found))
+}
+
+/// A path served by one method; other methods get a 405 in the envelope.
+fn route(path: &str, handler: actix_web::Route) -> actix_web::Resource {
+    web::resource(path).route(handler).default_service(web::to(error::method_not_allowed))
 }
 
 /// The API bound to its port, ready to run.

@@ -51,7 +51,7 @@ fn too_large(max: usize) -> ApiError {
     ApiError::new(ErrorCode::PayloadTooLarge, format!("the request body is larger than {max} bytes"))
 }
 
-async fn read_body(req: &HttpRequest, mut payload: Payload, max: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(req: &HttpRequest, mut payload: Payload, max: usize) -> Result<Bytes, ApiError> {
     let declared =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > max) {

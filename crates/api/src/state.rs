@@ -1,7 +1,64 @@
+use std::time::Instant;
+
+use callboard_domain::{GroupedRequest, GroupedResponse, TenantId};
+use callboard_readmodel::ReadModel;
 use callboard_store::LiveQuery;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
 
 /// What handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub live: LiveQuery,
+    pub cache: ReadModel,
+    pub metrics: Metrics,
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    Miss,
+}
+
+impl CacheOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+        }
+    }
+}
+
+impl AppState {
+    /// The grouped response: from Redis when the tenant is warm; otherwise
+    /// live from MongoDB, after queueing a warm of the tenant (once, however
+    /// many requests see it cold). `bypass_cache` forces the live answer.
+    /// A Redis failure degrades to the live answer rather than an error.
+    pub async fn grouped(
+        &self,
+        tenant: TenantId,
+        request: &GroupedRequest,
+        bypass_cache: bool,
+    ) -> Result<(GroupedResponse, CacheOutcome), ApiError> {
+        let started = Instant::now();
+        if !bypass_cache {
+            match self.cache.grouped(tenant, request).await {
+                Ok(Some(response)) => {
+                    self.metrics.observe_grouped(CacheOutcome::Hit, started.elapsed());
+                    return Ok((response, CacheOutcome::Hit));
+                }
+                Ok(None) => match self.cache.request_warm(tenant).await {
+                    Ok(Some(epoch)) => tracing::info!(tenant = %tenant, epoch, "tenant cold: warm queued"),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not queue a warm"),
+                },
+                Err(e) => tracing::warn!(error = %e, "read model unavailable; answering live"),
+            }
+        }
+        let response = self.live.grouped(tenant, request).await?;
+        self.metrics.observe_grouped(CacheOutcome::Miss, started.elapsed());
+        Ok((response, CacheOutcome::Miss))
+    }
 }

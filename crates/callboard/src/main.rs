@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use callboard_api::{Application, JwtKeys};
 use callboard_domain::TenantId;
+use callboard_projector::{Projector, ProjectorConfig};
+use callboard_readmodel::Keys;
 use callboard_settings::{LogFormat, Settings};
 use callboard_store::{indexes, seed};
 use clap::{Parser, Subcommand};
@@ -26,6 +28,10 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API.
     Serve,
+    /// Run the projector: follow MongoDB's change streams into Redis.
+    Project,
+    /// Serve the API and run the projector in one process.
+    Run,
     /// Create the indexes of the specification (idempotent).
     CreateIndexes,
     /// Generate deterministic demo or benchmark data.
@@ -76,6 +82,8 @@ fn main() -> anyhow::Result<()> {
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Serve => serve(settings).await,
+        Command::Project => project(settings).await,
+        Command::Run => run_both(settings).await,
         Command::CreateIndexes => create_indexes(settings).await,
         Command::Seed { tenants, calls, users, statuses, seed, drop } => {
             seed_data(settings, seed::SeedPlan { tenants, calls, users, statuses, seed }, drop).await
@@ -98,6 +106,53 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     handle.stop(true).await;
     server.await.context("API task")??;
+    Ok(())
+}
+
+fn projector(settings: &Settings, db: mongodb::Database) -> anyhow::Result<Projector> {
+    let config = ProjectorConfig {
+        batch_max: settings.projector.batch_max,
+        lease_ttl: Duration::from_millis(settings.projector.lease_ttl_ms),
+        ..ProjectorConfig::default()
+    };
+    Ok(Projector::new(
+        db,
+        settings.redis.pool()?,
+        Keys::new(&settings.redis.key_prefix),
+        settings.query.user_fields()?,
+        config,
+    ))
+}
+
+async fn project(settings: Settings) -> anyhow::Result<()> {
+    let db = settings.mongodb.database().await?;
+    let projector = projector(&settings, db)?;
+    projector.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// API and projector in one process: both stop on the first signal; if
+/// either ends on its own, the other is stopped and the reason reported.
+async fn run_both(settings: Settings) -> anyhow::Result<()> {
+    let app = Application::build(&settings).await?;
+    tracing::info!(addr = %settings.http.addr, port = app.port(), "API listening");
+    let handle = app.handle();
+    let projector = projector(&settings, settings.mongodb.database().await?)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut projector_stop = stop_rx.clone();
+    let projector_task = tokio::spawn(projector.run(async move {
+        let _ = projector_stop.wait_for(|s| *s).await;
+    }));
+    let api_task = tokio::spawn(app.run_until_stopped());
+    tokio::pin!(projector_task, api_task);
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+        r = &mut api_task => tracing::error!(outcome = ?r, "API stopped on its own"),
+        r = &mut projector_task => tracing::error!(outcome = ?r, "projector stopped on its own"),
+    }
+    let _ = stop_tx.send(true);
+    handle.stop(true).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), projector_task).await;
     Ok(())
 }
 

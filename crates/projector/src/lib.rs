@@ -1,1 +1,371 @@
-//! The projector (work in progress).
+//! The projector: follows MongoDB change streams on `calls`, `users` and
+//! `call_status` and keeps the Redis read model current.
+//!
+//! source ([`source`]: change stream, resume token) -> transform
+//! ([`transform`]: pure, event + state -> operations) -> sink
+//! (`callboard_readmodel::write`: one atomic write per tenant per batch),
+//! with [`checkpoint`], [`warm`] and [`lease`] around them. Only the
+//! projector holding the lease writes; the others wait to take over.
+
+pub mod checkpoint;
+pub mod lease;
+pub mod source;
+pub mod transform;
+pub mod warm;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use callboard_domain::render::UserFields;
+use callboard_domain::TenantId;
+use callboard_readmodel::write::Writer;
+use callboard_readmodel::{Keys, ReadModelError, TenantState};
+use mongodb::Database;
+use redis::AsyncCommands;
+use tracing::{info, info_span, warn, Instrument};
+
+use checkpoint::{now_ms, BatchStats, Checkpoint};
+use lease::{Keeper, Lease};
+use source::{Source, StartAt};
+use transform::Change;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error("MongoDB: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    #[error(transparent)]
+    ReadModel(#[from] ReadModelError),
+    #[error("lost the lease to another projector")]
+    LeaseLost,
+}
+
+impl From<deadpool_redis::PoolError> for ProjectorError {
+    fn from(e: deadpool_redis::PoolError) -> Self {
+        ProjectorError::ReadModel(e.into())
+    }
+}
+
+impl From<redis::RedisError> for ProjectorError {
+    fn from(e: redis::RedisError) -> Self {
+        ProjectorError::ReadModel(e.into())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProjectorConfig {
+    /// Events per batch at most.
+    pub batch_max: usize,
+    /// How long to wait for a batch's first event.
+    pub batch_wait: Duration,
+    pub lease_ttl: Duration,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        Self { batch_max: 1000, batch_wait: Duration::from_millis(200), lease_ttl: Duration::from_secs(6) }
+    }
+}
+
+pub struct Projector {
+    db: Database,
+    pool: deadpool_redis::Pool,
+    keys: Keys,
+    writer: Writer,
+    checkpoint: Checkpoint,
+    fields: UserFields,
+    config: ProjectorConfig,
+    id: String,
+}
+
+/// A warm whose snapshot is loaded, waiting for the stream to catch up.
+struct PendingWarm {
+    epoch: u64,
+    job: Option<String>,
+    /// Events committed after this (ms) were not in the snapshot for sure.
+    snapshot_started_ms: i64,
+}
+
+impl Projector {
+    pub fn new(
+        db: Database,
+        pool: deadpool_redis::Pool,
+        keys: Keys,
+        fields: UserFields,
+        config: ProjectorConfig,
+    ) -> Self {
+        let id = format!("{}-{}-{:08x}", hostname(), std::process::id(), rand::random::<u32>());
+        Self {
+            writer: Writer::new(pool.clone(), keys.clone()),
+            checkpoint: Checkpoint::new(pool.clone(), keys.clone()),
+            db,
+            pool,
+            keys,
+            fields,
+            config,
+            id,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Runs until `shutdown` completes: waits for the lease, leads while it
+    /// holds it, and goes back to waiting if it loses it or fails.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ProjectorError> {
+        tokio::pin!(shutdown);
+        let mut lease = Lease::new(self.pool.clone(), &self.keys, self.id.clone(), self.config.lease_ttl);
+        info!(projector = %self.id, "projector started; waiting for the lease");
+        loop {
+            match lease.acquire().await {
+                Ok(true) => {
+                    info!(projector = %self.id, "lease acquired; leading");
+                    let outcome = tokio::select! {
+                        r = self.lead(&mut lease) => r,
+                        _ = &mut shutdown => {
+                            // The batch in flight is dropped before its
+                            // checkpoint; the next leader replays it.
+                            let _ = lease.release().await;
+                            info!("projector stopped");
+                            return Ok(());
+                        }
+                    };
+                    match outcome {
+                        Ok(()) => {}
+                        Err(ProjectorError::LeaseLost) => warn!("lease lost; standing by"),
+                        Err(e) => {
+                            warn!(error = %e, "projector failed; retrying");
+                            let _ = lease.release().await;
+                        }
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "cannot reach Redis for the lease"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = &mut shutdown => { info!("projector stopped"); return Ok(()); }
+            }
+        }
+    }
+
+    /// Leads: opens the stream at the checkpoint (bootstrapping when there
+    /// is none, or when MongoDB no longer has it) and applies batches.
+    async fn lead(&self, lease: &mut Lease) -> Result<(), ProjectorError> {
+        let (keeper, renewer) = lease.keep_alive();
+        let result = self.lead_with(&keeper, &lease.id).await;
+        renewer.abort();
+        result
+    }
+
+    async fn lead_with(&self, keeper: &Keeper, owner: &str) -> Result<(), ProjectorError> {
+        let mut source = self.open_source().await?;
+        let mut pending: HashMap<TenantId, PendingWarm> = HashMap::new();
+        let mut last_beat = Instant::now();
+        loop {
+            if !keeper.is_safe() {
+                return Err(ProjectorError::LeaseLost);
+            }
+            if last_beat.elapsed() >= Duration::from_secs(1) {
+                self.checkpoint.heartbeat(&[]).await?;
+                last_beat = Instant::now();
+            }
+            self.run_commands(&mut pending, keeper).await?;
+            let events = match source.next_batch(self.config.batch_max, self.config.batch_wait).await {
+                Ok(events) => events,
+                Err(e) if source::is_history_lost(&e) => {
+                    source = self.recover_history_lost(&e).await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if events.is_empty() {
+                // Caught up: every snapshot loaded so far is complete.
+                for (tenant, warm) in pending.drain() {
+                    self.finish_warm(tenant, warm).await?;
+                }
+                continue;
+            }
+            let span = info_span!(
+                "projector_batch",
+                events = events.len(),
+                tenants = tracing::field::Empty,
+                lag_ms = tracing::field::Empty
+            );
+            if !keeper.is_safe() {
+                return Err(ProjectorError::LeaseLost);
+            }
+            let reset = self.apply_batch(&events, owner).instrument(span).await?;
+            let newest_ms = events.iter().filter_map(transform::event_ms).max().unwrap_or(0);
+            let caught_up: Vec<TenantId> =
+                pending.iter().filter(|(_, w)| newest_ms > w.snapshot_started_ms + 1000).map(|(t, _)| *t).collect();
+            for tenant in caught_up {
+                if let Some(warm) = pending.remove(&tenant) {
+                    self.finish_warm(tenant, warm).await?;
+                }
+            }
+            if let Some(token) = reset {
+                warn!("a watched collection was dropped or renamed; rebuilding the read model");
+                source = self.rebuild(StartAt::StartAfter(token)).await?;
+                pending.clear();
+            }
+        }
+    }
+
+    async fn open_source(&self) -> Result<Source, ProjectorError> {
+        match self.checkpoint.load().await? {
+            Some(token) => match Source::open(&self.db, StartAt::ResumeAfter(token)).await {
+                Ok(s) => Ok(s),
+                Err(e) if source::is_history_lost(&e) => self.recover_history_lost(&e).await,
+                Err(e) => Err(e.into()),
+            },
+            None => {
+                info!("no checkpoint: bootstrapping the read model");
+                self.rebuild(StartAt::Now).await
+            }
+        }
+    }
+
+    /// MongoDB no longer holds the checkpoint's history: every tenant goes
+    /// cold, the read model is rebuilt, and the tenants that were warm are
+    /// warmed again.
+    async fn recover_history_lost(&self, cause: &mongodb::error::Error) -> Result<Source, ProjectorError> {
+        warn!(error = %cause, "change stream history lost; marking every tenant cold and re-warming");
+        self.checkpoint.heartbeat(&[("history_lost_total", 1)]).await?;
+        let reader = callboard_readmodel::ReadModel::new(self.pool.clone(), self.keys.clone());
+        let warm: Vec<TenantId> =
+            reader.tenant_states().await?.into_iter().filter(|(_, s)| s.is_maintained()).map(|(t, _)| t).collect();
+        let source = self.rebuild(StartAt::Now).await?;
+        for t in &warm {
+            reader.request_warm(*t).await?;
+        }
+        info!(tenants = warm.len(), "re-warm queued");
+        Ok(source)
+    }
+
+    /// Empties the read model and reloads users and statuses, with the
+    /// stream opened first so nothing committed meanwhile is missed.
+    async fn rebuild(&self, start: StartAt) -> Result<Source, ProjectorError> {
+        self.checkpoint.clear().await?;
+        self.writer.purge_all().await?;
+        let source = Source::open(&self.db, start).await?;
+        let (users, statuses) = warm::bootstrap_globals(&self.db, &self.writer, &self.fields).await?;
+        info!(users, statuses, "users and statuses loaded");
+        Ok(source)
+    }
+
+    /// Applies one batch; returns the token after a reset event if the
+    /// batch holds one (events after it are not applied).
+    async fn apply_batch(
+        &self,
+        events: &[mongodb::change_stream::event::ChangeStreamEvent<bson::Document>],
+        owner: &str,
+    ) -> Result<Option<mongodb::change_stream::event::ResumeToken>, ProjectorError> {
+        let mut changes = Vec::with_capacity(events.len());
+        let mut applied = 0;
+        let mut reset = None;
+        for event in events {
+            match transform::change_of(event, &self.fields) {
+                Some(Change::Reset) => {
+                    reset = Some(event.id.clone());
+                    break;
+                }
+                Some(change) => changes.push(change),
+                None => {}
+            }
+            applied += 1;
+        }
+        let needs = transform::needs(&changes);
+        let mut view = self.writer.load_locators(&needs.calls, &needs.users, &needs.statuses).await?;
+        let pairs = transform::idx_needs(&changes, &view);
+        self.writer.load_idx(&mut view, &pairs).await?;
+        let last = &events[applied.max(1) - 1];
+        let event_ms = transform::event_ms(last).unwrap_or_else(now_ms);
+        let plan = transform::plan(&changes, &view, event_ms);
+        tracing::Span::current().record("tenants", plan.tenants.len());
+        self.writer.apply(&plan).await?;
+        let lag_ms = now_ms() - event_ms;
+        tracing::Span::current().record("lag_ms", lag_ms);
+        let stats = BatchStats { events: applied as u64, last_event_ms: Some(event_ms), lag_ms: Some(lag_ms) };
+        let token = reset.clone().unwrap_or_else(|| last.id.clone());
+        if !self.checkpoint.save(owner, &token, stats).await? {
+            return Err(ProjectorError::LeaseLost);
+        }
+        Ok(reset)
+    }
+
+    /// Runs queued commands: warms (a snapshot per tenant) and purges.
+    async fn run_commands(
+        &self,
+        pending: &mut HashMap<TenantId, PendingWarm>,
+        keeper: &Keeper,
+    ) -> Result<(), ProjectorError> {
+        let reader = callboard_readmodel::ReadModel::new(self.pool.clone(), self.keys.clone());
+        for _ in 0..16 {
+            let mut c = self.pool.get().await?;
+            let cmd: Option<String> = c.lpop(self.keys.commands(), None).await?;
+            drop(c);
+            let Some(cmd) = cmd else { return Ok(()) };
+            let parts: Vec<&str> = cmd.split(' ').collect();
+            match parts.as_slice() {
+                ["warm", t, epoch, job] => {
+                    let (Some(tenant), Ok(epoch)) =
+                        (t.parse().ok().and_then(|t| TenantId::new(t).ok()), epoch.parse::<u64>())
+                    else {
+                        warn!(%cmd, "malformed command");
+                        continue;
+                    };
+                    let job = (*job != "-").then(|| job.to_string());
+                    if reader.tenant_state(tenant).await? != TenantState::Warming(epoch) {
+                        // Superseded or invalidated meanwhile.
+                        self.job_done(job.as_deref()).await?;
+                        continue;
+                    }
+                    let started = now_ms();
+                    let span = info_span!("warm", tenant = %tenant, epoch, calls = tracing::field::Empty);
+                    let calls =
+                        warm::snapshot_tenant(&self.db, &self.writer, tenant, keeper).instrument(span.clone()).await?;
+                    span.record("calls", calls);
+                    info!(tenant = %tenant, calls, ms = now_ms() - started, "snapshot loaded");
+                    if let Some(previous) =
+                        pending.insert(tenant, PendingWarm { epoch, job, snapshot_started_ms: started })
+                    {
+                        self.job_done(previous.job.as_deref()).await?;
+                    }
+                }
+                ["purge", t] => {
+                    if let Some(tenant) = t.parse().ok().and_then(|t| TenantId::new(t).ok()) {
+                        if reader.tenant_state(tenant).await? == TenantState::Cold {
+                            let removed = self.writer.purge_tenant_calls(tenant).await?;
+                            pending.remove(&tenant);
+                            info!(tenant = %tenant, removed, "tenant invalidated");
+                        }
+                    }
+                }
+                _ => warn!(%cmd, "unknown command"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish_warm(&self, tenant: TenantId, warm: PendingWarm) -> Result<(), ProjectorError> {
+        if self.writer.mark_warm(tenant, warm.epoch).await? {
+            info!(tenant = %tenant, epoch = warm.epoch, "tenant warm");
+            self.checkpoint.heartbeat(&[("warms_total", 1)]).await?;
+        }
+        self.job_done(warm.job.as_deref()).await
+    }
+
+    async fn job_done(&self, job: Option<&str>) -> Result<(), ProjectorError> {
+        if let Some(job) = job {
+            let mut c = self.pool.get().await?;
+            let _: i64 = c.hincr(self.keys.job(job), "done", 1).await?;
+        }
+        Ok(())
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into())
+}

@@ -100,11 +100,22 @@ pub fn split_stored(stored: &str) -> Option<([Option<UserId>; 3], &str)> {
     Some((out, json))
 }
 
-/// A user's cached JSON (allowlisted fields only) and id, or `None` when
-/// the document has no integer id.
+/// A user as cached: its id, and `<tenant>|<allowlisted JSON>` where the
+/// tenant is empty for a user of no tenant. `None` when the document has no
+/// integer id or an unusable `tenant_id` (such a user is shown to nobody).
 pub fn user_entry(user: &Document, fields: &UserFields) -> Option<(UserId, String)> {
     let id = UserId::from_bson(user.get("id")?)?;
-    Some((id, serde_json::to_string(&fields.project(user)).ok()?))
+    let tenant = match user.get("tenant_id") {
+        None | Some(bson::Bson::Null) => String::new(),
+        Some(t) => TenantId::new(CallId::from_bson(t)?.get()).ok()?.get().to_string(),
+    };
+    Some((id, format!("{tenant}|{}", serde_json::to_string(&fields.project(user)).ok()?)))
+}
+
+/// A cached user's JSON if `tenant` may see it.
+pub fn user_json_for(stored: &str, tenant: TenantId) -> Option<&str> {
+    let (owner, json) = stored.split_once('|')?;
+    (owner.is_empty() || owner.parse::<i64>().ok() == Some(tenant.get())).then_some(json)
 }
 
 #[cfg(test)]

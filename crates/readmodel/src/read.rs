@@ -6,7 +6,7 @@ use deadpool_redis::Pool;
 use redis::{AsyncCommands, Script};
 use serde_json::value::RawValue;
 
-use crate::codec::{member_call_id, split_stored};
+use crate::codec::{member_call_id, split_stored, user_json_for};
 use crate::{Keys, ReadModelError};
 
 /// Whether a tenant's calls are in Redis.
@@ -193,7 +193,11 @@ impl ReadModel {
                 let ids: Vec<i64> = ids.into_iter().map(UserId::get).collect();
                 let found: Vec<Option<String>> =
                     redis::cmd("HMGET").arg(self.keys.users()).arg(&ids).query_async(&mut c).await?;
-                users = ids.into_iter().zip(found).filter_map(|(id, u)| Some((UserId::new(id), u?))).collect();
+                users = ids
+                    .into_iter()
+                    .zip(found)
+                    .filter_map(|(id, u)| Some((UserId::new(id), user_json_for(&u?, tenant)?.to_string())))
+                    .collect();
             }
         }
         let mut by_status = BTreeMap::new();
@@ -334,6 +338,19 @@ impl ReadModel {
             events_applied: h.get("events_applied").copied().unwrap_or(0).max(0) as u64,
             owner,
         })
+    }
+}
+
+impl ReadModel {
+    /// (warms_total, history_lost_total) as the projectors counted them.
+    pub async fn progress_counters(&self) -> Result<(i64, i64), ReadModelError> {
+        let mut c = self.conn().await?;
+        let (w, h): (Option<i64>, Option<i64>) = redis::pipe()
+            .hget(self.keys.progress(), "warms_total")
+            .hget(self.keys.progress(), "history_lost_total")
+            .query_async(&mut c)
+            .await?;
+        Ok((w.unwrap_or(0), h.unwrap_or(0)))
     }
 }
 

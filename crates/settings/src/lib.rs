@@ -86,8 +86,16 @@ pub struct Settings {
     pub mongodb: MongoSettings,
     pub redis: RedisSettings,
     pub auth: AuthSettings,
+    pub projector: ProjectorSettings,
     pub query: QuerySettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectorSettings {
+    pub batch_max: usize,
+    pub lease_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +112,7 @@ pub struct MongoSettings {
     /// May carry credentials, hence a secret.
     pub uri: Secret,
     pub db: String,
+    pub server_selection_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -210,6 +219,12 @@ impl Settings {
         if let Some(secret) = &self.auth.jwt_secret {
             check_jwt_secret(secret)?;
         }
+        if self.projector.batch_max == 0 {
+            return Err(invalid("projector.batch_max", "must be positive"));
+        }
+        if self.projector.lease_ttl_ms < 1000 {
+            return Err(invalid("projector.lease_ttl_ms", "must be at least 1000"));
+        }
         self.query.max_limit()?;
         self.query.default_limit()?;
         self.query.user_fields()?;
@@ -264,6 +279,9 @@ impl MongoSettings {
             .await
             .map_err(|e| invalid("mongodb.uri", e.to_string()))?;
         options.app_name.get_or_insert_with(|| "callboard".into());
+        let timeout = std::time::Duration::from_millis(self.server_selection_timeout_ms);
+        options.server_selection_timeout = Some(timeout);
+        options.connect_timeout.get_or_insert(timeout);
         mongodb::Client::with_options(options).map_err(|e| invalid("mongodb.uri", e.to_string()))
     }
 

@@ -98,6 +98,18 @@ impl LiveQuery {
         Ok(render::assemble(statuses, groups, request))
     }
 
+    /// Every tenant that has calls.
+    pub async fn tenants(&self) -> Result<Vec<TenantId>, StoreError> {
+        let values = self.db.collection::<Document>(CALLS).distinct("tenant_id", doc! {}).max_time(MAX_TIME).await?;
+        let mut tenants: Vec<TenantId> = values
+            .iter()
+            .filter_map(|v| callboard_domain::CallId::from_bson(v).and_then(|t| TenantId::new(t.get()).ok()))
+            .collect();
+        tenants.sort();
+        tenants.dedup();
+        Ok(tenants)
+    }
+
     /// The live statuses `tenant` sees: its own and the global ones.
     async fn statuses(&self, tenant: TenantId) -> Result<Vec<Status>, StoreError> {
         // `{$in: [T, null]}` matches the tenant's, null and missing

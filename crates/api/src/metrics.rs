@@ -1,0 +1,89 @@
+//! Prometheus metrics. Request latency is measured here; the projector's
+//! figures are read from Redis at scrape time, so any API process reports
+//! them whichever process runs the projector.
+
+use std::time::Duration;
+
+use callboard_readmodel::ReadModel;
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::state::CacheOutcome;
+
+/// Every metric name, in one place.
+pub mod names {
+    pub const GROUPED_SECONDS: &str = "callboard_grouped_request_duration_seconds";
+    pub const EVENTS_APPLIED: &str = "callboard_projector_events_applied";
+    pub const LAG_MS: &str = "callboard_projection_lag_ms";
+    pub const WARMS: &str = "callboard_warms_run";
+    pub const HISTORY_LOST: &str = "callboard_history_lost";
+    pub const TENANTS: &str = "callboard_tenants";
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    grouped: HistogramVec,
+    events_applied: IntGauge,
+    lag_ms: IntGauge,
+    warms: IntGauge,
+    history_lost: IntGauge,
+    tenants: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let buckets = vec![0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+        let grouped = HistogramVec::new(
+            HistogramOpts::new(names::GROUPED_SECONDS, "get-grouped-by-status latency, by cache outcome")
+                .buckets(buckets),
+            &["cache"],
+        )
+        .expect("valid histogram");
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid gauge");
+        let events_applied = gauge(names::EVENTS_APPLIED, "change events applied by the projectors (total)");
+        let lag_ms = gauge(names::LAG_MS, "commit-to-apply lag of the last applied batch, ms");
+        let warms = gauge(names::WARMS, "tenant warms completed (total)");
+        let history_lost = gauge(names::HISTORY_LOST, "times the change stream history was lost (total)");
+        let tenants =
+            IntGaugeVec::new(Opts::new(names::TENANTS, "tenants by read-model state"), &["state"]).expect("valid");
+        for c in [&events_applied, &lag_ms, &warms, &history_lost] {
+            registry.register(Box::new(c.clone())).expect("unique metric");
+        }
+        registry.register(Box::new(grouped.clone())).expect("unique metric");
+        registry.register(Box::new(tenants.clone())).expect("unique metric");
+        Self { registry, grouped, events_applied, lag_ms, warms, history_lost, tenants }
+    }
+
+    pub fn observe_grouped(&self, outcome: CacheOutcome, elapsed: Duration) {
+        self.grouped.with_label_values(&[outcome.as_str()]).observe(elapsed.as_secs_f64());
+    }
+
+    /// The text exposition, with the projector's figures refreshed.
+    pub async fn render(&self, cache: &ReadModel) -> String {
+        if let Ok(p) = cache.progress().await {
+            self.events_applied.set(p.events_applied as i64);
+            self.lag_ms.set(p.lag_ms.unwrap_or(0));
+        }
+        if let Ok((warms, lost)) = cache.progress_counters().await {
+            self.warms.set(warms);
+            self.history_lost.set(lost);
+        }
+        if let Ok(states) = cache.tenant_states().await {
+            for state in ["warming", "warm"] {
+                self.tenants
+                    .with_label_values(&[state])
+                    .set(states.values().filter(|s| s.name() == state).count() as i64);
+            }
+        }
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,145 @@
+//! Operators' endpoints; every one needs a token with `role: "admin"`.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use actix_web::dev::Payload;
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use callboard_domain::TenantId;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ErrorCode};
+use crate::params::read_body;
+use crate::state::AppState;
+
+/// Proof that the caller holds an admin token.
+pub struct Admin;
+
+impl FromRequest for Admin {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let caller = Caller::from_request(req, payload);
+        Box::pin(async move {
+            let caller = caller.await?;
+            if !caller.is_admin() {
+                return Err(ApiError::new(ErrorCode::Forbidden, "this endpoint needs an admin token"));
+            }
+            tracing::info!(tenant = %caller.tenant, "admin request");
+            Ok(Admin)
+        })
+    }
+}
+
+/// `{"tenant_id": 6}` or `{"all": true}`.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    Tenant(TenantId),
+    All,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetBody {
+    tenant_id: Option<i64>,
+    all: Option<bool>,
+}
+
+impl FromRequest for Target {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let payload = payload.take();
+        Box::pin(async move {
+            let body = read_body(&req, payload, 4096).await?;
+            let parsed: TargetBody = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::new(
+                    ErrorCode::InvalidParameter,
+                    format!("expected {{\"tenant_id\": N}} or {{\"all\": true}}: {e}"),
+                )
+            })?;
+            match (parsed.tenant_id, parsed.all) {
+                (Some(t), None | Some(false)) => TenantId::new(t)
+                    .map(Target::Tenant)
+                    .map_err(|e| ApiError::new(ErrorCode::InvalidParameter, e.to_string())),
+                (None, Some(true)) => Ok(Target::All),
+                _ => Err(ApiError::new(ErrorCode::InvalidParameter, "give exactly one of tenant_id or \"all\": true")),
+            }
+        })
+    }
+}
+
+/// `POST /admin/cache/warm`: 202 with a job id to follow.
+pub async fn warm(_: Admin, target: Target, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let tenants = match target {
+        Target::Tenant(t) => vec![t],
+        Target::All => state.live.tenants().await?,
+    };
+    let job = state.cache.create_job().await.map_err(cache_error)?;
+    for t in &tenants {
+        state.cache.force_warm(*t, &job).await.map_err(cache_error)?;
+    }
+    Ok(HttpResponse::Accepted().json(json!({"job_id": job, "tenants": tenants.len()})))
+}
+
+/// `GET /admin/cache/warm/{job_id}`
+pub async fn warm_job(_: Admin, path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    match state.cache.job(&path).await.map_err(cache_error)? {
+        Some(job) => Ok(HttpResponse::Ok().json(job)),
+        None => Err(ApiError::new(ErrorCode::NotFound, format!("no warm job {}", path.as_str()))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusQuery {
+    tenant_id: Option<i64>,
+}
+
+/// `GET /admin/cache/status[?tenant_id=N]`
+pub async fn status(
+    _: Admin,
+    query: web::Query<StatusQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let states = state.cache.tenant_states().await.map_err(cache_error)?;
+    let tenants: Vec<TenantId> = match query.tenant_id {
+        Some(t) => vec![TenantId::new(t).map_err(|e| ApiError::new(ErrorCode::InvalidParameter, e.to_string()))?],
+        None => states.keys().copied().collect(),
+    };
+    let progress = state.cache.progress().await.map_err(cache_error)?;
+    let mut rows = Vec::with_capacity(tenants.len());
+    for t in tenants {
+        let s = states.get(&t).copied().unwrap_or(callboard_readmodel::TenantState::Cold);
+        rows.push(json!({
+            "tenant_id": t.get(),
+            "state": s.name(),
+            "calls": state.cache.tenant_calls(t).await.map_err(cache_error)?,
+            "last_event_ms": state.cache.tenant_last_event_ms(t).await.map_err(cache_error)?,
+            "lag_ms": progress.lag_ms,
+        }));
+    }
+    Ok(HttpResponse::Ok().json(json!({"tenants": rows, "projector": progress})))
+}
+
+/// `POST /admin/cache/invalidate`
+pub async fn invalidate(_: Admin, target: Target, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let tenants = match target {
+        Target::Tenant(t) => {
+            state.cache.invalidate(t).await.map_err(cache_error)?;
+            vec![t]
+        }
+        Target::All => state.cache.invalidate_all().await.map_err(cache_error)?,
+    };
+    Ok(HttpResponse::Ok().json(json!({"invalidated": tenants.iter().map(|t| t.get()).collect::<Vec<_>>()})))
+}
+
+fn cache_error(e: callboard_readmodel::ReadModelError) -> ApiError {
+    tracing::warn!(error = %e, "read model unavailable");
+    ApiError::new(ErrorCode::CacheUnavailable, "the cache is unavailable; try again shortly")
+}

@@ -1,0 +1,131 @@
+//! One active projector: a lease in Redis (`SET NX PX`), renewed well
+//! before it expires. A projector applies a batch only while its lease has
+//! more than [`Lease::margin`] left, and a batch is bounded in time, so two
+//! projectors never apply at once; if one dies, another takes over after
+//! the TTL, from the checkpoint.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::Script;
+
+use callboard_readmodel::{Keys, ReadModelError};
+
+pub struct Lease {
+    pool: deadpool_redis::Pool,
+    key: String,
+    pub id: String,
+    ttl: Duration,
+    valid_until: Option<Instant>,
+}
+
+impl Lease {
+    pub fn new(pool: deadpool_redis::Pool, keys: &Keys, id: String, ttl: Duration) -> Self {
+        Self { pool, key: keys.lease(), id, ttl, valid_until: None }
+    }
+
+    /// Time that must be left on the lease to start a batch.
+    pub fn margin(&self) -> Duration {
+        self.ttl / 2
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Takes the lease if it is free (or already ours).
+    pub async fn acquire(&mut self) -> Result<bool, ReadModelError> {
+        let started = Instant::now();
+        let mut c = self.pool.get().await?;
+        let got: i64 = Script::new(
+            r#"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+               if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+               return 0"#,
+        )
+        .key(&self.key)
+        .arg(&self.id)
+        .arg(self.ttl.as_millis() as u64)
+        .invoke_async(&mut c)
+        .await?;
+        self.valid_until = (got == 1).then(|| started + self.ttl);
+        Ok(got == 1)
+    }
+
+    /// Extends the lease; `false` when another projector holds it now.
+    pub async fn renew(&mut self) -> Result<bool, ReadModelError> {
+        let started = Instant::now();
+        let mut c = self.pool.get().await?;
+        let ok: i64 = Script::new(
+            r#"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+               return 0"#,
+        )
+        .key(&self.key)
+        .arg(&self.id)
+        .arg(self.ttl.as_millis() as u64)
+        .invoke_async(&mut c)
+        .await?;
+        self.valid_until = (ok == 1).then(|| started + self.ttl);
+        Ok(ok == 1)
+    }
+
+    /// Whether enough of the lease is left to start work.
+    pub fn is_safe(&self) -> bool {
+        self.valid_until.is_some_and(|u| u.saturating_duration_since(Instant::now()) > self.margin())
+    }
+
+    pub async fn release(&mut self) -> Result<(), ReadModelError> {
+        let mut c = self.pool.get().await?;
+        let _: i64 = Script::new(
+            r#"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"#,
+        )
+        .key(&self.key)
+        .arg(&self.id)
+        .invoke_async(&mut c)
+        .await?;
+        self.valid_until = None;
+        Ok(())
+    }
+}
+
+/// The lease renewed in the background while a projector leads, so that a
+/// long snapshot does not let it lapse. Work checks [`Keeper::is_safe`]
+/// before each write.
+#[derive(Clone)]
+pub struct Keeper {
+    valid_until: Arc<Mutex<Option<Instant>>>,
+    margin: Duration,
+}
+
+impl Keeper {
+    pub fn is_safe(&self) -> bool {
+        let until = *self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|u| u.saturating_duration_since(Instant::now()) > self.margin)
+    }
+}
+
+impl Lease {
+    /// Renews every third of the TTL until the returned task is aborted or
+    /// a renewal fails.
+    pub fn keep_alive(&self) -> (Keeper, tokio::task::JoinHandle<()>) {
+        let keeper = Keeper { valid_until: Arc::new(Mutex::new(self.valid_until)), margin: self.margin() };
+        let mut lease = Lease {
+            pool: self.pool.clone(),
+            key: self.key.clone(),
+            id: self.id.clone(),
+            ttl: self.ttl,
+            valid_until: self.valid_until,
+        };
+        let shared = keeper.valid_until.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease.ttl / 3).await;
+                let ok = lease.renew().await.unwrap_or(false);
+                *shared.lock().unwrap_or_else(|e| e.into_inner()) = lease.valid_until;
+                if !ok {
+                    return;
+                }
+            }
+        });
+        (keeper, task)
+    }
+}

@@ -1,0 +1,281 @@
+//! Change events plus the current read-model state in, read-model
+//! operations out. No I/O.
+//!
+//! A batch is folded per document: only each document's last known state
+//! matters, because every event of a call, user or status carries (or
+//! implies) its whole state. Operations set values, never adjust them, so a
+//! replayed batch plans the same final state. A document's old place is
+//! looked up in its locator *and* in every tenant the batch's events name:
+//! after a crash between a tenant's write and the locator's, the replay
+//! still finds and cleans the entry.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bson::{Bson, Document};
+use callboard_domain::render::UserFields;
+use callboard_domain::{DocKey, StatusRecord, TenantId, UserId};
+use callboard_readmodel::codec::{user_entry, CallEntry};
+use callboard_readmodel::write::{status_place, GlobalOp, Plan, StateView, StatusPlace, TenantOp};
+use callboard_store::{CALLS, CALL_STATUS, USERS};
+use mongodb::change_stream::event::{ChangeStreamEvent, OperationType};
+
+/// One event, reduced to what the read model needs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// `Some(state)`: the call's state now (`None` inside: counted nowhere);
+    /// `None`: deleted.
+    Call {
+        doc: DocKey,
+        state: Option<Option<CallEntry>>,
+    },
+    User {
+        doc: DocKey,
+        state: Option<(UserId, String)>,
+    },
+    Status {
+        doc: DocKey,
+        state: Option<StatusRecord>,
+    },
+    /// A watched collection was dropped or renamed, or the stream was
+    /// invalidated: the read model can no longer follow and must restart.
+    Reset,
+}
+
+/// The change an event makes, or `None` when it makes none we can use (an
+/// update whose document was deleted before it could be looked up: its
+/// delete event follows).
+pub fn change_of(event: &ChangeStreamEvent<Document>, fields: &UserFields) -> Option<Change> {
+    let coll = event.ns.as_ref().and_then(|ns| ns.coll.as_deref());
+    match event.operation_type {
+        OperationType::Insert | OperationType::Update | OperationType::Replace => {
+            let full = event.full_document.as_ref()?;
+            let doc = DocKey::from_bson(full.get("_id")?);
+            match coll? {
+                CALLS => Some(Change::Call { doc, state: Some(CallEntry::from_document(full)) }),
+                USERS => Some(Change::User { doc, state: user_entry(full, fields) }),
+                CALL_STATUS => Some(Change::Status { doc, state: StatusRecord::from_document(full) }),
+                _ => None,
+            }
+        }
+        OperationType::Delete => {
+            let doc = DocKey::from_bson(event.document_key.as_ref()?.get("_id")?);
+            match coll? {
+                CALLS => Some(Change::Call { doc, state: None }),
+                USERS => Some(Change::User { doc, state: None }),
+                CALL_STATUS => Some(Change::Status { doc, state: None }),
+                _ => None,
+            }
+        }
+        OperationType::Drop | OperationType::Rename | OperationType::DropDatabase | OperationType::Invalidate => {
+            Some(Change::Reset)
+        }
+        _ => None,
+    }
+}
+
+/// What must be read before planning: the documents whose locators matter.
+#[derive(Debug, Default)]
+pub struct Needs {
+    pub calls: Vec<DocKey>,
+    pub users: Vec<DocKey>,
+    pub statuses: Vec<DocKey>,
+}
+
+pub fn needs(changes: &[Change]) -> Needs {
+    let (mut calls, mut users, mut statuses) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for c in changes {
+        match c {
+            Change::Call { doc, .. } => calls.insert(doc.clone()),
+            Change::User { doc, .. } => users.insert(doc.clone()),
+            Change::Status { doc, .. } => statuses.insert(doc.clone()),
+            Change::Reset => false,
+        };
+    }
+    Needs {
+        calls: calls.into_iter().collect(),
+        users: users.into_iter().collect(),
+        statuses: statuses.into_iter().collect(),
+    }
+}
+
+/// The (tenant, call) index entries the plan needs: each call's locator
+/// tenant and every tenant the batch puts it in.
+pub fn idx_needs(changes: &[Change], view: &StateView) -> BTreeSet<(TenantId, DocKey)> {
+    let mut pairs = BTreeSet::new();
+    for c in changes {
+        if let Change::Call { doc, state } = c {
+            if let Some(t) = view.call_loc.get(doc) {
+                pairs.insert((*t, doc.clone()));
+            }
+            if let Some(Some(entry)) = state {
+                pairs.insert((entry.tenant, doc.clone()));
+            }
+        }
+    }
+    pairs
+}
+
+/// A document's last state in the batch, and every place it may be in now.
+type Folded<S, P> = (Option<S>, BTreeSet<P>);
+
+/// Plans the writes that bring the read model to the state after
+/// `changes`. `event_ms` stamps the tenants touched. Stops at a `Reset`
+/// (callers split batches there).
+pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
+    let mut calls: BTreeMap<DocKey, Folded<CallEntry, TenantId>> = BTreeMap::new();
+    let mut users: BTreeMap<DocKey, Folded<(UserId, String), UserId>> = BTreeMap::new();
+    let mut statuses: BTreeMap<DocKey, Folded<StatusRecord, StatusPlace>> = BTreeMap::new();
+    for change in changes {
+        match change {
+            Change::Call { doc, state } => {
+                let slot = calls
+                    .entry(doc.clone())
+                    .or_insert_with(|| (None, view.call_loc.get(doc).copied().into_iter().collect()));
+                let entry = state.clone().flatten();
+                if let Some(e) = &entry {
+                    slot.1.insert(e.tenant);
+                }
+                slot.0 = entry;
+            }
+            Change::User { doc, state } => {
+                let slot = users
+                    .entry(doc.clone())
+                    .or_insert_with(|| (None, view.user_loc.get(doc).copied().into_iter().collect()));
+                if let Some((id, _)) = state {
+                    slot.1.insert(*id);
+                }
+                slot.0 = state.clone();
+            }
+            Change::Status { doc, state } => {
+                let slot = statuses
+                    .entry(doc.clone())
+                    .or_insert_with(|| (None, view.status_loc.get(doc).cloned().into_iter().collect()));
+                if let Some(r) = state {
+                    slot.1.insert(status_place(r.tenant));
+                }
+                slot.0 = state.clone();
+            }
+            Change::Reset => break,
+        }
+    }
+
+    let mut plan = Plan::default();
+    let mut touched = BTreeSet::new();
+    for (doc, (entry, places)) in calls {
+        // Cold tenants are not maintained: a call moving into one leaves.
+        let target = entry.filter(|e| view.tenant_state(e.tenant).is_maintained());
+        for t in places.iter().filter(|t| Some(**t) != target.as_ref().map(|e| e.tenant)) {
+            if let Some(old) = view.idx.get(&(*t, doc.clone())) {
+                plan.tenants.entry(*t).or_default().push(TenantOp::Remove { doc: doc.clone(), old: old.clone() });
+                touched.insert(*t);
+            }
+        }
+        match target {
+            Some(e) => {
+                let old = view.idx.get(&(e.tenant, doc.clone())).cloned();
+                plan.tenants.entry(e.tenant).or_default().push(TenantOp::Put {
+                    doc: doc.clone(),
+                    old,
+                    index: e.index,
+                    stored: e.stored,
+                });
+                touched.insert(e.tenant);
+                plan.global.push(GlobalOp::PutCallLoc(doc, e.tenant));
+            }
+            None => plan.global.push(GlobalOp::DelCallLoc(doc)),
+        }
+    }
+    for t in touched {
+        plan.tenants.entry(t).or_default().push(TenantOp::Touch { last_event_ms: event_ms });
+    }
+    for (doc, (state, ids)) in users {
+        let keep = state.as_ref().map(|(id, _)| *id);
+        for id in ids.into_iter().filter(|id| Some(*id) != keep) {
+            plan.global.push(GlobalOp::DelUser(id));
+        }
+        match state {
+            Some((id, json)) => {
+                plan.global.push(GlobalOp::PutUser(id, json));
+                plan.global.push(GlobalOp::PutUserLoc(doc, id));
+            }
+            None => plan.global.push(GlobalOp::DelUserLoc(doc)),
+        }
+    }
+    for (doc, (state, places)) in statuses {
+        let keep = state.as_ref().map(|r| status_place(r.tenant));
+        for place in places.into_iter().filter(|p| Some(p) != keep.as_ref()) {
+            match place.parse::<i64>().ok().and_then(|t| TenantId::new(t).ok()) {
+                Some(t) => plan.tenants.entry(t).or_default().push(TenantOp::DelStatus { doc: doc.clone() }),
+                None => plan.global.push(GlobalOp::DelGlobalStatus(doc.clone())),
+            }
+        }
+        match state {
+            Some(record) => {
+                let json = serde_json::to_string(&record).unwrap_or_default();
+                let place = status_place(record.tenant);
+                match record.tenant {
+                    Some(t) => plan.tenants.entry(t).or_default().push(TenantOp::PutStatus { doc: doc.clone(), json }),
+                    None => plan.global.push(GlobalOp::PutGlobalStatus(doc.clone(), json)),
+                }
+                plan.global.push(GlobalOp::PutStatusLoc(doc, place));
+            }
+            None => plan.global.push(GlobalOp::DelStatusLoc(doc)),
+        }
+    }
+    plan
+}
+
+/// The event's commit time in ms (MongoDB's cluster time has second
+/// precision in its high word).
+pub fn event_ms(event: &ChangeStreamEvent<Document>) -> Option<i64> {
+    event.cluster_time.map(|ts| i64::from(ts.time) * 1000)
+}
+
+/// A `_id` from a document key, for logs.
+pub fn describe(doc: &Document) -> String {
+    doc.get("_id").map(Bson::to_string).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+    use callboard_readmodel::TenantState;
+
+    fn call(id: i64, tenant: i64, status: i64) -> Change {
+        let d = doc! {"_id": id, "id": id, "tenant_id": tenant, "status_id": status};
+        Change::Call { doc: DocKey::from_bson(&Bson::Int64(id)), state: Some(CallEntry::from_document(&d)) }
+    }
+
+    fn warm(view: &mut StateView, t: i64) {
+        view.tenants.insert(TenantId::new(t).unwrap(), TenantState::Warm(1));
+    }
+
+    #[test]
+    fn a_move_between_tenants_removes_from_the_old_one() {
+        let mut view = StateView::default();
+        warm(&mut view, 1);
+        warm(&mut view, 2);
+        let first = plan(&[call(5, 1, 3)], &view, 0);
+        let TenantOp::Put { index, .. } = &first.tenants[&TenantId::new(1).unwrap()][0] else { panic!() };
+        let d = DocKey::from_bson(&Bson::Int64(5));
+        view.call_loc.insert(d.clone(), TenantId::new(1).unwrap());
+        view.idx.insert((TenantId::new(1).unwrap(), d.clone()), index.clone());
+        let moved = plan(&[call(5, 2, 3)], &view, 0);
+        assert!(matches!(moved.tenants[&TenantId::new(1).unwrap()][0], TenantOp::Remove { .. }));
+        assert!(matches!(moved.tenants[&TenantId::new(2).unwrap()][0], TenantOp::Put { old: None, .. }));
+        assert!(moved.global.contains(&GlobalOp::PutCallLoc(d, TenantId::new(2).unwrap())));
+    }
+
+    #[test]
+    fn cold_tenants_get_nothing_and_deletes_clean_up() {
+        let mut view = StateView::default();
+        let p = plan(&[call(5, 1, 3)], &view, 0);
+        assert!(p.tenants.is_empty());
+        warm(&mut view, 1);
+        let d = DocKey::from_bson(&Bson::Int64(5));
+        let p = plan(&[call(5, 1, 3), Change::Call { doc: d.clone(), state: None }], &view, 0);
+        assert!(p.tenants.is_empty(), "{p:?}");
+        assert_eq!(p.global, vec![GlobalOp::DelCallLoc(d)]);
+    }
+}

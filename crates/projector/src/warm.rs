@@ -1,0 +1,91 @@
+//! Snapshots: the shared users and statuses (at bootstrap), and one
+//! tenant's calls (a warm).
+//!
+//! Consistency: a snapshot is read while the change stream is open and
+//! paused at an earlier position; the events after that position are
+//! applied after the snapshot, in order, so any newer write wins over the
+//! older snapshot data and the state converges on MongoDB's. A tenant is
+//! marked warm only once the stream has caught up past the snapshot's start
+//! (docs/ARCHITECTURE.md, "Warm and cold").
+
+use bson::{doc, Document};
+use callboard_domain::render::UserFields;
+use callboard_domain::{StatusRecord, TenantId};
+use callboard_readmodel::codec::{user_entry, CallEntry};
+use callboard_readmodel::write::{status_place, GlobalOp, Plan, TenantOp, Writer};
+use callboard_store::{CALLS, CALL_STATUS, USERS};
+use futures::TryStreamExt;
+use mongodb::Database;
+
+use crate::lease::Keeper;
+use crate::ProjectorError;
+
+const CHUNK: usize = 1000;
+
+/// Loads every user and status into the read model.
+pub async fn bootstrap_globals(
+    db: &Database,
+    writer: &Writer,
+    fields: &UserFields,
+) -> Result<(usize, usize), ProjectorError> {
+    let mut users = db.collection::<Document>(USERS).find(doc! {}).batch_size(CHUNK as u32).await?;
+    let mut plan = Plan::default();
+    let mut n_users = 0;
+    while let Some(user) = users.try_next().await? {
+        let Some(key) = user.get("_id").map(callboard_domain::DocKey::from_bson) else { continue };
+        if let Some((id, json)) = user_entry(&user, fields) {
+            plan.global.push(GlobalOp::PutUser(id, json));
+            plan.global.push(GlobalOp::PutUserLoc(key, id));
+            n_users += 1;
+        }
+        if plan.global.len() >= 2 * CHUNK {
+            writer.apply(&std::mem::take(&mut plan)).await?;
+        }
+    }
+    let mut statuses = db.collection::<Document>(CALL_STATUS).find(doc! {}).batch_size(CHUNK as u32).await?;
+    let mut n_statuses = 0;
+    while let Some(status) = statuses.try_next().await? {
+        let Some(record) = StatusRecord::from_document(&status) else { continue };
+        let json = serde_json::to_string(&record).unwrap_or_default();
+        plan.global.push(GlobalOp::PutStatusLoc(record.doc.clone(), status_place(record.tenant)));
+        match record.tenant {
+            Some(t) => plan.tenants.entry(t).or_default().push(TenantOp::PutStatus { doc: record.doc, json }),
+            None => plan.global.push(GlobalOp::PutGlobalStatus(record.doc, json)),
+        }
+        n_statuses += 1;
+    }
+    writer.apply(&plan).await?;
+    Ok((n_users, n_statuses))
+}
+
+/// Replaces `tenant`'s calls with MongoDB's current ones. Returns how many.
+pub async fn snapshot_tenant(
+    db: &Database,
+    writer: &Writer,
+    tenant: TenantId,
+    keeper: &Keeper,
+) -> Result<u64, ProjectorError> {
+    writer.purge_tenant_calls(tenant).await?;
+    let mut cursor = db
+        .collection::<Document>(CALLS)
+        .find(doc! {"tenant_id": tenant.get(), "deleted": {"$ne": 1}})
+        .batch_size(CHUNK as u32)
+        .await?;
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut total = 0;
+    while let Some(call) = cursor.try_next().await? {
+        if let Some(entry) = CallEntry::from_document(&call).filter(|e| e.tenant == tenant) {
+            chunk.push(entry);
+        }
+        if chunk.len() == CHUNK {
+            if !keeper.is_safe() {
+                return Err(ProjectorError::LeaseLost);
+            }
+            total += chunk.len() as u64;
+            writer.put_snapshot(tenant, &std::mem::take(&mut chunk)).await?;
+        }
+    }
+    total += chunk.len() as u64;
+    writer.put_snapshot(tenant, &chunk).await?;
+    Ok(total)
+}

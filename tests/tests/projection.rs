@@ -1,0 +1,342 @@
+//! The read model: cached answers equal live ones through every kind of
+//! change, warm and cold, single-flight warms, the admin API, and MongoDB
+//! going away.
+
+use std::time::Duration;
+
+use bson::{doc, Bson, DateTime, Document};
+use callboard_store::{CALLS, CALL_STATUS, USERS};
+use callboard_testkit::Mongo;
+use callboard_tests::dataset::{generate, Dataset};
+use callboard_tests::{spawn_app, TestApp};
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn combos() -> Vec<Vec<(&'static str, &'static str)>> {
+    let mut all = Vec::new();
+    for limit in ["1", "7", "100"] {
+        for enrichment in ["true", "false"] {
+            all.push(vec![("limit", limit), ("include_enrichment", enrichment)]);
+        }
+    }
+    all.push(vec![("include_calls", "false")]);
+    all
+}
+
+async fn seeded(seed: u64) -> (TestApp, Dataset) {
+    let app = spawn_app().await;
+    let ds = generate(seed, 200);
+    app.insert(CALL_STATUS, &ds.statuses).await;
+    app.insert(USERS, &ds.users).await;
+    app.insert(CALLS, &ds.calls).await;
+    (app, ds)
+}
+
+async fn assert_all_cached_equal_live(app: &TestApp, tenants: &[i64], context: &str) {
+    for &tenant in tenants {
+        for fields in combos() {
+            let (hit, cached, live) = app.wait_for_projection(tenant, &fields, WAIT).await;
+            assert!(hit, "{context}: tenant {tenant} {fields:?} never became a cache hit");
+            callboard_tests::reference::assert_same(&cached, &live, &format!("{context}: tenant {tenant} {fields:?}"));
+        }
+    }
+}
+
+async fn redis(app: &TestApp) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(app.services.redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+#[tokio::test]
+async fn cached_answers_equal_live_ones_through_every_kind_of_change() {
+    let (mut app, ds) = seeded(21).await;
+    app.start_projector();
+    // The first request of a cold tenant is answered live and warms it.
+    for &t in &ds.tenants {
+        let (cache, _) = app.grouped_as(&app.token(t), &[], false).await;
+        assert_eq!(cache, "miss");
+    }
+    assert_all_cached_equal_live(&app, &ds.tenants, "after warm").await;
+
+    let calls = app.db.collection::<Document>(CALLS);
+    let users = app.db.collection::<Document>(USERS);
+    let statuses = app.db.collection::<Document>(CALL_STATUS);
+    let live_ids: Vec<i64> = ds
+        .calls
+        .iter()
+        .filter(|c| c.get("deleted").and_then(Bson::as_i32) != Some(1) && c.get("status_id") == Some(&Bson::Int32(1)))
+        .filter_map(|c| c.get_i64("id").ok())
+        .take(8)
+        .collect();
+    assert!(live_ids.len() >= 6, "dataset too small: {live_ids:?}");
+    // Status move (int -> numeric string of another status).
+    calls.update_one(doc! {"id": live_ids[0]}, doc! {"$set": {"status_id": "3"}}).await.unwrap();
+    // Soft delete, and undelete of a deleted call.
+    calls.update_one(doc! {"id": live_ids[1]}, doc! {"$set": {"deleted": 1}}).await.unwrap();
+    let deleted = ds.calls.iter().find(|c| c.get("deleted") == Some(&Bson::Int32(1))).unwrap();
+    calls.update_one(doc! {"id": deleted.get_i64("id").unwrap()}, doc! {"$set": {"deleted": 0}}).await.unwrap();
+    // Move between tenants, both ways.
+    calls.update_one(doc! {"id": live_ids[2]}, doc! {"$set": {"tenant_id": 2}}).await.unwrap();
+    calls
+        .update_one(
+            doc! {"id": live_ids[3]},
+            doc! {"$set": {"tenant_id": 3, "start_time": DateTime::from_millis(1_800_000_000_000)}},
+        )
+        .await
+        .unwrap();
+    // Hard delete: the event carries only the _id.
+    calls.delete_one(doc! {"id": live_ids[4]}).await.unwrap();
+    // Replace, and insert.
+    calls
+        .replace_one(
+            doc! {"id": live_ids[5]},
+            doc! {"id": live_ids[5], "tenant_id": 1, "status_id": 2, "subject": "Replaced", "owner_id": 1},
+        )
+        .await
+        .unwrap();
+    calls
+        .insert_one(doc! {"id": 99_001, "tenant_id": 1, "status_id": 1, "subject": "New", "start_time": DateTime::from_millis(1_900_000_000_000), "owner_id": 2})
+        .await
+        .unwrap();
+    // Users: a rename shows on every call, a delete empties the details.
+    users.update_one(doc! {"id": 1}, doc! {"$set": {"name": "Renamed One"}}).await.unwrap();
+    users.delete_one(doc! {"id": 2}).await.unwrap();
+    // Statuses: add (the calls already pointing at 9 appear), rename,
+    // recolour, delete.
+    statuses.insert_one(doc! {"id": 9, "name": "Nine", "description": "New", "color": "#999999"}).await.unwrap();
+    statuses
+        .update_one(
+            doc! {"id": 1, "tenant_id": {"$exists": false}},
+            doc! {"$set": {"name": "Pending!", "color": "#000001"}},
+        )
+        .await
+        .unwrap();
+    statuses.update_one(doc! {"id": 3_i64}, doc! {"$set": {"deleted": 1}}).await.unwrap();
+    assert_all_cached_equal_live(&app, &ds.tenants, "after changes").await;
+
+    let (_, body) = app.grouped_as(&app.token(1), &[("limit", "100")], false).await;
+    let text = body.to_string();
+    assert!(
+        text.contains("Renamed One") && text.contains("Pending!") && text.contains("\"subject\":\"New\""),
+        "{text}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_warm_tenant_is_served_from_redis_with_mongodb_down() {
+    let (mut app, _) = seeded(22).await;
+    if app.services.mongo.is_external() {
+        eprintln!("skipped: cannot stop an external MongoDB");
+        return;
+    }
+    app.start_projector();
+    app.grouped_as(&app.token(1), &[], false).await;
+    let fields = [("limit", "7")];
+    let (hit, cached, _) = app.wait_for_projection(1, &fields, WAIT).await;
+    assert!(hit);
+    app.stop_projector().await;
+    if let Mongo::Standin(s) = &mut app.services.mongo {
+        s.kill();
+    }
+    for _ in 0..3 {
+        let (cache, body) = app.grouped_as(&app.token(1), &fields, false).await;
+        assert_eq!(cache, "hit");
+        callboard_tests::reference::assert_same(&body, &cached, "MongoDB down");
+    }
+    // A cold tenant cannot be answered: a clear 503, not a hang or a 500.
+    let r = app.post_grouped_form(Some(&app.token(2)), &[]).await;
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "database_unavailable");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_cold_requests_start_exactly_one_warm() {
+    let (mut app, _) = seeded(23).await;
+    let token = app.token(2);
+    let requests = (0..20).map(|_| app.grouped_as(&token, &[], false));
+    let outcomes = futures::future::join_all(requests).await;
+    assert!(outcomes.iter().all(|(cache, _)| cache == "miss"));
+    let mut r = redis(&app).await;
+    let queued: Vec<String> = r.lrange("cb:{g}:cmdq", 0, -1).await.unwrap();
+    assert_eq!(queued, ["warm 2 1 -"], "one warm, whatever the number of requests");
+    let state: String = r.hget("cb:{g}:tstate", 2).await.unwrap();
+    assert_eq!(state, "warming:1");
+    // A member's no-cache header changes nothing; an admin's forces live.
+    app.start_projector();
+    let (hit, _, _) = app.wait_for_projection(2, &[], WAIT).await;
+    assert!(hit);
+    let (cache, _) = app.grouped_as(&token, &[], true).await;
+    assert_eq!(cache, "hit");
+    let (cache, _) = app.grouped_as(&app.admin_token(2), &[], true).await;
+    assert_eq!(cache, "miss");
+    let (cache, _) = app.grouped_as(&app.admin_token(2), &[], false).await;
+    assert_eq!(cache, "hit");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn admin_api_warms_reports_and_invalidates() {
+    let (mut app, ds) = seeded(24).await;
+    app.start_projector();
+    let admin = app.admin_token(1);
+    let member = app.token(1);
+    let url = |p: &str| format!("{}{p}", app.address);
+    // Members are refused everywhere.
+    for (method, path) in [
+        ("POST", "/admin/cache/warm"),
+        ("GET", "/admin/cache/status"),
+        ("POST", "/admin/cache/invalidate"),
+        ("GET", "/admin/cache/warm/w1"),
+    ] {
+        let req = if method == "POST" {
+            app.client.post(url(path)).json(&json!({"all": true}))
+        } else {
+            app.client.get(url(path))
+        };
+        let r = req.bearer_auth(&member).send().await.unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "forbidden");
+        let r = app.client.get(url(path)).send().await.unwrap();
+        let expected = if method == "GET" { 401 } else { 405 };
+        assert_eq!(r.status(), expected, "{path} without a token");
+    }
+    // Bad bodies.
+    for bad in [
+        json!({}),
+        json!({"tenant_id": 1, "all": true}),
+        json!({"tenant_id": -1}),
+        json!({"all": false}),
+        json!({"tenant": 1}),
+    ] {
+        let r = app.client.post(url("/admin/cache/warm")).bearer_auth(&admin).json(&bad).send().await.unwrap();
+        assert_eq!(r.status(), 422, "{bad}");
+    }
+    // Warm everything; the job reaches done.
+    let r =
+        app.client.post(url("/admin/cache/warm")).bearer_auth(&admin).json(&json!({"all": true})).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(job["tenants"], ds.tenants.len());
+    let job_id = job["job_id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut last = Value::Null;
+    while tokio::time::Instant::now() < deadline {
+        last = app
+            .client
+            .get(url(&format!("/admin/cache/warm/{job_id}")))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if last["state"] == "done" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last["state"], "done", "{last}");
+    assert_eq!(last["done"], ds.tenants.len());
+    let r = app.client.get(url("/admin/cache/warm/w999999")).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // Status: every tenant warm, with its indexed call count.
+    let status: Value =
+        app.client.get(url("/admin/cache/status")).bearer_auth(&admin).send().await.unwrap().json().await.unwrap();
+    let rows = status["tenants"].as_array().unwrap();
+    assert_eq!(rows.len(), ds.tenants.len(), "{status}");
+    for row in rows {
+        let t = row["tenant_id"].as_i64().unwrap();
+        let expected = ds
+            .calls
+            .iter()
+            .filter(|c| {
+                callboard_readmodel::codec::CallEntry::from_document(&with_id(c)).is_some_and(|e| e.tenant.get() == t)
+            })
+            .count();
+        assert_eq!(row["state"], "warm", "{row}");
+        assert_eq!(row["calls"], expected, "{row}");
+    }
+    assert!(status["projector"]["events_applied"].is_u64());
+    let one: Value = app
+        .client
+        .get(url("/admin/cache/status?tenant_id=2"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["tenants"].as_array().unwrap().len(), 1);
+    // Invalidate one tenant: its next answer is live, then it warms again.
+    let (cache, _) = app.grouped_as(&app.token(2), &[], false).await;
+    assert_eq!(cache, "hit");
+    let r = app
+        .client
+        .post(url("/admin/cache/invalidate"))
+        .bearer_auth(&admin)
+        .json(&json!({"tenant_id": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (cache, _) = app.grouped_as(&app.token(2), &[], false).await;
+    assert_eq!(cache, "miss");
+    let (hit, cached, live) = app.wait_for_projection(2, &[], WAIT).await;
+    assert!(hit);
+    callboard_tests::reference::assert_same(&cached, &live, "re-warmed after invalidate");
+    // Readiness with a projector, and the metrics.
+    let r = app.client.get(url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let metrics = app.client.get(url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for name in [
+        "callboard_grouped_request_duration_seconds_bucket{cache=\"hit\"",
+        "callboard_grouped_request_duration_seconds_bucket{cache=\"miss\"",
+        "callboard_projector_events_applied",
+        "callboard_projection_lag_ms",
+        "callboard_warms_run",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+    app.stop().await;
+}
+
+/// Generated documents get their `_id` from the server; the entry needs one.
+fn with_id(call: &Document) -> Document {
+    let mut c = call.clone();
+    c.insert("_id", 1);
+    c
+}
+
+#[tokio::test]
+async fn lost_change_stream_history_marks_cold_and_rewarms() {
+    let (mut app, _) = seeded(25).await;
+    app.start_projector();
+    app.grouped_as(&app.token(3), &[], false).await;
+    let (hit, _, _) = app.wait_for_projection(3, &[], WAIT).await;
+    assert!(hit);
+    app.stop_projector().await;
+    // A checkpoint MongoDB cannot resume from.
+    let bogus = bson::to_vec(&doc! {"t": {"_data": "826000000000000000000000000000000000000000"}}).unwrap();
+    let mut r = redis(&app).await;
+    let _: () = r.set("cb:{g}:ckpt", bogus).await.unwrap();
+    app.db
+        .collection::<Document>(CALLS)
+        .insert_one(doc! {"id": 77_777, "tenant_id": 3, "status_id": 1, "subject": "while down"})
+        .await
+        .unwrap();
+    app.start_projector();
+    let (hit, cached, live) = app.wait_for_projection(3, &[], WAIT).await;
+    assert!(hit, "tenant 3 did not come back warm");
+    callboard_tests::reference::assert_same(&cached, &live, "after history loss");
+    assert!(cached.to_string().contains("while down"));
+    let lost: Option<i64> = r.hget("cb:{g}:progress", "history_lost_total").await.unwrap();
+    assert_eq!(lost, Some(1));
+    app.stop().await;
+}
