@@ -55,7 +55,28 @@ pub fn unique_db_name(prefix: &str) -> String {
 
 /// A child process killed on drop, and by the kernel if this process dies.
 #[derive(Debug)]
-struct Guarded(Child);
+pub struct Guarded(Child);
+
+impl Guarded {
+    /// Starts `cmd` with its output in `log`.
+    pub fn spawn(cmd: Command, what: &'static str, log: &Path) -> Result<Self, TestkitError> {
+        spawn_guarded(cmd, what, log)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
 
 impl Drop for Guarded {
     fn drop(&mut self) {

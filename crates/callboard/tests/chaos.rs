@@ -1,0 +1,226 @@
+//! The proof of correctness: a seeded random workload across tenants while
+//! projector processes are SIGKILLed and restarted, warms are triggered and
+//! tenants invalidated; once the writes stop and a projector catches up,
+//! every tenant's cached answer equals the live aggregation exactly.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bson::{doc, Bson, DateTime, Document};
+use callboard_store::{CALLS, CALL_STATUS, USERS};
+use callboard_testkit::Guarded;
+use callboard_tests::dataset::generate;
+use callboard_tests::reference::assert_same;
+use callboard_tests::{spawn_app, TestApp};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+const SEED: u64 = 0xC0FFEE;
+const OPERATIONS: usize = 300;
+
+struct Projectors {
+    procs: Vec<Option<Guarded>>,
+    config: std::path::PathBuf,
+    app_env: Vec<(String, String)>,
+    log_dir: std::path::PathBuf,
+    started: usize,
+}
+
+impl Projectors {
+    fn start(&mut self, slot: usize) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_callboard"));
+        cmd.arg("--config").arg(&self.config).arg("project");
+        cmd.envs(self.app_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.started += 1;
+        let log = self.log_dir.join(format!("projector-{}.log", self.started));
+        self.procs[slot] = Some(Guarded::spawn(cmd, "callboard project", &log).expect("start a projector"));
+    }
+
+    fn kill(&mut self, slot: usize) {
+        if let Some(mut p) = self.procs[slot].take() {
+            p.kill();
+        }
+    }
+}
+
+fn env_of(app: &TestApp) -> Vec<(String, String)> {
+    vec![
+        ("CALLBOARD_MONGODB_URI".into(), app.services.mongo.uri()),
+        ("CALLBOARD_MONGODB_DB".into(), app.db.name().to_string()),
+        ("CALLBOARD_REDIS_URL".into(), app.services.redis.url()),
+        ("CALLBOARD_JWT_SECRET".into(), callboard_tests::SECRET.into()),
+        ("CALLBOARD_LOG".into(), "info".into()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_workload_with_crashing_projectors_converges_to_the_live_answer() {
+    let app = spawn_app().await;
+    let ds = generate(SEED, 150);
+    app.insert(CALL_STATUS, &ds.statuses).await;
+    app.insert(USERS, &ds.users).await;
+    app.insert(CALLS, &ds.calls).await;
+    let config = app.services.dir.path().join("chaos.toml");
+    std::fs::write(&config, "[projector]\nlease_ttl_ms = 1500\nbatch_max = 50\n").unwrap();
+    let mut projectors = Projectors {
+        procs: vec![None, None],
+        config,
+        app_env: env_of(&app),
+        log_dir: app.services.dir.path().to_path_buf(),
+        started: 0,
+    };
+    projectors.start(0);
+    projectors.start(1);
+    for &t in &ds.tenants {
+        app.grouped_as(&app.token(t), &[], false).await;
+    }
+
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED);
+    let calls = app.db.collection::<Document>(CALLS);
+    let users = app.db.collection::<Document>(USERS);
+    let statuses = app.db.collection::<Document>(CALL_STATUS);
+    let admin = app.admin_token(1);
+    let mut next_id = 1_000_000_i64;
+    let (mut kills, mut warms, mut invalidations) = (0, 0, 0);
+    let started = Instant::now();
+    for _ in 0..OPERATIONS {
+        let id = ds.calls[rng.gen_range(0..ds.calls.len())].get_i64("id").unwrap();
+        let tenant = rng.gen_range(1..=3_i64);
+        match rng.gen_range(0..12) {
+            0 | 1 => {
+                next_id += 1;
+                let status: Bson = if rng.gen_bool(0.5) {
+                    rng.gen_range(1..=3).into()
+                } else {
+                    rng.gen_range(1..=3).to_string().into()
+                };
+                calls
+                    .insert_one(doc! {"id": next_id, "tenant_id": tenant, "status_id": status, "subject": format!("Call {next_id}"),
+                        "start_time": DateTime::from_millis(1_760_000_000_000 + rng.gen_range(0..100) * 60_000), "owner_id": rng.gen_range(1..=9)})
+                    .await
+                    .unwrap();
+            }
+            2 | 3 => {
+                let status: Bson = if rng.gen_bool(0.5) {
+                    rng.gen_range(1..=7).into()
+                } else {
+                    rng.gen_range(1..=7).to_string().into()
+                };
+                calls.update_one(doc! {"id": id}, doc! {"$set": {"status_id": status}}).await.unwrap();
+            }
+            4 => {
+                calls.update_one(doc! {"id": id}, doc! {"$set": {"deleted": 1}}).await.unwrap();
+            }
+            5 => {
+                calls.update_one(doc! {"id": id}, doc! {"$set": {"deleted": 0}}).await.unwrap();
+            }
+            6 => {
+                calls.delete_one(doc! {"id": id}).await.unwrap();
+            }
+            7 => {
+                calls.update_one(doc! {"id": id}, doc! {"$set": {"tenant_id": tenant}}).await.unwrap();
+            }
+            8 => {
+                calls.update_one(doc! {"id": id}, doc! {"$set": {"owner_id": rng.gen_range(1..=10), "start_time": DateTime::from_millis(1_760_000_000_000 + rng.gen_range(0..100) * 60_000)}}).await.unwrap();
+            }
+            9 => {
+                let uid = rng.gen_range(1..=8);
+                if rng.gen_bool(0.7) {
+                    users
+                        .update_one(
+                            doc! {"id": uid},
+                            doc! {"$set": {"name": format!("User {uid} v{}", rng.gen_range(0..1000))}},
+                        )
+                        .await
+                        .unwrap();
+                } else {
+                    users.delete_one(doc! {"id": uid}).await.unwrap();
+                    users.insert_one(doc! {"id": uid, "name": format!("User {uid} reborn"), "email": format!("r{uid}@example.com")}).await.unwrap();
+                }
+            }
+            10 => {
+                let sid = rng.gen_range(1..=9);
+                match rng.gen_range(0..3) {
+                    0 => statuses
+                        .insert_one(doc! {"id": sid, "name": format!("Added {sid}"), "tenant_id": tenant})
+                        .await
+                        .map(|_| ())
+                        .unwrap(),
+                    1 => statuses
+                        .update_many(
+                            doc! {"id": sid},
+                            doc! {"$set": {"name": format!("Renamed {sid}"), "color": "#010203"}},
+                        )
+                        .await
+                        .map(|_| ())
+                        .unwrap(),
+                    _ => statuses
+                        .update_many(doc! {"id": sid}, doc! {"$set": {"deleted": rng.gen_range(0..=1)}})
+                        .await
+                        .map(|_| ())
+                        .unwrap(),
+                }
+            }
+            _ => {
+                calls
+                    .replace_one(
+                        doc! {"id": id},
+                        doc! {"id": id, "tenant_id": tenant, "status_id": 1, "subject": "Replaced"},
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+        let roll: f64 = rng.gen();
+        if roll < 0.03 {
+            let slot = rng.gen_range(0..2);
+            projectors.kill(slot);
+            projectors.start(slot);
+            kills += 1;
+        } else if roll < 0.05 {
+            let r = app
+                .client
+                .post(format!("{}/admin/cache/warm", app.address))
+                .bearer_auth(&admin)
+                .json(&json!({"tenant_id": tenant}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+            warms += 1;
+        } else if roll < 0.06 {
+            let r = app
+                .client
+                .post(format!("{}/admin/cache/invalidate", app.address))
+                .bearer_auth(&admin)
+                .json(&json!({"tenant_id": tenant}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            invalidations += 1;
+        }
+        if rng.gen_bool(0.2) {
+            // Readers during the workload also trigger warms of cold tenants.
+            app.grouped_as(&app.token(tenant), &[("limit", "3")], false).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..15))).await;
+    }
+    eprintln!("workload: {OPERATIONS} operations, {kills} projector kills, {warms} warms, {invalidations} invalidations in {:?}", started.elapsed());
+    assert!(kills >= 3, "the seed must exercise crashes ({kills})");
+
+    for &tenant in &ds.tenants {
+        for limit in ["1", "7", "100"] {
+            for enrichment in ["true", "false"] {
+                let fields = [("limit", limit), ("include_enrichment", enrichment)];
+                let (hit, cached, live) = app.wait_for_projection(tenant, &fields, Duration::from_secs(30)).await;
+                assert!(hit, "tenant {tenant} {fields:?}: no cache hit within 30 s (cold, or the cache errs)");
+                assert_same(&cached, &live, &format!("tenant {tenant} {fields:?}"));
+            }
+        }
+    }
+    projectors.kill(0);
+    projectors.kill(1);
+    app.stop().await;
+}
