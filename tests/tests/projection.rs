@@ -164,7 +164,7 @@ async fn concurrent_cold_requests_start_exactly_one_warm() {
     let queued: Vec<String> = r.lrange("cb:{g}:cmdq", 0, -1).await.unwrap();
     assert_eq!(queued, ["warm 2 1 -"], "one warm, whatever the number of requests");
     let state: String = r.hget("cb:{g}:tstate", 2).await.unwrap();
-    assert_eq!(state, "warming:1");
+    assert_eq!(state, "warming:1:-");
     // A member's no-cache header changes nothing; an admin's forces live.
     app.start_projector();
     let (hit, _, _) = app.wait_for_projection(2, &[], WAIT).await;

@@ -4,7 +4,6 @@
 //! that state equals a snapshot of the final documents.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 
 use bson::{doc, Bson, DateTime, Document};
 use callboard_domain::TenantId;
@@ -91,9 +90,10 @@ async fn apply(writer: &Writer, changes: &[Change], cuts: &[usize], crash_at: Op
 /// Every key under the prefix but tenant states and meta, as text.
 async fn dump(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> BTreeMap<String, Vec<String>> {
     let keys: Vec<String> = conn.keys(format!("{prefix}:*")).await.unwrap();
+    let prefix_tstate = format!("{prefix}:{{g}}:tstate");
     let mut out = BTreeMap::new();
     for key in keys {
-        if key.ends_with(":tstate") || key.ends_with(":meta") {
+        if key == prefix_tstate || key.ends_with(":meta") {
             continue;
         }
         let kind: String = redis::cmd("TYPE").arg(&key).query_async(conn).await.unwrap();
@@ -129,22 +129,22 @@ proptest! {
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let server = redis_server();
-            let pool = deadpool_redis::Config::from_url(server.url()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
-            let mut conn = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-            let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+            let url = redis_url();
+            let pool = deadpool_redis::Config::from_url(&url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+            let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
             let changes: Vec<Change> = ops.iter().map(change).collect();
+            let (p_a, p_b, p_c) = (fresh(), fresh(), fresh());
 
             // Once, straight through.
-            let once = Keys::new("a");
+            let once = Keys::new(&p_a);
             warm_all(&mut conn, &once).await;
             apply(&Writer::new(pool.clone(), once), &changes, &cuts, None).await;
-            let state_once = dump(&mut conn, "a").await;
+            let state_once = dump(&mut conn, &p_a).await;
 
             // Crash mid-way, then replay a suffix that starts at or before
             // the crashed batch (the checkpoint never passes an unapplied
             // batch), cut differently.
-            let crashed = Keys::new("b");
+            let crashed = Keys::new(&p_b);
             warm_all(&mut conn, &crashed).await;
             let writer = Writer::new(pool.clone(), crashed);
             apply(&writer, &changes, &cuts, Some(crash_batch)).await;
@@ -155,11 +155,11 @@ proptest! {
             let from = ((crash_start as f64) * from_frac) as usize;
             apply(&writer, &changes[from..], &replay_cuts, None).await;
             apply(&writer, &changes[from..], &replay_cuts, None).await;
-            let state_replayed = dump(&mut conn, "b").await;
+            let state_replayed = dump(&mut conn, &p_b).await;
             let rename = |m: BTreeMap<String, Vec<String>>, p: &str| -> BTreeMap<String, Vec<String>> {
                 m.into_iter().map(|(k, v)| (k.replacen(p, "x", 1), v)).collect()
             };
-            prop_assert_eq!(rename(state_once.clone(), "a"), rename(state_replayed, "b"));
+            prop_assert_eq!(rename(state_once.clone(), &p_a), rename(state_replayed, &p_b));
 
             // And it is what a snapshot of the final documents gives.
             let mut last: BTreeMap<i64, Option<Document>> = BTreeMap::new();
@@ -167,7 +167,7 @@ proptest! {
                 let id = match op { Op::Upsert { doc, .. } | Op::Delete { doc } => *doc };
                 last.insert(id, document(op));
             }
-            let snap = Keys::new("c");
+            let snap = Keys::new(&p_c);
             warm_all(&mut conn, &snap).await;
             let writer = Writer::new(pool.clone(), snap);
             let mut by_tenant: BTreeMap<i64, Vec<CallEntry>> = BTreeMap::new();
@@ -179,19 +179,84 @@ proptest! {
             for (t, entries) in &by_tenant {
                 writer.put_snapshot(TenantId::new(*t).unwrap(), entries).await.unwrap();
             }
-            let state_snapshot = dump(&mut conn, "c").await;
-            prop_assert_eq!(rename(state_once, "a"), rename(state_snapshot, "c"));
+            let state_snapshot = dump(&mut conn, &p_c).await;
+            prop_assert_eq!(rename(state_once, &p_a), rename(state_snapshot, &p_c));
             Ok(())
         })?;
     }
 }
 
-/// One server for every case (killed with the test process).
-fn redis_server() -> &'static RedisServer {
-    static SERVER: OnceLock<RedisServer> = OnceLock::new();
-    SERVER.get_or_init(|| {
-        let dir = std::env::temp_dir().join(callboard_testkit::unique_db_name("replay"));
-        std::fs::create_dir_all(&dir).unwrap();
-        RedisServer::start(&dir).unwrap()
-    })
+/// A key prefix no other case uses (cases of both tests share a server).
+fn fresh() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("p{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// One server per test thread, for all its cases. Per thread, not per
+/// process: the server is started with PR_SET_PDEATHSIG, which fires when
+/// the *thread* that started it exits.
+fn redis_url() -> String {
+    thread_local! {
+        static SERVER: RedisServer = {
+            let dir = std::env::temp_dir().join(callboard_testkit::unique_db_name("replay"));
+            std::fs::create_dir_all(&dir).unwrap();
+            RedisServer::start(&dir).unwrap()
+        };
+    }
+    SERVER.with(|s| s.url())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// A warm's snapshot is read at some moment `j` while the stream is
+    /// paused at an earlier position `i`; the events from `i` on are then
+    /// applied over it. Whatever `i <= j`, the result is the state after
+    /// all events: newer events win over older snapshot data, and older
+    /// events replayed over newer data are overwritten by the later ones.
+    #[test]
+    fn a_snapshot_plus_the_events_since_an_earlier_position_converges(
+        ops in proptest::collection::vec(op(), 1..25),
+        cuts in proptest::collection::vec(0..25_usize, 0..5),
+        i_frac in 0.0..1.0_f64,
+        j_frac in 0.0..1.0_f64,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let url = redis_url();
+            let pool = deadpool_redis::Config::from_url(&url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+            let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+            let changes: Vec<Change> = ops.iter().map(change).collect();
+            let (p_a, p_w) = (fresh(), fresh());
+            let once = Keys::new(&p_a);
+            warm_all(&mut conn, &once).await;
+            apply(&Writer::new(pool.clone(), once), &changes, &cuts, None).await;
+
+            let j = ((ops.len() as f64) * j_frac) as usize;
+            let i = ((j as f64) * i_frac) as usize;
+            let mut at_j: BTreeMap<i64, Option<Document>> = BTreeMap::new();
+            for op in &ops[..j] {
+                let id = match op { Op::Upsert { doc, .. } | Op::Delete { doc } => *doc };
+                at_j.insert(id, document(op));
+            }
+            let warm = Keys::new(&p_w);
+            warm_all(&mut conn, &warm).await;
+            let writer = Writer::new(pool.clone(), warm);
+            let mut by_tenant: BTreeMap<i64, Vec<CallEntry>> = BTreeMap::new();
+            for d in at_j.values().flatten() {
+                if let Some(e) = CallEntry::from_document(d) {
+                    by_tenant.entry(e.tenant.get()).or_default().push(e);
+                }
+            }
+            for (t, entries) in &by_tenant {
+                writer.put_snapshot(TenantId::new(*t).unwrap(), entries).await.unwrap();
+            }
+            apply(&writer, &changes[i..], &cuts, None).await;
+            let rename = |m: BTreeMap<String, Vec<String>>, p: &str| -> BTreeMap<String, Vec<String>> {
+                m.into_iter().map(|(k, v)| (k.replacen(p, "x", 1), v)).collect()
+            };
+            prop_assert_eq!(rename(dump(&mut conn, &p_a).await, &p_a), rename(dump(&mut conn, &p_w).await, &p_w));
+            Ok(())
+        })?;
+    }
 }

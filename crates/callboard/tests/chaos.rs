@@ -16,7 +16,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-const SEED: u64 = 0xC0FFEE;
+/// Fixed, so a failure repeats; `CALLBOARD_TEST_CHAOS_SEED` explores others.
+fn seed() -> u64 {
+    std::env::var("CALLBOARD_TEST_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0xC0FFEE)
+}
 const OPERATIONS: usize = 300;
 
 struct Projectors {
@@ -57,7 +60,7 @@ fn env_of(app: &TestApp) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_workload_with_crashing_projectors_converges_to_the_live_answer() {
     let app = spawn_app().await;
-    let ds = generate(SEED, 150);
+    let ds = generate(seed(), 150);
     app.insert(CALL_STATUS, &ds.statuses).await;
     app.insert(USERS, &ds.users).await;
     app.insert(CALLS, &ds.calls).await;
@@ -76,7 +79,7 @@ async fn random_workload_with_crashing_projectors_converges_to_the_live_answer()
         app.grouped_as(&app.token(t), &[], false).await;
     }
 
-    let mut rng = ChaCha8Rng::seed_from_u64(SEED);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed());
     let calls = app.db.collection::<Document>(CALLS);
     let users = app.db.collection::<Document>(USERS);
     let statuses = app.db.collection::<Document>(CALL_STATUS);
@@ -207,7 +210,7 @@ async fn random_workload_with_crashing_projectors_converges_to_the_live_answer()
         }
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..15))).await;
     }
-    eprintln!("workload: {OPERATIONS} operations, {kills} projector kills, {warms} warms, {invalidations} invalidations in {:?}", started.elapsed());
+    eprintln!("seed {}: {OPERATIONS} operations, {kills} projector kills, {warms} warms, {invalidations} invalidations in {:?}", seed(), started.elapsed());
     assert!(kills >= 3, "the seed must exercise crashes ({kills})");
 
     for &tenant in &ds.tenants {
@@ -215,7 +218,20 @@ async fn random_workload_with_crashing_projectors_converges_to_the_live_answer()
             for enrichment in ["true", "false"] {
                 let fields = [("limit", limit), ("include_enrichment", enrichment)];
                 let (hit, cached, live) = app.wait_for_projection(tenant, &fields, Duration::from_secs(30)).await;
-                assert!(hit, "tenant {tenant} {fields:?}: no cache hit within 30 s (cold, or the cache errs)");
+                if !hit {
+                    dump_logs(&projectors.log_dir);
+                    let state = app
+                        .client
+                        .get(format!("{}/admin/cache/status", app.address))
+                        .bearer_auth(&admin)
+                        .send()
+                        .await
+                        .unwrap()
+                        .text()
+                        .await
+                        .unwrap();
+                    panic!("tenant {tenant} {fields:?}: no cache hit within 30 s (cold, or the cache errs); status: {state}");
+                }
                 assert_same(&cached, &live, &format!("tenant {tenant} {fields:?}"));
             }
         }
@@ -223,4 +239,67 @@ async fn random_workload_with_crashing_projectors_converges_to_the_live_answer()
     projectors.kill(0);
     projectors.kill(1);
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_projector_takes_over_when_the_leader_dies() {
+    use redis::AsyncCommands;
+    let app = spawn_app().await;
+    let ds = generate(seed() + 1, 60);
+    app.insert(CALL_STATUS, &ds.statuses).await;
+    app.insert(USERS, &ds.users).await;
+    app.insert(CALLS, &ds.calls).await;
+    let config = app.services.dir.path().join("lease.toml");
+    std::fs::write(&config, "[projector]\nlease_ttl_ms = 1500\n").unwrap();
+    let mut projectors = Projectors {
+        procs: vec![None, None],
+        config,
+        app_env: env_of(&app),
+        log_dir: app.services.dir.path().to_path_buf(),
+        started: 0,
+    };
+    projectors.start(0);
+    projectors.start(1);
+    app.grouped_as(&app.token(1), &[], false).await;
+    let (hit, _, _) = app.wait_for_projection(1, &[], Duration::from_secs(20)).await;
+    assert!(hit);
+    let mut redis =
+        redis::Client::open(app.services.redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let leader: String = redis.get("cb:{g}:lease").await.unwrap();
+    let pids: Vec<u32> = projectors.procs.iter().map(|p| p.as_ref().unwrap().pid()).collect();
+    let slot =
+        pids.iter().position(|pid| leader.contains(&format!("-{pid}-"))).expect("the lease names a running projector");
+    projectors.kill(slot);
+    let killed_at = Instant::now();
+    app.db
+        .collection::<Document>(CALLS)
+        .insert_one(doc! {"id": 555_555, "tenant_id": 1, "status_id": 1, "subject": "after the crash"})
+        .await
+        .unwrap();
+    let (hit, cached, live) = app.wait_for_projection(1, &[], Duration::from_secs(20)).await;
+    let took = killed_at.elapsed();
+    assert!(hit && cached.to_string().contains("after the crash"), "the standby never applied the write");
+    assert_same(&cached, &live, "after takeover");
+    assert!(took < Duration::from_secs(8), "takeover took {took:?}");
+    let new_leader: String = redis.get("cb:{g}:lease").await.unwrap();
+    assert!(new_leader.contains(&format!("-{}-", pids[1 - slot])), "{new_leader}");
+    eprintln!("takeover: write visible {took:?} after the leader was killed (lease TTL 1.5 s)");
+    projectors.kill(1 - slot);
+    app.stop().await;
+}
+
+/// The projectors' warnings and errors, for a failure's diagnosis.
+fn dump_logs(dir: &std::path::Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("projector-")) {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for line in text
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("warm") || l.contains("lease"))
+            {
+                eprintln!("{}: {line}", path.display());
+            }
+        }
+    }
 }

@@ -162,6 +162,7 @@ impl Projector {
     async fn lead_with(&self, keeper: &Keeper, owner: &str) -> Result<(), ProjectorError> {
         let mut source = self.open_source().await?;
         let mut pending: HashMap<TenantId, PendingWarm> = HashMap::new();
+        self.resume_warms(&mut pending, keeper).await?;
         let mut last_beat = Instant::now();
         loop {
             if !keeper.is_safe() {
@@ -317,22 +318,7 @@ impl Projector {
                         continue;
                     };
                     let job = (*job != "-").then(|| job.to_string());
-                    if reader.tenant_state(tenant).await? != TenantState::Warming(epoch) {
-                        // Superseded or invalidated meanwhile.
-                        self.job_done(job.as_deref()).await?;
-                        continue;
-                    }
-                    let started = now_ms();
-                    let span = info_span!("warm", tenant = %tenant, epoch, calls = tracing::field::Empty);
-                    let calls =
-                        warm::snapshot_tenant(&self.db, &self.writer, tenant, keeper).instrument(span.clone()).await?;
-                    span.record("calls", calls);
-                    info!(tenant = %tenant, calls, ms = now_ms() - started, "snapshot loaded");
-                    if let Some(previous) =
-                        pending.insert(tenant, PendingWarm { epoch, job, snapshot_started_ms: started })
-                    {
-                        self.job_done(previous.job.as_deref()).await?;
-                    }
+                    self.warm(tenant, epoch, job, pending, keeper).await?;
                 }
                 ["purge", t] => {
                     if let Some(tenant) = t.parse().ok().and_then(|t| TenantId::new(t).ok()) {
@@ -345,6 +331,49 @@ impl Projector {
                 }
                 _ => warn!(%cmd, "unknown command"),
             }
+        }
+        Ok(())
+    }
+
+    /// Loads `tenant`'s snapshot unless its state moved on (invalidated,
+    /// or a newer warm queued); it turns warm once the stream catches up.
+    async fn warm(
+        &self,
+        tenant: TenantId,
+        epoch: u64,
+        job: Option<String>,
+        pending: &mut HashMap<TenantId, PendingWarm>,
+        keeper: &Keeper,
+    ) -> Result<(), ProjectorError> {
+        let reader = callboard_readmodel::ReadModel::new(self.pool.clone(), self.keys.clone());
+        if reader.tenant_state(tenant).await? != TenantState::Warming(epoch) {
+            return self.job_done(job.as_deref()).await;
+        }
+        if pending.get(&tenant).is_some_and(|p| p.epoch == epoch) {
+            return Ok(()); // already loaded, waiting to catch up
+        }
+        let started = now_ms();
+        let span = info_span!("warm", tenant = %tenant, epoch, calls = tracing::field::Empty);
+        let calls = warm::snapshot_tenant(&self.db, &self.writer, tenant, keeper).instrument(span.clone()).await?;
+        span.record("calls", calls);
+        info!(tenant = %tenant, calls, ms = now_ms() - started, "snapshot loaded");
+        if let Some(previous) = pending.insert(tenant, PendingWarm { epoch, job, snapshot_started_ms: started }) {
+            self.job_done(previous.job.as_deref()).await?;
+        }
+        Ok(())
+    }
+
+    /// Warms a previous leader left unfinished (its progress was in its
+    /// memory): they are redone from their snapshot.
+    async fn resume_warms(
+        &self,
+        pending: &mut HashMap<TenantId, PendingWarm>,
+        keeper: &Keeper,
+    ) -> Result<(), ProjectorError> {
+        let reader = callboard_readmodel::ReadModel::new(self.pool.clone(), self.keys.clone());
+        for (tenant, epoch, job) in reader.warming().await? {
+            info!(tenant = %tenant, epoch, "resuming an unfinished warm");
+            self.warm(tenant, epoch, job, pending, keeper).await?;
         }
         Ok(())
     }

@@ -20,12 +20,20 @@ pub enum TenantState {
 }
 
 impl TenantState {
+    /// `warm:<epoch>`, or `warming:<epoch>:<job>` (job `-` for none).
     pub fn parse(raw: Option<&str>) -> Self {
-        match raw.and_then(|r| r.split_once(':')) {
-            Some(("warm", e)) => e.parse().map(TenantState::Warm).unwrap_or(TenantState::Cold),
-            Some(("warming", e)) => e.parse().map(TenantState::Warming).unwrap_or(TenantState::Cold),
+        let mut parts = raw.unwrap_or("").split(':');
+        let (kind, epoch) = (parts.next(), parts.next().and_then(|e| e.parse().ok()));
+        match (kind, epoch) {
+            (Some("warm"), Some(e)) => TenantState::Warm(e),
+            (Some("warming"), Some(e)) => TenantState::Warming(e),
             _ => TenantState::Cold,
         }
+    }
+
+    /// The warm job recorded with a `warming` state, if any.
+    pub fn job_of(raw: &str) -> Option<String> {
+        raw.strip_prefix("warming:")?.split_once(':').map(|(_, job)| job.to_string()).filter(|j| j != "-")
     }
 
     pub fn name(self) -> &'static str {
@@ -103,7 +111,7 @@ if ARGV[3] ~= '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
   return 0
 end
 local epoch = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[1], ARGV[1], 'warming:' .. epoch)
+redis.call('HSET', KEYS[1], ARGV[1], 'warming:' .. epoch .. ':' .. ARGV[2])
 redis.call('RPUSH', KEYS[3], 'warm ' .. ARGV[1] .. ' ' .. epoch .. ' ' .. ARGV[2])
 if ARGV[2] ~= '-' then
   redis.call('HINCRBY', KEYS[4], 'total', 1)
@@ -144,6 +152,19 @@ impl ReadModel {
         let mut c = self.conn().await?;
         let all: HashMap<i64, String> = c.hgetall(self.keys.tenant_state()).await?;
         Ok(all.into_iter().filter_map(|(t, s)| Some((TenantId::new(t).ok()?, TenantState::parse(Some(&s))))).collect())
+    }
+
+    /// Tenants whose warm is queued or under way: (tenant, epoch, job).
+    pub async fn warming(&self) -> Result<Vec<(TenantId, u64, Option<String>)>, ReadModelError> {
+        let mut c = self.conn().await?;
+        let all: HashMap<i64, String> = c.hgetall(self.keys.tenant_state()).await?;
+        Ok(all
+            .into_iter()
+            .filter_map(|(t, raw)| match TenantState::parse(Some(&raw)) {
+                TenantState::Warming(e) => Some((TenantId::new(t).ok()?, e, TenantState::job_of(&raw))),
+                _ => None,
+            })
+            .collect())
     }
 
     /// The grouped response from Redis alone, or `None` when the tenant is

@@ -322,7 +322,8 @@ impl Writer {
     /// (invalidated, or a newer warm queued).
     pub async fn mark_warm(&self, tenant: TenantId, epoch: u64) -> Result<bool, ReadModelError> {
         let script = redis::Script::new(
-            r#"if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+            r#"local s = redis.call('HGET', KEYS[1], ARGV[1])
+               if s and string.sub(s, 1, string.len(ARGV[2])) == ARGV[2] then
                  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1 end
                return 0"#,
         );
@@ -330,7 +331,7 @@ impl Writer {
         let done: i64 = script
             .key(self.keys.tenant_state())
             .arg(tenant.get())
-            .arg(format!("warming:{epoch}"))
+            .arg(format!("warming:{epoch}:"))
             .arg(format!("warm:{epoch}"))
             .invoke_async(&mut c)
             .await?;

@@ -88,6 +88,9 @@ impl Drop for Guarded {
 fn spawn_guarded(mut cmd: Command, what: &'static str, log: &Path) -> Result<Guarded, TestkitError> {
     let out = std::fs::File::create(log)?;
     cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    // The kernel kills the child when the *thread* that spawned it exits
+    // (PR_SET_PDEATHSIG follows the thread, not the process): start servers
+    // from the test's own thread, not from a short-lived one.
     // SAFETY: prctl is async-signal-safe; it runs in the child before exec.
     unsafe {
         cmd.pre_exec(|| {
