@@ -47,18 +47,26 @@ export CALLBOARD_JWT_SECRET="${RUN_SECRET:-callboard-demo-secret-not-for-product
 "$BIN" seed --tenants "$TENANTS" --calls "$CALLS" --drop
 "$BIN" create-indexes >/dev/null
 TOKEN=$("$BIN" token --tenant 6 --ttl 12h)
+ADMIN=$("$BIN" token --tenant 6 --admin --ttl 12h)
 
-"$BIN" serve &
+# API and projector in one process: the first request of a tenant is
+# answered live and warms it; the next ones are cache hits.
+"$BIN" run &
 pids+=($!)
 wait_port "${HTTP_ADDR##*:}"
 cat <<MSG
 
 callboard is serving demo data on http://$HTTP_ADDR (tenant 6's token below, valid 12h).
+The first request is answered live (X-Cache: miss) and warms tenant 6; the
+next ones come from Redis (X-Cache: hit). Add -i to see the header.
 
   curl -X POST "http://$HTTP_ADDR/crm/calls/get-grouped-by-status" \\
     -H "Authorization: Bearer $TOKEN" \\
     -F "limit=20" -F "include_enrichment=true"
 
-Ctrl-C stops the API, Redis and the stand-in.
+Operators (admin token):
+  curl -H "Authorization: Bearer $ADMIN" http://$HTTP_ADDR/admin/cache/status
+
+Ctrl-C stops the API, the projector, Redis and the stand-in.
 MSG
 wait "${pids[-1]}"
