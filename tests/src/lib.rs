@@ -115,6 +115,7 @@ impl TestApp {
         let config = callboard_projector::ProjectorConfig {
             lease_ttl: Duration::from_secs(3),
             batch_wait: Duration::from_millis(50),
+            idle_checkpoint: Duration::from_millis(200),
             ..Default::default()
         };
         let projector = callboard_projector::Projector::new(db, pool, keys, fields, config);

@@ -340,3 +340,37 @@ async fn lost_change_stream_history_marks_cold_and_rewarms() {
     assert_eq!(lost, Some(1));
     app.stop().await;
 }
+
+/// On an idle stream the projector re-saves the stream's post-batch token.
+/// Real MongoDB advances that token with cluster time; the stand-in returns
+/// the last event's, so this pins that the idle saves are harmless: the
+/// projector resumes from them with nothing lost and no history loss.
+#[tokio::test]
+async fn idle_checkpoints_resume_cleanly() {
+    let (mut app, _) = seeded(26).await;
+    app.start_projector();
+    app.grouped_as(&app.token(1), &[], false).await;
+    let (hit, _, _) = app.wait_for_projection(1, &[], WAIT).await;
+    assert!(hit);
+    let mut r = redis(&app).await;
+    let before: Vec<u8> = r.get("cb:{g}:ckpt").await.unwrap();
+    // Idle long enough for several idle checkpoints.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    app.stop_projector().await;
+    let after: Vec<u8> = r.get("cb:{g}:ckpt").await.unwrap();
+    assert!(!after.is_empty() && !before.is_empty());
+    // Writes while no projector runs are applied from the checkpoint.
+    app.db
+        .collection::<Document>(CALLS)
+        .insert_one(doc! {"id": 88_888, "tenant_id": 1, "status_id": 1, "subject": "while stopped"})
+        .await
+        .unwrap();
+    app.start_projector();
+    let (hit, cached, live) = app.wait_for_projection(1, &[], WAIT).await;
+    assert!(hit);
+    callboard_tests::reference::assert_same(&cached, &live, "resumed from an idle checkpoint");
+    assert!(cached.to_string().contains("while stopped"));
+    let lost: Option<i64> = r.hget("cb:{g}:progress", "history_lost_total").await.unwrap();
+    assert_eq!(lost, None, "resuming from an idle checkpoint must not count as history lost");
+    app.stop().await;
+}

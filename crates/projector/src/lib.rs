@@ -59,11 +59,18 @@ pub struct ProjectorConfig {
     /// How long to wait for a batch's first event.
     pub batch_wait: Duration,
     pub lease_ttl: Duration,
+    /// How often an idle stream's position is checkpointed.
+    pub idle_checkpoint: Duration,
 }
 
 impl Default for ProjectorConfig {
     fn default() -> Self {
-        Self { batch_max: 1000, batch_wait: Duration::from_millis(200), lease_ttl: Duration::from_secs(6) }
+        Self {
+            batch_max: 1000,
+            batch_wait: Duration::from_millis(200),
+            lease_ttl: Duration::from_secs(6),
+            idle_checkpoint: Duration::from_secs(10),
+        }
     }
 }
 
@@ -164,6 +171,7 @@ impl Projector {
         let mut pending: HashMap<TenantId, PendingWarm> = HashMap::new();
         self.resume_warms(&mut pending, keeper).await?;
         let mut last_beat = Instant::now();
+        let mut last_idle_checkpoint = Instant::now();
         loop {
             if !keeper.is_safe() {
                 return Err(ProjectorError::LeaseLost);
@@ -185,6 +193,17 @@ impl Projector {
                 // Caught up: every snapshot loaded so far is complete.
                 for (tenant, warm) in pending.drain() {
                     self.finish_warm(tenant, warm).await?;
+                }
+                // Keep the checkpoint moving on an idle stream (the
+                // server's post-batch token), so a long quiet spell cannot
+                // outlive the oplog window.
+                if last_idle_checkpoint.elapsed() >= self.config.idle_checkpoint {
+                    if let Some(token) = source.resume_token() {
+                        if !self.checkpoint.save(owner, &token, BatchStats::default()).await? {
+                            return Err(ProjectorError::LeaseLost);
+                        }
+                    }
+                    last_idle_checkpoint = Instant::now();
                 }
                 continue;
             }
