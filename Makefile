@@ -58,6 +58,19 @@ lint: deps ## cargo fmt --check and clippy -D warnings
 build: ## Build the release binary
 	$(CARGO) build --release -p callboard
 
+.PHONY: bench
+bench: deps ## Benchmarks at 10K, 100K and 1M calls (long); writes BENCHMARKS.md, then criterion
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
+	$(CARGO) build --release -p callboard -p callboard-bench
+	target/release/callboard-bench --out BENCHMARKS.md
+	$(CARGO) bench -p callboard-bench
+
+.PHONY: bench-quick
+bench-quick: deps ## The 10K-call benchmarks only (under two minutes once built)
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
+	$(CARGO) build --release -p callboard -p callboard-bench
+	target/release/callboard-bench --quick --out BENCHMARKS.md
+
 .PHONY: run
 run: deps build ## Start Redis and the stand-in, seed demo data, serve on :8006
 	@bash deploy/run-local.sh

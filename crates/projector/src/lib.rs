@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use callboard_domain::render::UserFields;
 use callboard_domain::TenantId;
-use callboard_readmodel::write::Writer;
+use callboard_readmodel::write::{Guard, Writer};
 use callboard_readmodel::{Keys, ReadModelError, TenantState};
 use mongodb::Database;
 use redis::AsyncCommands;
@@ -35,9 +35,18 @@ pub enum ProjectorError {
     #[error("MongoDB: {0}")]
     Mongo(#[from] mongodb::error::Error),
     #[error(transparent)]
-    ReadModel(#[from] ReadModelError),
+    ReadModel(ReadModelError),
     #[error("lost the lease to another projector")]
     LeaseLost,
+}
+
+impl From<ReadModelError> for ProjectorError {
+    fn from(e: ReadModelError) -> Self {
+        match e {
+            ReadModelError::Fenced => ProjectorError::LeaseLost,
+            other => ProjectorError::ReadModel(other),
+        }
+    }
 }
 
 impl From<deadpool_redis::PoolError> for ProjectorError {
@@ -78,7 +87,6 @@ pub struct Projector {
     db: Database,
     pool: deadpool_redis::Pool,
     keys: Keys,
-    writer: Writer,
     checkpoint: Checkpoint,
     fields: UserFields,
     config: ProjectorConfig,
@@ -89,8 +97,9 @@ pub struct Projector {
 struct PendingWarm {
     epoch: u64,
     job: Option<String>,
-    /// Events committed after this (ms) were not in the snapshot for sure.
-    snapshot_started_ms: i64,
+    /// When the snapshot read ended (ms): events committed after it were
+    /// not in it.
+    snapshot_done_ms: i64,
 }
 
 impl Projector {
@@ -102,16 +111,7 @@ impl Projector {
         config: ProjectorConfig,
     ) -> Self {
         let id = format!("{}-{}-{:08x}", hostname(), std::process::id(), rand::random::<u32>());
-        Self {
-            writer: Writer::new(pool.clone(), keys.clone()),
-            checkpoint: Checkpoint::new(pool.clone(), keys.clone()),
-            db,
-            pool,
-            keys,
-            fields,
-            config,
-            id,
-        }
+        Self { checkpoint: Checkpoint::new(pool.clone(), keys.clone()), db, pool, keys, fields, config, id }
     }
 
     pub fn id(&self) -> &str {
@@ -161,15 +161,24 @@ impl Projector {
     /// is none, or when MongoDB no longer has it) and applies batches.
     async fn lead(&self, lease: &mut Lease) -> Result<(), ProjectorError> {
         let (keeper, renewer) = lease.keep_alive();
-        let result = self.lead_with(&keeper, &lease.id).await;
+        let token: u64 = {
+            let mut c = self.pool.get().await?;
+            c.incr(self.keys.fence_seq(), 1).await?
+        };
+        // Every write of this leadership is fenced by `token` (tenants) and
+        // the lease (shared keys).
+        let writer =
+            Writer::guarded(self.pool.clone(), self.keys.clone(), Guard::Leader { token, owner: lease.id.clone() });
+        let result = self.lead_with(&keeper, &lease.id, &writer).await;
         renewer.abort();
         result
     }
 
-    async fn lead_with(&self, keeper: &Keeper, owner: &str) -> Result<(), ProjectorError> {
-        let mut source = self.open_source().await?;
+    async fn lead_with(&self, keeper: &Keeper, owner: &str, writer: &Writer) -> Result<(), ProjectorError> {
+        let mut source = self.open_source(writer).await?;
         let mut pending: HashMap<TenantId, PendingWarm> = HashMap::new();
-        self.resume_warms(&mut pending, keeper).await?;
+        self.resume_warms(&mut pending, keeper, writer).await?;
+        let mut last_resume = Instant::now();
         let mut last_beat = Instant::now();
         let mut last_idle_checkpoint = Instant::now();
         loop {
@@ -180,11 +189,17 @@ impl Projector {
                 self.checkpoint.heartbeat(&[]).await?;
                 last_beat = Instant::now();
             }
-            self.run_commands(&mut pending, keeper).await?;
+            if last_resume.elapsed() >= Duration::from_secs(5) {
+                // Warms whose command a fenced-out leader took and lost.
+                self.resume_warms(&mut pending, keeper, writer).await?;
+                last_resume = Instant::now();
+            }
+            self.run_commands(&mut pending, keeper, writer).await?;
             let events = match source.next_batch(self.config.batch_max, self.config.batch_wait).await {
                 Ok(events) => events,
                 Err(e) if source::is_history_lost(&e) => {
-                    source = self.recover_history_lost(&e).await?;
+                    source = self.recover_history_lost(&e, writer).await?;
+                    pending.clear();
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -216,10 +231,10 @@ impl Projector {
             if !keeper.is_safe() {
                 return Err(ProjectorError::LeaseLost);
             }
-            let reset = self.apply_batch(&events, owner).instrument(span).await?;
+            let reset = self.apply_batch(&events, owner, writer).instrument(span).await?;
             let newest_ms = events.iter().filter_map(transform::event_ms).max().unwrap_or(0);
             let caught_up: Vec<TenantId> =
-                pending.iter().filter(|(_, w)| newest_ms > w.snapshot_started_ms + 1000).map(|(t, _)| *t).collect();
+                pending.iter().filter(|(_, w)| newest_ms > w.snapshot_done_ms + 1000).map(|(t, _)| *t).collect();
             for tenant in caught_up {
                 if let Some(warm) = pending.remove(&tenant) {
                     self.finish_warm(tenant, warm).await?;
@@ -227,22 +242,22 @@ impl Projector {
             }
             if let Some(token) = reset {
                 warn!("a watched collection was dropped or renamed; rebuilding the read model");
-                source = self.rebuild(StartAt::StartAfter(token)).await?;
+                source = self.rebuild(StartAt::StartAfter(token), writer).await?;
                 pending.clear();
             }
         }
     }
 
-    async fn open_source(&self) -> Result<Source, ProjectorError> {
+    async fn open_source(&self, writer: &Writer) -> Result<Source, ProjectorError> {
         match self.checkpoint.load().await? {
             Some(token) => match Source::open(&self.db, StartAt::ResumeAfter(token)).await {
                 Ok(s) => Ok(s),
-                Err(e) if source::is_history_lost(&e) => self.recover_history_lost(&e).await,
+                Err(e) if source::is_history_lost(&e) => self.recover_history_lost(&e, writer).await,
                 Err(e) => Err(e.into()),
             },
             None => {
                 info!("no checkpoint: bootstrapping the read model");
-                self.rebuild(StartAt::Now).await
+                self.rebuild(StartAt::Now, writer).await
             }
         }
     }
@@ -250,13 +265,17 @@ impl Projector {
     /// MongoDB no longer holds the checkpoint's history: every tenant goes
     /// cold, the read model is rebuilt, and the tenants that were warm are
     /// warmed again.
-    async fn recover_history_lost(&self, cause: &mongodb::error::Error) -> Result<Source, ProjectorError> {
+    async fn recover_history_lost(
+        &self,
+        cause: &mongodb::error::Error,
+        writer: &Writer,
+    ) -> Result<Source, ProjectorError> {
         warn!(error = %cause, "change stream history lost; marking every tenant cold and re-warming");
         self.checkpoint.heartbeat(&[("history_lost_total", 1)]).await?;
         let reader = callboard_readmodel::ReadModel::new(self.pool.clone(), self.keys.clone());
         let warm: Vec<TenantId> =
             reader.tenant_states().await?.into_iter().filter(|(_, s)| s.is_maintained()).map(|(t, _)| t).collect();
-        let source = self.rebuild(StartAt::Now).await?;
+        let source = self.rebuild(StartAt::Now, writer).await?;
         for t in &warm {
             reader.request_warm(*t).await?;
         }
@@ -266,11 +285,11 @@ impl Projector {
 
     /// Empties the read model and reloads users and statuses, with the
     /// stream opened first so nothing committed meanwhile is missed.
-    async fn rebuild(&self, start: StartAt) -> Result<Source, ProjectorError> {
+    async fn rebuild(&self, start: StartAt, writer: &Writer) -> Result<Source, ProjectorError> {
         self.checkpoint.clear().await?;
-        self.writer.purge_all().await?;
+        writer.purge_all().await?;
         let source = Source::open(&self.db, start).await?;
-        let (users, statuses) = warm::bootstrap_globals(&self.db, &self.writer, &self.fields).await?;
+        let (users, statuses) = warm::bootstrap_globals(&self.db, writer, &self.fields).await?;
         info!(users, statuses, "users and statuses loaded");
         Ok(source)
     }
@@ -281,6 +300,7 @@ impl Projector {
         &self,
         events: &[mongodb::change_stream::event::ChangeStreamEvent<bson::Document>],
         owner: &str,
+        writer: &Writer,
     ) -> Result<Option<mongodb::change_stream::event::ResumeToken>, ProjectorError> {
         let mut changes = Vec::with_capacity(events.len());
         let mut applied = 0;
@@ -297,14 +317,14 @@ impl Projector {
             applied += 1;
         }
         let needs = transform::needs(&changes);
-        let mut view = self.writer.load_locators(&needs.calls, &needs.users, &needs.statuses).await?;
+        let mut view = writer.load_locators(&needs.calls, &needs.users, &needs.statuses).await?;
         let pairs = transform::idx_needs(&changes, &view);
-        self.writer.load_idx(&mut view, &pairs).await?;
+        writer.load_idx(&mut view, &pairs).await?;
         let last = &events[applied.max(1) - 1];
         let event_ms = transform::event_ms(last).unwrap_or_else(now_ms);
         let plan = transform::plan(&changes, &view, event_ms);
         tracing::Span::current().record("tenants", plan.tenants.len());
-        self.writer.apply(&plan).await?;
+        writer.apply(&plan).await?;
         let lag_ms = now_ms() - event_ms;
         tracing::Span::current().record("lag_ms", lag_ms);
         let stats = BatchStats { events: applied as u64, last_event_ms: Some(event_ms), lag_ms: Some(lag_ms) };
@@ -320,9 +340,14 @@ impl Projector {
         &self,
         pending: &mut HashMap<TenantId, PendingWarm>,
         keeper: &Keeper,
+        writer: &Writer,
     ) -> Result<(), ProjectorError> {
         let reader = callboard_readmodel::ReadModel::new(self.pool.clone(), self.keys.clone());
         for _ in 0..16 {
+            // Never take a command this projector might not finish.
+            if !keeper.is_safe() {
+                return Err(ProjectorError::LeaseLost);
+            }
             let mut c = self.pool.get().await?;
             let cmd: Option<String> = c.lpop(self.keys.commands(), None).await?;
             drop(c);
@@ -337,12 +362,12 @@ impl Projector {
                         continue;
                     };
                     let job = (*job != "-").then(|| job.to_string());
-                    self.warm(tenant, epoch, job, pending, keeper).await?;
+                    self.warm(tenant, epoch, job, pending, keeper, writer).await?;
                 }
                 ["purge", t] => {
                     if let Some(tenant) = t.parse().ok().and_then(|t| TenantId::new(t).ok()) {
                         if reader.tenant_state(tenant).await? == TenantState::Cold {
-                            let removed = self.writer.purge_tenant_calls(tenant).await?;
+                            let removed = writer.purge_tenant_calls(tenant).await?;
                             pending.remove(&tenant);
                             info!(tenant = %tenant, removed, "tenant invalidated");
                         }
@@ -363,6 +388,7 @@ impl Projector {
         job: Option<String>,
         pending: &mut HashMap<TenantId, PendingWarm>,
         keeper: &Keeper,
+        writer: &Writer,
     ) -> Result<(), ProjectorError> {
         let reader = callboard_readmodel::ReadModel::new(self.pool.clone(), self.keys.clone());
         if reader.tenant_state(tenant).await? != TenantState::Warming(epoch) {
@@ -373,10 +399,13 @@ impl Projector {
         }
         let started = now_ms();
         let span = info_span!("warm", tenant = %tenant, epoch, calls = tracing::field::Empty);
-        let calls = warm::snapshot_tenant(&self.db, &self.writer, tenant, keeper).instrument(span.clone()).await?;
+        let calls = warm::snapshot_tenant(&self.db, writer, tenant, keeper).instrument(span.clone()).await?;
         span.record("calls", calls);
-        info!(tenant = %tenant, calls, ms = now_ms() - started, "snapshot loaded");
-        if let Some(previous) = pending.insert(tenant, PendingWarm { epoch, job, snapshot_started_ms: started }) {
+        let done = now_ms();
+        info!(tenant = %tenant, calls, ms = done - started, "snapshot loaded");
+        // Warm once the stream is past the snapshot's *end*: events from
+        // during the read may be older than what it saw.
+        if let Some(previous) = pending.insert(tenant, PendingWarm { epoch, job, snapshot_done_ms: done }) {
             self.job_done(previous.job.as_deref()).await?;
         }
         Ok(())
@@ -388,17 +417,25 @@ impl Projector {
         &self,
         pending: &mut HashMap<TenantId, PendingWarm>,
         keeper: &Keeper,
+        writer: &Writer,
     ) -> Result<(), ProjectorError> {
         let reader = callboard_readmodel::ReadModel::new(self.pool.clone(), self.keys.clone());
         for (tenant, epoch, job) in reader.warming().await? {
+            if pending.get(&tenant).is_some_and(|p| p.epoch == epoch) {
+                continue;
+            }
+            // Queued warms not yet taken are left to the queue.
+            if reader.is_queued(tenant, epoch).await? {
+                continue;
+            }
             info!(tenant = %tenant, epoch, "resuming an unfinished warm");
-            self.warm(tenant, epoch, job, pending, keeper).await?;
+            self.warm(tenant, epoch, job, pending, keeper, writer).await?;
         }
         Ok(())
     }
 
     async fn finish_warm(&self, tenant: TenantId, warm: PendingWarm) -> Result<(), ProjectorError> {
-        if self.writer.mark_warm(tenant, warm.epoch).await? {
+        if Writer::new(self.pool.clone(), self.keys.clone()).mark_warm(tenant, warm.epoch).await? {
             info!(tenant = %tenant, epoch = warm.epoch, "tenant warm");
             self.checkpoint.heartbeat(&[("warms_total", 1)]).await?;
         }

@@ -15,7 +15,7 @@ use bson::{Bson, Document};
 use callboard_domain::render::UserFields;
 use callboard_domain::{DocKey, StatusRecord, TenantId, UserId};
 use callboard_readmodel::codec::{user_entry, CallEntry};
-use callboard_readmodel::write::{status_place, GlobalOp, Plan, StateView, StatusPlace, TenantOp};
+use callboard_readmodel::write::{status_place, GlobalOp, Locator, Plan, StateView, StatusPlace, TenantOp};
 use callboard_store::{CALLS, CALL_STATUS, USERS};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType};
 
@@ -104,7 +104,7 @@ pub fn idx_needs(changes: &[Change], view: &StateView) -> BTreeSet<(TenantId, Do
     let mut pairs = BTreeSet::new();
     for c in changes {
         if let Change::Call { doc, state } = c {
-            if let Some(t) = view.call_loc.get(doc) {
+            for t in view.call_loc.get(doc).into_iter().flatten() {
                 pairs.insert((*t, doc.clone()));
             }
             if let Some(Some(entry)) = state {
@@ -130,7 +130,7 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
             Change::Call { doc, state } => {
                 let slot = calls
                     .entry(doc.clone())
-                    .or_insert_with(|| (None, view.call_loc.get(doc).copied().into_iter().collect()));
+                    .or_insert_with(|| (None, view.call_loc.get(doc).cloned().unwrap_or_default()));
                 let entry = state.clone().flatten();
                 if let Some(e) = &entry {
                     slot.1.insert(e.tenant);
@@ -140,7 +140,7 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
             Change::User { doc, state } => {
                 let slot = users
                     .entry(doc.clone())
-                    .or_insert_with(|| (None, view.user_loc.get(doc).copied().into_iter().collect()));
+                    .or_insert_with(|| (None, view.user_loc.get(doc).cloned().unwrap_or_default()));
                 if let Some((id, _)) = state {
                     slot.1.insert(*id);
                 }
@@ -149,7 +149,7 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
             Change::Status { doc, state } => {
                 let slot = statuses
                     .entry(doc.clone())
-                    .or_insert_with(|| (None, view.status_loc.get(doc).cloned().into_iter().collect()));
+                    .or_insert_with(|| (None, view.status_loc.get(doc).cloned().unwrap_or_default()));
                 if let Some(r) = state {
                     slot.1.insert(status_place(r.tenant));
                 }
@@ -164,6 +164,11 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
     for (doc, (entry, places)) in calls {
         // Cold tenants are not maintained: a call moving into one leaves.
         let target = entry.filter(|e| view.tenant_state(e.tenant).is_maintained());
+        let mut widened = places.clone();
+        widened.extend(target.as_ref().map(|e| e.tenant));
+        if !widened.is_empty() && Some(&widened) != view.call_loc.get(&doc) {
+            plan.intents.push(GlobalOp::call_loc(doc.clone(), widened));
+        }
         for t in places.iter().filter(|t| Some(**t) != target.as_ref().map(|e| e.tenant)) {
             if let Some(old) = view.idx.get(&(*t, doc.clone())) {
                 plan.tenants.entry(*t).or_default().push(TenantOp::Remove { doc: doc.clone(), old: old.clone() });
@@ -180,14 +185,17 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
                     stored: e.stored,
                 });
                 touched.insert(e.tenant);
-                plan.global.push(GlobalOp::PutCallLoc(doc, e.tenant));
+                plan.global.push(GlobalOp::call_loc(doc, [e.tenant]));
             }
-            None => plan.global.push(GlobalOp::DelCallLoc(doc)),
+            None => plan.global.push(GlobalOp::DelLoc(Locator::Call, doc)),
         }
     }
     for t in touched {
         plan.tenants.entry(t).or_default().push(TenantOp::Touch { last_event_ms: event_ms });
     }
+    // Users are keyed by id, which several documents may pass between in
+    // one batch (a delete and a re-insert): every removal before any put.
+    let mut puts = Vec::new();
     for (doc, (state, ids)) in users {
         let keep = state.as_ref().map(|(id, _)| *id);
         for id in ids.into_iter().filter(|id| Some(*id) != keep) {
@@ -195,14 +203,20 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
         }
         match state {
             Some((id, json)) => {
-                plan.global.push(GlobalOp::PutUser(id, json));
-                plan.global.push(GlobalOp::PutUserLoc(doc, id));
+                puts.push(GlobalOp::PutUser(id, json));
+                puts.push(GlobalOp::user_loc(doc, [id]));
             }
-            None => plan.global.push(GlobalOp::DelUserLoc(doc)),
+            None => plan.global.push(GlobalOp::DelLoc(Locator::User, doc)),
         }
     }
+    plan.global.extend(puts);
     for (doc, (state, places)) in statuses {
         let keep = state.as_ref().map(|r| status_place(r.tenant));
+        let mut widened = places.clone();
+        widened.extend(keep.clone());
+        if !widened.is_empty() && Some(&widened) != view.status_loc.get(&doc) {
+            plan.intents.push(GlobalOp::status_loc(doc.clone(), &widened));
+        }
         for place in places.into_iter().filter(|p| Some(p) != keep.as_ref()) {
             match place.parse::<i64>().ok().and_then(|t| TenantId::new(t).ok()) {
                 Some(t) => plan.tenants.entry(t).or_default().push(TenantOp::DelStatus { doc: doc.clone() }),
@@ -217,9 +231,9 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
                     Some(t) => plan.tenants.entry(t).or_default().push(TenantOp::PutStatus { doc: doc.clone(), json }),
                     None => plan.global.push(GlobalOp::PutGlobalStatus(doc.clone(), json)),
                 }
-                plan.global.push(GlobalOp::PutStatusLoc(doc, place));
+                plan.global.push(GlobalOp::status_loc(doc, [&place]));
             }
-            None => plan.global.push(GlobalOp::DelStatusLoc(doc)),
+            None => plan.global.push(GlobalOp::DelLoc(Locator::Status, doc)),
         }
     }
     plan
@@ -259,12 +273,15 @@ mod tests {
         let first = plan(&[call(5, 1, 3)], &view, 0);
         let TenantOp::Put { index, .. } = &first.tenants[&TenantId::new(1).unwrap()][0] else { panic!() };
         let d = DocKey::from_bson(&Bson::Int64(5));
-        view.call_loc.insert(d.clone(), TenantId::new(1).unwrap());
+        view.call_loc.insert(d.clone(), [TenantId::new(1).unwrap()].into());
         view.idx.insert((TenantId::new(1).unwrap(), d.clone()), index.clone());
         let moved = plan(&[call(5, 2, 3)], &view, 0);
         assert!(matches!(moved.tenants[&TenantId::new(1).unwrap()][0], TenantOp::Remove { .. }));
         assert!(matches!(moved.tenants[&TenantId::new(2).unwrap()][0], TenantOp::Put { old: None, .. }));
-        assert!(moved.global.contains(&GlobalOp::PutCallLoc(d, TenantId::new(2).unwrap())));
+        assert!(moved
+            .intents
+            .contains(&GlobalOp::call_loc(d.clone(), [TenantId::new(1).unwrap(), TenantId::new(2).unwrap()])));
+        assert!(moved.global.contains(&GlobalOp::call_loc(d, [TenantId::new(2).unwrap()])));
     }
 
     #[test]
@@ -276,6 +293,6 @@ mod tests {
         let d = DocKey::from_bson(&Bson::Int64(5));
         let p = plan(&[call(5, 1, 3), Change::Call { doc: d.clone(), state: None }], &view, 0);
         assert!(p.tenants.is_empty(), "{p:?}");
-        assert_eq!(p.global, vec![GlobalOp::DelCallLoc(d)]);
+        assert_eq!(p.global, vec![GlobalOp::DelLoc(Locator::Call, d)]);
     }
 }

@@ -35,7 +35,7 @@ pub async fn bootstrap_globals(
         let Some(key) = user.get("_id").map(callboard_domain::DocKey::from_bson) else { continue };
         if let Some((id, json)) = user_entry(&user, fields) {
             plan.global.push(GlobalOp::PutUser(id, json));
-            plan.global.push(GlobalOp::PutUserLoc(key, id));
+            plan.global.push(GlobalOp::user_loc(key, [id]));
             n_users += 1;
         }
         if plan.global.len() >= 2 * CHUNK {
@@ -47,7 +47,7 @@ pub async fn bootstrap_globals(
     while let Some(status) = statuses.try_next().await? {
         let Some(record) = StatusRecord::from_document(&status) else { continue };
         let json = serde_json::to_string(&record).unwrap_or_default();
-        plan.global.push(GlobalOp::PutStatusLoc(record.doc.clone(), status_place(record.tenant)));
+        plan.global.push(GlobalOp::status_loc(record.doc.clone(), [&status_place(record.tenant)]));
         match record.tenant {
             Some(t) => plan.tenants.entry(t).or_default().push(TenantOp::PutStatus { doc: record.doc, json }),
             None => plan.global.push(GlobalOp::PutGlobalStatus(record.doc, json)),

@@ -9,17 +9,19 @@
 //! | `P:{tN}:idx` | HASH | call `_id` -> `<status>\|<score>\|<member>`: the call state index |
 //! | `P:{tN}:st` | HASH | status `_id` -> the tenant's own status (JSON `StatusRecord`) |
 //! | `P:{tN}:meta` | HASH | `last_event_ms` |
+//! | `P:{tN}:fence` | STRING | the highest projector token that wrote the tenant |
 //! | `P:{g}:st` | HASH | status `_id` -> global status |
 //! | `P:{g}:users` | HASH | user id -> allowlisted user JSON |
 //! | `P:{g}:uloc` | HASH | user `_id` -> user id |
 //! | `P:{g}:sloc` | HASH | status `_id` -> `g` or tenant id |
-//! | `P:{g}:cloc` | HASH | call `_id` -> tenant id, for every call in a warm(ing) tenant |
+//! | `P:{g}:cloc` | HASH | call `_id` -> the tenants (comma list) that may hold it |
 //! | `P:{g}:tstate` | HASH | tenant -> `warming:<epoch>` or `warm:<epoch>`; absent = cold |
 //! | `P:{g}:epoch` | STRING | warm epoch counter |
 //! | `P:{g}:cmdq` | LIST | commands for the active projector (`warm`, `purge`) |
 //! | `P:{g}:job:<id>` | HASH | a warm job's progress |
 //! | `P:{g}:ckpt` | STRING | the resume token of the last applied batch (BSON) |
 //! | `P:{g}:lease` | STRING | the active projector's id, with a TTL |
+//! | `P:{g}:fence_seq` | STRING | counter handing each new leader a higher token |
 //! | `P:{g}:progress` | HASH | projector heartbeat, last event time, lag |
 
 use callboard_domain::{StatusKey, TenantId};
@@ -56,6 +58,13 @@ impl Keys {
     }
     pub fn meta(&self, t: TenantId) -> String {
         self.tenant(t, "meta")
+    }
+    /// The highest projector token that wrote this tenant.
+    pub fn fence(&self, t: TenantId) -> String {
+        self.tenant(t, "fence")
+    }
+    pub fn fence_seq(&self) -> String {
+        self.global("fence_seq")
     }
     /// A SCAN pattern for the call keys of `t` (not its statuses, which
     /// the projector keeps for every tenant).

@@ -24,6 +24,8 @@ pub enum ReadModelError {
     Redis(#[from] redis::RedisError),
     #[error("Redis pool: {0}")]
     Pool(#[from] deadpool_redis::PoolError),
+    #[error("a newer projector holds the lease")]
+    Fenced,
     #[error("corrupt read model value at {key}: {detail}")]
     Corrupt { key: String, detail: String },
 }

@@ -167,6 +167,14 @@ impl ReadModel {
             .collect())
     }
 
+    /// Whether a `warm` command for (tenant, epoch) still waits in the queue.
+    pub async fn is_queued(&self, tenant: TenantId, epoch: u64) -> Result<bool, ReadModelError> {
+        let mut c = self.conn().await?;
+        let queued: Vec<String> = c.lrange(self.keys.commands(), 0, -1).await?;
+        let prefix = format!("warm {} {epoch} ", tenant.get());
+        Ok(queued.iter().any(|q| q.starts_with(&prefix)))
+    }
+
     /// The grouped response from Redis alone, or `None` when the tenant is
     /// not warm.
     pub async fn grouped(

@@ -1,0 +1,369 @@
+//! `callboard-bench`: callboard against the live aggregation it replaces,
+//! in one run, on the same data. Starts Redis and the MongoDB stand-in,
+//! seeds each dataset with the release `callboard seed`, runs
+//! `callboard serve` and `callboard project` as separate processes, and
+//! measures with `wrk` over loopback. Writes BENCHMARKS.md and a chart.
+
+mod report;
+mod wrk;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bson::{doc, DateTime, Document};
+use callboard_testkit::{free_port, Guarded, Services};
+use clap::Parser;
+use redis::AsyncCommands;
+
+use report::{LagResult, Report, ScenarioResult};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks callboard's cache against the live aggregation")]
+struct Args {
+    /// Only the 10K-call dataset, shorter runs (under two minutes).
+    #[arg(long)]
+    quick: bool,
+    /// The release binary to measure.
+    #[arg(long, default_value = "target/release/callboard")]
+    bin: PathBuf,
+    /// Where to write the report (the chart goes beside it).
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+}
+
+pub struct Scenario {
+    pub name: &'static str,
+    pub calls: u64,
+    pub tenants: u32,
+}
+
+/// The request kinds measured, as form bodies.
+pub const KINDS: [(&str, &str); 4] = [
+    ("counts only", "include_calls=false"),
+    ("ids only, limit 20", "limit=20&include_enrichment=false"),
+    ("limit 20 enriched", "limit=20&include_enrichment=true"),
+    ("limit 100 enriched", "limit=100&include_enrichment=true"),
+];
+
+const SECRET: &str = "bench-secret-0123456789abcdef-0123456789";
+
+struct Deployment {
+    services: Services,
+    base: String,
+    serve: Guarded,
+    project: Guarded,
+    token: String,
+    admin: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !args.bin.exists() {
+        bail!("{} not found: run `cargo build --release -p callboard` (make bench does)", args.bin.display());
+    }
+    let scenarios: Vec<Scenario> = if args.quick {
+        vec![Scenario { name: "10K calls, 1 tenant", calls: 10_000, tenants: 1 }]
+    } else {
+        vec![
+            Scenario { name: "10K calls, 1 tenant", calls: 10_000, tenants: 1 },
+            Scenario { name: "100K calls, 1 tenant", calls: 100_000, tenants: 1 },
+            Scenario { name: "1M calls, 1 tenant", calls: 1_000_000, tenants: 1 },
+            Scenario { name: "1M calls, 1,000 tenants", calls: 1_000_000, tenants: 1000 },
+        ]
+    };
+    let mut report = Report::new(args.quick);
+    for scenario in &scenarios {
+        eprintln!("== {}", scenario.name);
+        let (result, lag) = run_scenario(&args, scenario, scenario.calls == 10_000).await?;
+        report.scenarios.push(result);
+        report.lag.extend(lag);
+    }
+    report.write(&args.out)?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Result<(ScenarioResult, Vec<LagResult>)> {
+    let services = Services::start()?;
+    let port = free_port()?;
+    let env: Vec<(String, String)> = vec![
+        ("CALLBOARD_MONGODB_URI".into(), services.mongo.uri()),
+        ("CALLBOARD_MONGODB_DB".into(), "bench".into()),
+        ("CALLBOARD_REDIS_URL".into(), services.redis.url()),
+        ("CALLBOARD_JWT_SECRET".into(), SECRET.into()),
+        ("CALLBOARD_HTTP_ADDR".into(), format!("127.0.0.1:{port}")),
+        ("CALLBOARD_LOG".into(), "warn".into()),
+    ];
+    let run = |args_: &[&str]| -> anyhow::Result<std::process::Output> {
+        let out = Command::new(&args.bin).args(args_).envs(env.iter().map(|(k, v)| (k, v))).output()?;
+        if !out.status.success() {
+            bail!("callboard {args_:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out)
+    };
+    let started = Instant::now();
+    let (calls, tenants) = (s.calls.to_string(), s.tenants.to_string());
+    run(&["seed", "--tenants", &tenants, "--calls", &calls, "--users", "100", "--statuses", "5", "--drop"])?;
+    let seed_s = started.elapsed().as_secs_f64();
+    eprintln!("   seeded in {seed_s:.1}s");
+    run(&["create-indexes"])?;
+    let spawn = |cmd: &str| -> anyhow::Result<Guarded> {
+        let mut c = Command::new(&args.bin);
+        c.arg(cmd).envs(env.iter().map(|(k, v)| (k, v)));
+        Ok(Guarded::spawn(c, "callboard", &services.dir.path().join(format!("{cmd}.log")))?)
+    };
+    let project = spawn("project")?;
+    let serve = spawn("serve")?;
+    let token = String::from_utf8(run(&["token", "--tenant", "1", "--ttl", "2h"])?.stdout)?.trim().to_string();
+    let admin =
+        String::from_utf8(run(&["token", "--tenant", "1", "--admin", "--ttl", "2h"])?.stdout)?.trim().to_string();
+    let mut d = Deployment { base: format!("http://127.0.0.1:{port}"), services, serve, project, token, admin };
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(600)).build()?;
+    wait_healthy(&client, &d.base).await?;
+
+    let mut redis = redis::Client::open(d.services.redis.url())?.get_multiplexed_async_connection().await?;
+    let used_before = used_memory(&mut redis).await?;
+    let started = Instant::now();
+    let job: serde_json::Value = client
+        .post(format!("{}/admin/cache/warm", d.base))
+        .bearer_auth(&d.admin)
+        .json(&serde_json::json!({"tenant_id": 1}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let job_id = job["job_id"].as_str().context("job id")?.to_string();
+    loop {
+        let state: serde_json::Value = client
+            .get(format!("{}/admin/cache/warm/{job_id}", d.base))
+            .bearer_auth(&d.admin)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if state["state"] == "done" {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("warm did not finish in 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let warm_s = started.elapsed().as_secs_f64();
+    let used_after = used_memory(&mut redis).await?;
+    let tenant_calls: u64 = redis.hlen("cb:{t1}:idx").await?;
+    eprintln!("   warm of tenant 1 ({tenant_calls} calls) in {warm_s:.1}s");
+    let cache = probe_cache(&client, &d, "limit=20&include_enrichment=true", false).await?;
+    if cache != "hit" {
+        bail!("tenant 1 is not served from the cache after its warm ({cache})");
+    }
+
+    // Hits first, then the lag probe, then the live path: the stand-in
+    // keeps working through queued live queries after wrk stops, which
+    // would load the machine during the other measurements.
+    let quick = args.quick;
+    let mut loads = Vec::new();
+    let dir = d.services.dir.path().to_path_buf();
+    for (kind, body) in KINDS {
+        for conns in [64, 1] {
+            let secs = if quick { 3 } else { 5 };
+            loads.push(wrk::run(&dir, &d.base, &d.token, body, false, conns, secs, kind).await?);
+        }
+    }
+    let rss_serve_kb = rss_kb(d.serve.pid());
+    let rss_project_kb = rss_kb(d.project.pid());
+    let lag =
+        if with_lag { lag_probe(&client, &d, &[500, 2000], if quick { 4 } else { 8 }).await? } else { Vec::new() };
+    // The live path on the stand-in: bounded by time. At 64 connections the
+    // stand-in (one lock per database) serves them one at a time; beyond
+    // 10K calls one request takes seconds, so only one connection there.
+    let live_secs = match s.calls {
+        n if n <= 10_000 => {
+            if quick {
+                4
+            } else {
+                8
+            }
+        }
+        n if n <= 100_000 => 15,
+        _ => 45,
+    };
+    let live_conns: &[u32] = if s.calls <= 10_000 || s.tenants > 1 { &[64, 1] } else { &[1] };
+    for (kind, body) in KINDS {
+        for &conns in live_conns {
+            loads.push(wrk::run(&dir, &d.base, &d.admin, body, true, conns, live_secs, kind).await?);
+            drain(&client, &d).await?;
+        }
+    }
+    d.serve.kill();
+    d.project.kill();
+    Ok((
+        ScenarioResult {
+            name: s.name.to_string(),
+            seed_s,
+            warm_s,
+            tenant_calls,
+            redis_bytes_per_call: (used_after.saturating_sub(used_before)) / tenant_calls.max(1),
+            rss_serve_kb,
+            rss_project_kb,
+            loads,
+        },
+        lag,
+    ))
+}
+
+async fn wait_healthy(client: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the API did not come up")
+}
+
+async fn probe_cache(client: &reqwest::Client, d: &Deployment, body: &str, live: bool) -> anyhow::Result<String> {
+    let mut req = client
+        .post(format!("{}/crm/calls/get-grouped-by-status", d.base))
+        .bearer_auth(if live { &d.admin } else { &d.token })
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.to_string());
+    if live {
+        req = req.header("cache-control", "no-cache");
+    }
+    let r = req.send().await?;
+    Ok(r.headers().get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or("").to_string())
+}
+
+/// Waits out the live queries wrk left queued: one more live request
+/// queues behind them, so its answer means they are done.
+async fn drain(client: &reqwest::Client, d: &Deployment) -> anyhow::Result<()> {
+    let started = Instant::now();
+    probe_cache(client, d, "include_calls=false", true).await?;
+    if started.elapsed() > Duration::from_secs(2) {
+        eprintln!("   (waited {:.1}s for queued live queries)", started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+async fn used_memory(redis: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(redis).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("used_memory in INFO")
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Projection lag: a writer inserts calls at a steady rate, each newer than
+/// the last, into tenant 1's status 1; a reader polls the API (limit 1) and
+/// notes when each write first shows as the status's top call. A write's
+/// lag is from its insert's acknowledgement to that moment.
+async fn lag_probe(
+    client: &reqwest::Client,
+    d: &Deployment,
+    rates: &[u32],
+    secs: u64,
+) -> anyhow::Result<Vec<LagResult>> {
+    let mongo = mongodb::Client::with_uri_str(d.services.mongo.uri()).await?.database("bench");
+    let mut results = Vec::new();
+    let mut next_id: i64 = 900_000_000;
+    for &rate in rates {
+        let calls = mongo.collection::<Document>("calls");
+        let first_id = next_id + 1;
+        let total = rate as u64 * secs;
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(i64, Instant)>::new()));
+        let writer = {
+            let acked = acked.clone();
+            let base_ms = 1_900_000_000_000_i64 + next_id;
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut in_flight = futures::stream::FuturesUnordered::new();
+                use futures::StreamExt;
+                for i in 0..total as i64 {
+                    let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+                    while Instant::now() < due {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(due.into()) => {}
+                            Some(_) = in_flight.next(), if !in_flight.is_empty() => {}
+                        }
+                    }
+                    let id = first_id + i;
+                    let calls = calls.clone();
+                    let acked = acked.clone();
+                    in_flight.push(async move {
+                        let doc = doc! {"id": id, "tenant_id": 1, "status_id": 1, "subject": "lag probe", "start_time": DateTime::from_millis(base_ms + i)};
+                        if calls.insert_one(doc).await.is_ok() {
+                            acked.lock().unwrap_or_else(|e| e.into_inner()).push((id, Instant::now()));
+                        }
+                    });
+                    while in_flight.len() > 64 {
+                        in_flight.next().await;
+                    }
+                }
+                while in_flight.next().await.is_some() {}
+                started.elapsed()
+            })
+        };
+        next_id += total as i64;
+        let last_id = next_id;
+        let mut seen: Vec<(i64, Instant)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(secs + 30);
+        loop {
+            let body: serde_json::Value = client
+                .post(format!("{}/crm/calls/get-grouped-by-status", d.base))
+                .bearer_auth(&d.token)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("limit=1&include_enrichment=false")
+                .send()
+                .await?
+                .json()
+                .await?;
+            let now = Instant::now();
+            let top = body["data"]
+                .as_array()
+                .and_then(|g| g.iter().find(|g| g["id"] == 1))
+                .and_then(|g| g["calls"][0].as_i64())
+                .unwrap_or(0);
+            if seen.last().is_none_or(|(id, _)| top > *id) && top >= first_id {
+                seen.push((top, now));
+            }
+            if top >= last_id || now > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let elapsed = writer.await?;
+        let acked = acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // A write is visible at the first poll whose top id is >= its id.
+        let mut lags: Vec<f64> = acked
+            .iter()
+            .filter_map(|(id, at)| {
+                let shown = seen.iter().find(|(top, _)| top >= id)?.1;
+                Some(shown.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        lags.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| lags.get(((lags.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+        results.push(LagResult {
+            target_rate: rate,
+            achieved_rate: acked.len() as f64 / elapsed.as_secs_f64(),
+            samples: lags.len(),
+            p50_ms: pct(0.5),
+            p99_ms: pct(0.99),
+        });
+        eprintln!("   lag at {rate}/s: {:?}", results.last());
+    }
+    Ok(results)
+}

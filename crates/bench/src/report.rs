@@ -1,0 +1,262 @@
+//! BENCHMARKS.md and its chart, from one run's figures.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub kind: String,
+    pub live: bool,
+    pub conns: u32,
+    pub requests: u64,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LagResult {
+    pub target_rate: u32,
+    pub achieved_rate: f64,
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScenarioResult {
+    pub name: String,
+    pub seed_s: f64,
+    pub warm_s: f64,
+    pub tenant_calls: u64,
+    pub redis_bytes_per_call: u64,
+    pub rss_serve_kb: u64,
+    pub rss_project_kb: u64,
+    pub loads: Vec<Load>,
+}
+
+impl ScenarioResult {
+    fn load(&self, kind: &str, live: bool, conns: u32) -> Option<&Load> {
+        self.loads.iter().find(|l| l.kind == kind && l.live == live && l.conns == conns)
+    }
+}
+
+pub struct Report {
+    pub quick: bool,
+    pub scenarios: Vec<ScenarioResult>,
+    pub lag: Vec<LagResult>,
+}
+
+fn cmd(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn us(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.1} ms", v / 1000.0)
+    } else {
+        format!("{v:.0} µs")
+    }
+}
+
+impl Report {
+    pub fn new(quick: bool) -> Self {
+        Self { quick, scenarios: Vec::new(), lag: Vec::new() }
+    }
+
+    pub fn write(&self, out: &Path) -> anyhow::Result<()> {
+        let mut md = String::new();
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+                })
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+        let chart = out.with_file_name("docs/benchmarks.svg");
+        writeln!(md, "# callboard benchmarks\n")?;
+        writeln!(
+            md,
+            "Written by `{}` (crates/bench); every figure below comes from one run on one machine.\n",
+            if self.quick { "make bench-quick" } else { "make bench" }
+        )?;
+        writeln!(md, "- machine: {cores} cores, {cpu}; wrk and the servers share it")?;
+        writeln!(
+            md,
+            "- {}; {}; {}",
+            cmd("rustc", &["--version"]),
+            cmd("redis-server", &["--version"]),
+            cmd("wrk", &["--version"])
+        )?;
+        writeln!(
+            md,
+            "- MongoDB: the stand-in nx-27017 0.8.1 (Python on SQLite, through ../shared/standin/nx_standin.py)\n"
+        )?;
+        writeln!(md, "**Read the live figures as an upper bound on the old system's cost, not a measurement of it.** The stand-in is far slower than a real mongod: it runs aggregations in Python at about 0.35 s per 10K documents, with one lock per database. So every hit/live ratio here flatters the cache. Against a real replica set, the spec reports 150 ms at 10K calls and 5 s at 1M.\n")?;
+
+        writeln!(md, "## Read throughput and latency\n")?;
+        writeln!(md, "`hit`: served from Redis. `live`: the live aggregation, forced with an admin token and `Cache-Control: no-cache`. Requests are POSTed as forms; tenant 1 is warm.\n")?;
+        for s in &self.scenarios {
+            writeln!(md, "### {}\n", s.name)?;
+            writeln!(md, "| request | path | req/s @64 | p50 @64 | p99 @64 | p99.9 @64 | req/s @1 | p50 @1 | p99 @1 | p99.9 @1 | hit/live @64 |")?;
+            writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+            for (kind, _) in crate::KINDS {
+                for live in [false, true] {
+                    let c64 = s.load(kind, live, 64);
+                    let c1 = s.load(kind, live, 1);
+                    let cell = |l: Option<&Load>, f: &dyn Fn(&Load) -> String| l.map(f).unwrap_or_else(|| "n/a".into());
+                    let ratio = if live {
+                        "".to_string()
+                    } else {
+                        match (c64, s.load(kind, true, 64).or(s.load(kind, true, 1))) {
+                            (Some(h), Some(l)) if l.rps > 0.0 => format!("{:.0}x", h.rps / l.rps),
+                            _ => "n/a".into(),
+                        }
+                    };
+                    writeln!(
+                        md,
+                        "| {kind} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {ratio} |",
+                        if live { "live" } else { "hit" },
+                        cell(c64, &|l| format!("{:.0}", l.rps)),
+                        cell(c64, &|l| us(l.p50_us)),
+                        cell(c64, &|l| us(l.p99_us)),
+                        cell(c64, &|l| us(l.p999_us)),
+                        cell(c1, &|l| format!("{:.0}", l.rps)),
+                        cell(c1, &|l| us(l.p50_us)),
+                        cell(c1, &|l| us(l.p99_us)),
+                        cell(c1, &|l| us(l.p999_us)),
+                    )?;
+                }
+            }
+            let errors: u64 = s.loads.iter().map(|l| l.errors).sum();
+            let few: Vec<String> = s
+                .loads
+                .iter()
+                .filter(|l| l.live && l.requests < 20)
+                .map(|l| format!("{} @{}: {} requests", l.kind, l.conns, l.requests))
+                .collect();
+            writeln!(
+                md,
+                "\nErrors across all runs: {errors}. Live runs with few samples (their percentiles are rough): {}.\n",
+                if few.is_empty() { "none".into() } else { few.join("; ") }
+            )?;
+        }
+
+        writeln!(md, "## Warm, seed and memory\n")?;
+        writeln!(md, "| dataset | `callboard seed` | warm of tenant 1 | calls in tenant 1 | Redis bytes/call | RSS serve | RSS project |")?;
+        writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
+        for s in &self.scenarios {
+            writeln!(
+                md,
+                "| {} | {:.1} s | {:.1} s | {} | {} | {:.1} MiB | {:.1} MiB |",
+                s.name,
+                s.seed_s,
+                s.warm_s,
+                s.tenant_calls,
+                s.redis_bytes_per_call,
+                s.rss_serve_kb as f64 / 1024.0,
+                s.rss_project_kb as f64 / 1024.0
+            )?;
+        }
+        writeln!(md, "\nRedis bytes/call: `INFO memory` `used_memory` after the warm minus before, divided by the tenant's calls. RSS after the load runs.\n")?;
+
+        if !self.lag.is_empty() {
+            writeln!(md, "## Projection lag\n")?;
+            writeln!(md, "A write acknowledged by MongoDB until the API (limit 1, polled in a loop) shows it: inserts into tenant 1 at a steady rate, on the 10K dataset.\n")?;
+            writeln!(md, "| target writes/s | achieved writes/s | samples | p50 | p99 |")?;
+            writeln!(md, "|---:|---:|---:|---:|---:|")?;
+            for l in &self.lag {
+                writeln!(
+                    md,
+                    "| {} | {:.0} | {} | {:.1} ms | {:.1} ms |",
+                    l.target_rate, l.achieved_rate, l.samples, l.p50_ms, l.p99_ms
+                )?;
+            }
+            writeln!(md, "\nThe achieved rate is what the stand-in accepted; it caps the probe.\n")?;
+        }
+
+        writeln!(md, "## Chart\n\n![throughput and p99, hit vs live](docs/benchmarks.svg)\n")?;
+        writeln!(md, "## Micro-benchmarks\n\n`cargo bench -p callboard-bench` (criterion): rendering a cached 5x20 and 5x100 response, rendering live calls, planning one change event, parsing a request. See `target/criterion/` after a run.")?;
+        std::fs::create_dir_all(chart.parent().unwrap_or(Path::new(".")))?;
+        std::fs::write(&chart, self.svg())?;
+        std::fs::write(out, md)?;
+        Ok(())
+    }
+
+    /// Two panels, log scale: req/s @64 and p99 @1 for "limit 20 enriched",
+    /// hit vs live, by dataset.
+    fn svg(&self) -> String {
+        let kind = "limit 20 enriched";
+        let (w, h, pad) = (900.0, 360.0, 60.0);
+        let mut s = format!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+        );
+        s.push_str(r#"<rect width="100%" height="100%" fill="white"/>"#);
+        let panels = [("req/s at 64 connections (log)", true), ("p99 latency at 1 connection, µs (log)", false)];
+        for (p, (title, rps)) in panels.iter().enumerate() {
+            let x0 = pad + p as f64 * (w / 2.0);
+            let pw = w / 2.0 - pad - 20.0;
+            let ph = h - 2.0 * pad;
+            let _ = write!(s, r#"<text x="{}" y="30" font-weight="bold">{title}: {kind}</text>"#, x0);
+            let _ = write!(s, r#"<line x1="{x0}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, h - pad, x0 + pw, h - pad);
+            let n = self.scenarios.len().max(1) as f64;
+            let bw = pw / n / 2.5;
+            for (i, sc) in self.scenarios.iter().enumerate() {
+                for (j, live) in [false, true].iter().enumerate() {
+                    let load = if *rps {
+                        sc.load(kind, *live, 64).or(sc.load(kind, *live, 1))
+                    } else {
+                        sc.load(kind, *live, 1)
+                    };
+                    let Some(l) = load else { continue };
+                    let v = if *rps { l.rps } else { l.p99_us }.max(1.0);
+                    let bar = (v.log10() / 7.0).min(1.0) * ph;
+                    let x = x0 + i as f64 * (pw / n) + j as f64 * (bw + 4.0) + 8.0;
+                    let color = if *live { "#d62728" } else { "#1f77b4" };
+                    let _ = write!(
+                        s,
+                        r#"<rect x="{x:.1}" y="{:.1}" width="{bw:.1}" height="{bar:.1}" fill="{color}"/>"#,
+                        h - pad - bar
+                    );
+                    let _ =
+                        write!(s, r#"<text x="{x:.1}" y="{:.1}" font-size="10">{:.0}</text>"#, h - pad - bar - 3.0, v);
+                }
+                let _ = write!(
+                    s,
+                    r#"<text x="{:.1}" y="{}" font-size="10">{}</text>"#,
+                    x0 + i as f64 * (pw / n) + 4.0,
+                    h - pad + 16.0,
+                    sc.name.replace(" calls", "")
+                );
+            }
+        }
+        let _ = write!(
+            s,
+            r##"<rect x="{}" y="{}" width="10" height="10" fill="#1f77b4"/><text x="{}" y="{}">hit (Redis)</text>"##,
+            pad,
+            h - 20.0,
+            pad + 14.0,
+            h - 11.0
+        );
+        let _ = write!(
+            s,
+            r##"<rect x="{}" y="{}" width="10" height="10" fill="#d62728"/><text x="{}" y="{}">live (stand-in)</text>"##,
+            pad + 110.0,
+            h - 20.0,
+            pad + 124.0,
+            h - 11.0
+        );
+        s.push_str("</svg>\n");
+        s
+    }
+}
