@@ -287,6 +287,13 @@ async fn bad_input_gets_a_json_error_and_nothing_else() {
         if status == 401 {
             assert!(response.headers().contains_key("www-authenticate"), "{name}");
         }
+        if !matches!(status, 404 | 405) {
+            assert_eq!(
+                response.headers()["x-cache"],
+                "miss",
+                "{name}: every answer of the endpoint says where it came from"
+            );
+        }
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["status"], status, "{name}: {body}");
         assert_eq!(body["error"], code, "{name}: {body}");

@@ -263,6 +263,10 @@ async fn admin_api_warms_reports_and_invalidates() {
         assert_eq!(row["calls"], expected, "{row}");
     }
     assert!(status["projector"]["events_applied"].is_u64());
+    let r = app.client.get(url("/admin/cache/status?tenant_id=abc")).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_parameter");
     let one: Value = app
         .client
         .get(url("/admin/cache/status?tenant_id=2"))

@@ -83,7 +83,14 @@ pub fn create_app(
         .app_data(web::Data::new(parts.state))
         .app_data(web::Data::new(parts.keys))
         .app_data(web::Data::new(parts.limits))
-        .service(route(GROUPED_PATH, web::post().to(routes::grouped::get_grouped_by_status)))
+        .app_data(web::QueryConfig::default().error_handler(|e, _| {
+            error::ApiError::new(error::ErrorCode::InvalidParameter, format!("bad query string: {e}")).into()
+        }))
+        .service(
+            // Errors are answered without the cache, so they say miss too.
+            route(GROUPED_PATH, web::post().to(routes::grouped::get_grouped_by_status))
+                .wrap(actix_web::middleware::DefaultHeaders::new().add(("X-Cache", "miss"))),
+        )
         .service(route("/healthz", web::get().to(routes::health::healthz)))
         .service(route("/readyz", web::get().to(routes::health::readyz)))
         .service(route("/metrics", web::get().to(routes::health::metrics)))

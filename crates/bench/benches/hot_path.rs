@@ -82,7 +82,11 @@ fn benches(c: &mut Criterion) {
         &fields,
     );
     c.bench_function("render_live_call_x20", |b| {
-        b.iter(|| docs.iter().map(|d| render::raw(&serde_json::Value::Object(render::enriched_call(d, &dir)))).collect::<Vec<_>>())
+        b.iter(|| {
+            docs.iter()
+                .map(|d| render::raw(&serde_json::Value::Object(render::enriched_call(d, &dir))))
+                .collect::<Vec<_>>()
+        })
     });
 
     let mut view = StateView::default();

@@ -113,9 +113,6 @@ end
 local epoch = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], ARGV[1], 'warming:' .. epoch .. ':' .. ARGV[2])
 redis.call('RPUSH', KEYS[3], 'warm ' .. ARGV[1] .. ' ' .. epoch .. ' ' .. ARGV[2])
-if ARGV[2] ~= '-' then
-  redis.call('HINCRBY', KEYS[4], 'total', 1)
-end
 return epoch
 "#;
 
@@ -288,14 +285,16 @@ impl ReadModel {
         Ok((epoch > 0).then_some(epoch))
     }
 
-    /// Creates a warm job record and returns its id.
-    pub async fn create_job(&self) -> Result<String, ReadModelError> {
+    /// Creates a warm job of `total` tenants and returns its id. The total
+    /// is set up front, so the job never looks done before every warm of
+    /// it has been queued.
+    pub async fn create_job(&self, total: usize) -> Result<String, ReadModelError> {
         let mut c = self.conn().await?;
         let n: u64 = c.incr(self.keys.epoch(), 1).await?;
         let id = format!("w{n}");
         let now = now_ms();
         let _: () = redis::pipe()
-            .hset_multiple(self.keys.job(&id), &[("total", "0"), ("done", "0")])
+            .hset_multiple(self.keys.job(&id), &[("total", total.to_string()), ("done", "0".to_string())])
             .hset(self.keys.job(&id), "created_ms", now)
             .expire(self.keys.job(&id), 7 * 24 * 3600)
             .query_async(&mut c)

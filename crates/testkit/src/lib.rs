@@ -109,7 +109,14 @@ fn wait_for_port(child: &mut Guarded, what: &'static str, port: u16, log: &Path)
             break;
         }
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
+            // Another process may have taken the port between our probe and
+            // the child's bind: then the child exits, and the answer came
+            // from someone else. Make sure the child is still there.
+            std::thread::sleep(Duration::from_millis(100));
+            if matches!(child.0.try_wait(), Ok(None)) {
+                return Ok(());
+            }
+            break;
         }
         std::thread::sleep(Duration::from_millis(25));
     }

@@ -80,7 +80,7 @@ pub async fn warm(_: Admin, target: Target, state: web::Data<AppState>) -> Resul
         Target::Tenant(t) => vec![t],
         Target::All => state.live.tenants().await?,
     };
-    let job = state.cache.create_job().await.map_err(cache_error)?;
+    let job = state.cache.create_job(tenants.len()).await.map_err(cache_error)?;
     for t in &tenants {
         state.cache.force_warm(*t, &job).await.map_err(cache_error)?;
     }
