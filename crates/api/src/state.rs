@@ -1,6 +1,6 @@
 use std::time::Instant;
 
-use callboard_domain::{GroupedRequest, GroupedResponse, TenantId};
+use callboard_domain::{GroupedBody, GroupedRequest, TenantId};
 use callboard_readmodel::ReadModel;
 use callboard_store::LiveQuery;
 
@@ -41,7 +41,7 @@ impl AppState {
         tenant: TenantId,
         request: &GroupedRequest,
         bypass_cache: bool,
-    ) -> Result<(GroupedResponse, CacheOutcome), ApiError> {
+    ) -> Result<(GroupedBody, CacheOutcome), ApiError> {
         let started = Instant::now();
         if !bypass_cache {
             match self.cache.grouped(tenant, request).await {

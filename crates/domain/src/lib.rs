@@ -18,5 +18,5 @@ mod status;
 pub use ids::{CallId, DocKey, StatusKey, TenantId, UserId};
 pub use order::CallOrder;
 pub use params::{GroupedRequest, Limit, ParamError, ParamValue, MAX_LIMIT_CEILING};
-pub use response::{GroupedResponse, StatusGroup, Summary, GROUPED_MESSAGE};
+pub use response::{assemble, GroupCalls, GroupedBody, GROUPED_MESSAGE};
 pub use status::{is_deleted, Status, StatusRecord, StatusScope};

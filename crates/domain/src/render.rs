@@ -3,17 +3,14 @@
 //! Both the live aggregation and the read model render calls through these
 //! functions, so that a cached answer and a live one are equal byte for byte.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use bson::{Bson, Document};
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value};
 
-use crate::ids::{StatusKey, UserId};
-use crate::params::GroupedRequest;
-use crate::response::{GroupedResponse, StatusGroup, Summary, GROUPED_MESSAGE};
-use crate::status::Status;
+use crate::ids::UserId;
+pub use crate::response::{assemble, GroupCalls};
 
 /// The call fields that name a user, and the response field that shows them.
 pub const USER_REFERENCES: [(&str, &str); 3] =
@@ -170,54 +167,6 @@ pub fn splice_details(base: &str, details: [&str; 3]) -> String {
     }
     out.push('}');
     out
-}
-
-/// Serialises a JSON value that is known to be valid into a raw value.
-pub fn raw(value: &Value) -> Box<RawValue> {
-    // A serde_json::Value always serialises; the fallback is unreachable.
-    serde_json::value::to_raw_value(value)
-        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"))
-}
-
-/// One status's share of a tenant's calls: how many, and the first calls in
-/// response order (already cut to the request's limit, already rendered).
-#[derive(Debug, Default)]
-pub struct GroupCalls {
-    pub total: u64,
-    pub calls: Vec<Box<RawValue>>,
-}
-
-/// The grouped response: every visible status in id order, with its calls.
-/// Calls of statuses the tenant does not see count nowhere.
-pub fn assemble(
-    statuses: Vec<Status>,
-    mut groups: BTreeMap<StatusKey, GroupCalls>,
-    request: &GroupedRequest,
-) -> GroupedResponse {
-    let data: Vec<StatusGroup> = statuses
-        .into_iter()
-        .map(|s| {
-            let group = groups.remove(&s.key).unwrap_or_default();
-            StatusGroup {
-                id: s.key.get(),
-                name: s.name,
-                description: s.description,
-                color: s.color,
-                total_calls: group.total,
-                calls: if request.include_calls { group.calls } else { Vec::new() },
-            }
-        })
-        .collect();
-    GroupedResponse {
-        status: 200,
-        message: GROUPED_MESSAGE,
-        summary: Summary {
-            total_calls: data.iter().map(|g| g.total_calls).sum(),
-            total_status_groups: data.len(),
-            limit_per_status: request.limit.get(),
-        },
-        data,
-    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use callboard_domain::render::{self, GroupCalls};
-use callboard_domain::{GroupedRequest, GroupedResponse, Status, StatusRecord, TenantId, UserId};
+use callboard_domain::{GroupedBody, GroupedRequest, Status, StatusRecord, TenantId, UserId};
 use deadpool_redis::Pool;
 use redis::{AsyncCommands, Script};
-use serde_json::value::RawValue;
 
 use crate::codec::{member_call_id, split_stored, user_json_for};
 use crate::{Keys, ReadModelError};
@@ -178,7 +177,7 @@ impl ReadModel {
         &self,
         tenant: TenantId,
         request: &GroupedRequest,
-    ) -> Result<Option<GroupedResponse>, ReadModelError> {
+    ) -> Result<Option<GroupedBody>, ReadModelError> {
         let mut c = self.conn().await?;
         let (state, own, global): (Option<String>, HashMap<String, String>, HashMap<String, String>) = redis::pipe()
             .hget(self.keys.tenant_state(), tenant.get())
@@ -232,7 +231,7 @@ impl ReadModel {
                 "0" => Vec::new(),
                 "1" => members
                     .iter()
-                    .map(|m| member_call_id(m).map(|id| render::raw(&id.get().into())).ok_or_else(|| corrupt(m)))
+                    .map(|m| member_call_id(m).map(|id| id.get().to_string()).ok_or_else(|| corrupt(m)))
                     .collect::<Result<_, _>>()?,
                 _ => docs
                     .iter()
@@ -241,9 +240,12 @@ impl ReadModel {
                         let (refs, json) = doc.as_deref().and_then(split_stored).ok_or_else(|| corrupt(m))?;
                         let detail =
                             |r: Option<UserId>| r.and_then(|id| users.get(&id)).map(String::as_str).unwrap_or("{}");
-                        let spliced = render::splice_details(json, [detail(refs[0]), detail(refs[1]), detail(refs[2])]);
-                        RawValue::from_string(spliced)
-                            .map_err(|e| ReadModelError::Corrupt { key: m.clone(), detail: e.to_string() })
+                        // Written by the projector through serde: valid JSON,
+                        // spliced without parsing it again.
+                        Ok::<_, ReadModelError>(render::splice_details(
+                            json,
+                            [detail(refs[0]), detail(refs[1]), detail(refs[2])],
+                        ))
                     })
                     .collect::<Result<_, _>>()?,
             };

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use bson::{doc, Bson, Document};
 use callboard_domain::render::{self, GroupCalls, UserDirectory, UserFields};
-use callboard_domain::{CallOrder, DocKey, GroupedRequest, GroupedResponse, Status, StatusKey, TenantId};
+use callboard_domain::{CallOrder, DocKey, GroupedBody, GroupedRequest, Status, StatusKey, TenantId};
 use futures::TryStreamExt;
 use mongodb::options::AggregateOptions;
 use mongodb::Database;
@@ -53,7 +53,7 @@ impl LiveQuery {
     }
 
     #[instrument(name = "live_query", skip(self), fields(tenant = %tenant, limit = request.limit.get()))]
-    pub async fn grouped(&self, tenant: TenantId, request: &GroupedRequest) -> Result<GroupedResponse, StoreError> {
+    pub async fn grouped(&self, tenant: TenantId, request: &GroupedRequest) -> Result<GroupedBody, StoreError> {
         let (statuses, rows) = tokio::try_join!(self.statuses(tenant), self.status_rows(tenant, request))?;
         let visible: BTreeSet<StatusKey> = statuses.iter().map(|s| s.key).collect();
         let mut merged: BTreeMap<StatusKey, (u64, Vec<Document>)> = BTreeMap::new();
@@ -85,11 +85,11 @@ impl LiveQuery {
                     .iter()
                     .filter_map(|call| {
                         if !enriched {
-                            return Some(render::raw(&call.get("id").map(render::bson_to_json).unwrap_or_default()));
+                            return Some(call.get("id").map(render::bson_to_json).unwrap_or_default().to_string());
                         }
                         // A call deleted between the two queries is skipped.
                         let full = documents.get(&DocKey::from_bson(call.get("_id")?))?;
-                        Some(render::raw(&serde_json::Value::Object(render::enriched_call(full, &users))))
+                        Some(serde_json::Value::Object(render::enriched_call(full, &users)).to_string())
                     })
                     .collect();
                 (key, GroupCalls { total, calls })
