@@ -21,6 +21,13 @@ pub enum StartAt {
     StartAfter(ResumeToken),
 }
 
+/// How long the server holds an empty getMore.
+const MAX_AWAIT: Duration = Duration::from_millis(10);
+/// A batch closes this long after its first event, full or not: under a
+/// steady stream of writes, waiting to fill it would add its whole
+/// collection time to every event's lag.
+const LINGER: Duration = Duration::from_millis(5);
+
 pub struct Source {
     stream: ChangeStream<ChangeStreamEvent<Document>>,
 }
@@ -32,7 +39,9 @@ impl Source {
             .watch()
             .pipeline(pipeline)
             .full_document(FullDocumentType::UpdateLookup)
-            .max_await_time(Duration::from_millis(100));
+            // A getMore with nothing to return waits this long: it bounds
+            // how long a batch waits for more events after its first.
+            .max_await_time(MAX_AWAIT);
         match start {
             StartAt::Now => {}
             StartAt::ResumeAfter(t) => watch = watch.resume_after(t),
@@ -41,21 +50,29 @@ impl Source {
         Ok(Self { stream: watch.await? })
     }
 
-    /// Up to `max` events: whatever is there now, waiting at most `wait`
-    /// for the first. Uses `next_if_any` (no cancelled futures: the
-    /// driver's stream state must not be interrupted mid-read).
+    /// Up to `max` events: waits at most `wait` for the first, then takes
+    /// what arrives within [`LINGER`] of it. Uses `next_if_any` (no
+    /// cancelled futures: the driver's stream state must not be interrupted
+    /// mid-read).
     pub async fn next_batch(
         &mut self,
         max: usize,
         wait: Duration,
     ) -> Result<Vec<ChangeStreamEvent<Document>>, mongodb::error::Error> {
         let deadline = Instant::now() + wait;
+        let mut first: Option<Instant> = None;
         let mut batch = Vec::new();
         while batch.len() < max {
             match self.stream.next_if_any().await? {
-                Some(event) => batch.push(event),
+                Some(event) => {
+                    first.get_or_insert_with(Instant::now);
+                    batch.push(event);
+                }
                 None if !batch.is_empty() || Instant::now() >= deadline => break,
                 None => {}
+            }
+            if first.is_some_and(|f| f.elapsed() >= LINGER) {
+                break;
             }
         }
         Ok(batch)
