@@ -226,7 +226,8 @@ impl Report {
                     } else {
                         sc.load(kind, *live, 1)
                     };
-                    let Some(l) = load else { continue };
+                    // No completed request (a live query slower than the run): no bar.
+                    let Some(l) = load.filter(|l| l.requests > 0) else { continue };
                     let v = if *rps { l.rps } else { l.p99_us }.max(1.0);
                     let bar = (v.log10() / 7.0).min(1.0) * ph;
                     let x = x0 + i as f64 * (pw / n) + j as f64 * (bw + 4.0) + 8.0;

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use bson::{Bson, Document};
+use bson::Document;
 use callboard_domain::render::UserFields;
 use callboard_domain::{DocKey, StatusRecord, TenantId, UserId};
 use callboard_readmodel::codec::{user_entry, CallEntry};
@@ -245,15 +245,10 @@ pub fn event_ms(event: &ChangeStreamEvent<Document>) -> Option<i64> {
     event.cluster_time.map(|ts| i64::from(ts.time) * 1000)
 }
 
-/// A `_id` from a document key, for logs.
-pub fn describe(doc: &Document) -> String {
-    doc.get("_id").map(Bson::to_string).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bson::doc;
+    use bson::{doc, Bson};
     use callboard_readmodel::TenantState;
 
     fn call(id: i64, tenant: i64, status: i64) -> Change {
