@@ -66,7 +66,7 @@ bench: deps ## Benchmarks at 10K, 100K and 1M calls (long); writes BENCHMARKS.md
 	$(CARGO) bench -p callboard-bench
 
 .PHONY: bench-quick
-bench-quick: deps ## The 10K-call benchmarks only (under two minutes once built)
+bench-quick: deps ## The 10K-call benchmarks only (under a minute once built)
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 	$(CARGO) build --release -p callboard -p callboard-bench
 	target/release/callboard-bench --quick --out BENCHMARKS.md
