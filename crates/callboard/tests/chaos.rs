@@ -47,6 +47,31 @@ impl Projectors {
     }
 }
 
+/// An API with seeded data and two `callboard project` processes.
+async fn deploy(
+    seed: u64,
+    calls: usize,
+    projector_config: &str,
+) -> (TestApp, callboard_tests::dataset::Dataset, Projectors) {
+    let app = spawn_app().await;
+    let ds = generate(seed, calls);
+    app.insert(CALL_STATUS, &ds.statuses).await;
+    app.insert(USERS, &ds.users).await;
+    app.insert(CALLS, &ds.calls).await;
+    let config = app.services.dir.path().join("projector.toml");
+    std::fs::write(&config, format!("[projector]\n{projector_config}\n")).unwrap();
+    let mut projectors = Projectors {
+        procs: vec![None, None],
+        config,
+        app_env: env_of(&app),
+        log_dir: app.services.dir.path().to_path_buf(),
+        started: 0,
+    };
+    projectors.start(0);
+    projectors.start(1);
+    (app, ds, projectors)
+}
+
 fn env_of(app: &TestApp) -> Vec<(String, String)> {
     vec![
         ("CALLBOARD_MONGODB_URI".into(), app.services.mongo.uri()),
@@ -59,22 +84,7 @@ fn env_of(app: &TestApp) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_workload_with_crashing_projectors_converges_to_the_live_answer() {
-    let app = spawn_app().await;
-    let ds = generate(seed(), 150);
-    app.insert(CALL_STATUS, &ds.statuses).await;
-    app.insert(USERS, &ds.users).await;
-    app.insert(CALLS, &ds.calls).await;
-    let config = app.services.dir.path().join("chaos.toml");
-    std::fs::write(&config, "[projector]\nlease_ttl_ms = 1500\nbatch_max = 50\n").unwrap();
-    let mut projectors = Projectors {
-        procs: vec![None, None],
-        config,
-        app_env: env_of(&app),
-        log_dir: app.services.dir.path().to_path_buf(),
-        started: 0,
-    };
-    projectors.start(0);
-    projectors.start(1);
+    let (app, ds, mut projectors) = deploy(seed(), 150, "lease_ttl_ms = 1500\nbatch_max = 50").await;
     for &t in &ds.tenants {
         app.grouped_as(&app.token(t), &[], false).await;
     }
@@ -244,22 +254,7 @@ async fn random_workload_with_crashing_projectors_converges_to_the_live_answer()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_projector_takes_over_when_the_leader_dies() {
     use redis::AsyncCommands;
-    let app = spawn_app().await;
-    let ds = generate(seed() + 1, 60);
-    app.insert(CALL_STATUS, &ds.statuses).await;
-    app.insert(USERS, &ds.users).await;
-    app.insert(CALLS, &ds.calls).await;
-    let config = app.services.dir.path().join("lease.toml");
-    std::fs::write(&config, "[projector]\nlease_ttl_ms = 1500\n").unwrap();
-    let mut projectors = Projectors {
-        procs: vec![None, None],
-        config,
-        app_env: env_of(&app),
-        log_dir: app.services.dir.path().to_path_buf(),
-        started: 0,
-    };
-    projectors.start(0);
-    projectors.start(1);
+    let (app, _, mut projectors) = deploy(seed() + 1, 60, "lease_ttl_ms = 1500").await;
     app.grouped_as(&app.token(1), &[], false).await;
     let (hit, _, _) = app.wait_for_projection(1, &[], Duration::from_secs(20)).await;
     assert!(hit);

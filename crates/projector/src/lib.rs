@@ -87,6 +87,7 @@ pub struct Projector {
     db: Database,
     pool: deadpool_redis::Pool,
     keys: Keys,
+    reader: callboard_readmodel::ReadModel,
     checkpoint: Checkpoint,
     fields: UserFields,
     config: ProjectorConfig,
@@ -111,7 +112,16 @@ impl Projector {
         config: ProjectorConfig,
     ) -> Self {
         let id = format!("{}-{}-{:08x}", hostname(), std::process::id(), rand::random::<u32>());
-        Self { checkpoint: Checkpoint::new(pool.clone(), keys.clone()), db, pool, keys, fields, config, id }
+        Self {
+            checkpoint: Checkpoint::new(pool.clone(), keys.clone()),
+            reader: callboard_readmodel::ReadModel::new(pool.clone(), keys.clone()),
+            db,
+            pool,
+            keys,
+            fields,
+            config,
+            id,
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -272,7 +282,7 @@ impl Projector {
     ) -> Result<Source, ProjectorError> {
         warn!(error = %cause, "change stream history lost; marking every tenant cold and re-warming");
         self.checkpoint.heartbeat(&[("history_lost_total", 1)]).await?;
-        let reader = callboard_readmodel::ReadModel::new(self.pool.clone(), self.keys.clone());
+        let reader = &self.reader;
         let warm: Vec<TenantId> =
             reader.tenant_states().await?.into_iter().filter(|(_, s)| s.is_maintained()).map(|(t, _)| t).collect();
         let source = self.rebuild(StartAt::Now, writer).await?;
@@ -342,7 +352,7 @@ impl Projector {
         keeper: &Keeper,
         writer: &Writer,
     ) -> Result<(), ProjectorError> {
-        let reader = callboard_readmodel::ReadModel::new(self.pool.clone(), self.keys.clone());
+        let reader = &self.reader;
         for _ in 0..16 {
             // Never take a command this projector might not finish.
             if !keeper.is_safe() {
@@ -390,7 +400,7 @@ impl Projector {
         keeper: &Keeper,
         writer: &Writer,
     ) -> Result<(), ProjectorError> {
-        let reader = callboard_readmodel::ReadModel::new(self.pool.clone(), self.keys.clone());
+        let reader = &self.reader;
         if reader.tenant_state(tenant).await? != TenantState::Warming(epoch) {
             return self.job_done(job.as_deref()).await;
         }
@@ -419,7 +429,7 @@ impl Projector {
         keeper: &Keeper,
         writer: &Writer,
     ) -> Result<(), ProjectorError> {
-        let reader = callboard_readmodel::ReadModel::new(self.pool.clone(), self.keys.clone());
+        let reader = &self.reader;
         for (tenant, epoch, job) in reader.warming().await? {
             if pending.get(&tenant).is_some_and(|p| p.epoch == epoch) {
                 continue;
