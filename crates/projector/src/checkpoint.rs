@@ -46,26 +46,30 @@ impl Checkpoint {
         })?;
         let mut c = self.pool.get().await?;
         let now = now_ms();
-        let saved: i64 = Script::new(
-            r#"if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+        static SAVE: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+        let script = SAVE.get_or_init(|| {
+            Script::new(
+                r#"if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
                redis.call('SET', KEYS[2], ARGV[2])
                redis.call('HINCRBY', KEYS[3], 'events_applied', ARGV[3])
                redis.call('HSET', KEYS[3], 'heartbeat_ms', ARGV[4])
                if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], 'last_event_ms', ARGV[5]) end
                if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], 'lag_ms', ARGV[6]) end
                return 1"#,
-        )
-        .key(self.keys.lease())
-        .key(self.keys.checkpoint())
-        .key(self.keys.progress())
-        .arg(owner)
-        .arg(bytes)
-        .arg(stats.events)
-        .arg(now)
-        .arg(stats.last_event_ms.map(|v| v.to_string()).unwrap_or_default())
-        .arg(stats.lag_ms.map(|v| v.to_string()).unwrap_or_default())
-        .invoke_async(&mut c)
-        .await?;
+            )
+        });
+        let saved: i64 = script
+            .key(self.keys.lease())
+            .key(self.keys.checkpoint())
+            .key(self.keys.progress())
+            .arg(owner)
+            .arg(bytes)
+            .arg(stats.events)
+            .arg(now)
+            .arg(stats.last_event_ms.map(|v| v.to_string()).unwrap_or_default())
+            .arg(stats.lag_ms.map(|v| v.to_string()).unwrap_or_default())
+            .invoke_async(&mut c)
+            .await?;
         Ok(saved == 1)
     }
 

@@ -4,7 +4,7 @@
 //! projectors never apply at once; if one dies, another takes over after
 //! the TTL, from the checkpoint.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use redis::Script;
@@ -29,48 +29,39 @@ impl Lease {
         self.ttl / 2
     }
 
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
     /// Takes the lease if it is free (or already ours).
     pub async fn acquire(&mut self) -> Result<bool, ReadModelError> {
-        let started = Instant::now();
-        let mut c = self.pool.get().await?;
-        let got: i64 = Script::new(
-            r#"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-               if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-               return 0"#,
-        )
-        .key(&self.key)
-        .arg(&self.id)
-        .arg(self.ttl.as_millis() as u64)
-        .invoke_async(&mut c)
-        .await?;
-        self.valid_until = (got == 1).then(|| started + self.ttl);
-        Ok(got == 1)
+        static ACQUIRE: OnceLock<Script> = OnceLock::new();
+        let script = ACQUIRE.get_or_init(|| {
+            Script::new(
+                r#"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+                   if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+                   return 0"#,
+            )
+        });
+        self.extend(script).await
     }
 
     /// Extends the lease; `false` when another projector holds it now.
     pub async fn renew(&mut self) -> Result<bool, ReadModelError> {
-        let started = Instant::now();
-        let mut c = self.pool.get().await?;
-        let ok: i64 = Script::new(
-            r#"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-               return 0"#,
-        )
-        .key(&self.key)
-        .arg(&self.id)
-        .arg(self.ttl.as_millis() as u64)
-        .invoke_async(&mut c)
-        .await?;
-        self.valid_until = (ok == 1).then(|| started + self.ttl);
-        Ok(ok == 1)
+        static RENEW: OnceLock<Script> = OnceLock::new();
+        let script = RENEW.get_or_init(|| {
+            Script::new(
+                r#"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+                   return 0"#,
+            )
+        });
+        self.extend(script).await
     }
 
-    /// Whether enough of the lease is left to start work.
-    pub fn is_safe(&self) -> bool {
-        self.valid_until.is_some_and(|u| u.saturating_duration_since(Instant::now()) > self.margin())
+    /// Runs a script that (re)sets the lease to this projector for a TTL
+    /// and returns 1 when it did; the lease then runs from before the call.
+    async fn extend(&mut self, script: &Script) -> Result<bool, ReadModelError> {
+        let started = Instant::now();
+        let mut c = self.pool.get().await?;
+        let ok: i64 = script.key(&self.key).arg(&self.id).arg(self.ttl.as_millis() as u64).invoke_async(&mut c).await?;
+        self.valid_until = (ok == 1).then(|| started + self.ttl);
+        Ok(ok == 1)
     }
 
     pub async fn release(&mut self) -> Result<(), ReadModelError> {

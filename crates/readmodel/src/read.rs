@@ -120,14 +120,6 @@ impl ReadModel {
         Self { pool, keys, read_groups: Script::new(READ_GROUPS), request_warm: Script::new(REQUEST_WARM) }
     }
 
-    pub fn keys(&self) -> &Keys {
-        &self.keys
-    }
-
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
-
     async fn conn(&self) -> Result<deadpool_redis::Connection, ReadModelError> {
         Ok(self.pool.get().await?)
     }

@@ -178,8 +178,9 @@ impl Script {
     }
 
     async fn run(self, c: &mut deadpool_redis::Connection, mode: &str, check: &str) -> Result<(), ReadModelError> {
-        let script = redis::Script::new(APPLY);
-        let mut invocation = script.prepare_invoke();
+        // Hashed once: this runs several times per projector batch.
+        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let mut invocation = SCRIPT.get_or_init(|| redis::Script::new(APPLY)).prepare_invoke();
         for k in &self.keys {
             invocation.key(k);
         }
@@ -233,10 +234,6 @@ impl Writer {
             Locator::User => self.keys.user_loc(),
             Locator::Status => self.keys.status_loc(),
         }
-    }
-
-    pub fn keys(&self) -> &Keys {
-        &self.keys
     }
 
     pub async fn conn(&self) -> Result<deadpool_redis::Connection, ReadModelError> {
