@@ -9,9 +9,11 @@
 //! | `P:{tN}:idx` | HASH | call `_id` -> `<status>\|<score>\|<member>`: the call state index |
 //! | `P:{tN}:st` | HASH | status `_id` -> the tenant's own status (JSON `StatusRecord`) |
 //! | `P:{tN}:meta` | HASH | `last_event_ms` |
+//! | `P:{tN}:stv` | STRING | a unique stamp, replaced whenever the tenant's statuses change |
 //! | `P:{tN}:fence` | STRING | the highest projector token that wrote the tenant |
 //! | `P:{g}:st` | HASH | status `_id` -> global status |
 //! | `P:{g}:users` | HASH | user id -> allowlisted user JSON |
+//! | `P:{g}:stv`, `P:{g}:uv` | STRING | unique stamps, replaced whenever a global status / a user changes |
 //! | `P:{g}:uloc` | HASH | user `_id` -> user id |
 //! | `P:{g}:sloc` | HASH | status `_id` -> `g` or tenant id |
 //! | `P:{g}:cloc` | HASH | call `_id` -> the tenants (comma list) that may hold it |
@@ -59,6 +61,10 @@ impl Keys {
     pub fn meta(&self, t: TenantId) -> String {
         self.tenant(t, "meta")
     }
+    /// A stamp that changes whenever the tenant's own statuses change.
+    pub fn status_stamp(&self, t: TenantId) -> String {
+        self.tenant(t, "stv")
+    }
     /// The highest projector token that wrote this tenant.
     pub fn fence(&self, t: TenantId) -> String {
         self.tenant(t, "fence")
@@ -81,6 +87,14 @@ impl Keys {
     }
     pub fn users(&self) -> String {
         self.global("users")
+    }
+    /// A stamp that changes whenever a global status changes.
+    pub fn global_status_stamp(&self) -> String {
+        self.global("stv")
+    }
+    /// A stamp that changes whenever a user changes.
+    pub fn users_stamp(&self) -> String {
+        self.global("uv")
     }
     pub fn user_loc(&self) -> String {
         self.global("uloc")

@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod keys;
+mod local;
 mod read;
 pub mod write;
 

@@ -1,4 +1,5 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use callboard_domain::render::{self, GroupCalls};
 use callboard_domain::{GroupedBody, GroupedRequest, Status, StatusRecord, TenantId, UserId};
@@ -6,6 +7,7 @@ use deadpool_redis::Pool;
 use redis::{AsyncCommands, Script};
 
 use crate::codec::{member_call_id, split_stored, user_json_for};
+use crate::local::{LocalCopies, Stamps, TenantStatuses};
 use crate::{Keys, ReadModelError};
 
 /// Whether a tenant's calls are in Redis.
@@ -75,6 +77,7 @@ pub struct ReadModel {
     keys: Keys,
     read_groups: Script,
     request_warm: Script,
+    local: LocalCopies,
 }
 
 /// For each status ZSET in KEYS (all but the last), its size and, unless
@@ -117,7 +120,13 @@ return epoch
 
 impl ReadModel {
     pub fn new(pool: Pool, keys: Keys) -> Self {
-        Self { pool, keys, read_groups: Script::new(READ_GROUPS), request_warm: Script::new(REQUEST_WARM) }
+        Self {
+            pool,
+            keys,
+            read_groups: Script::new(READ_GROUPS),
+            request_warm: Script::new(REQUEST_WARM),
+            local: LocalCopies::default(),
+        }
     }
 
     async fn conn(&self) -> Result<deadpool_redis::Connection, ReadModelError> {
@@ -165,40 +174,78 @@ impl ReadModel {
 
     /// The grouped response from Redis alone, or `None` when the tenant is
     /// not warm.
+    ///
+    /// Usually one round trip: a MULTI with the tenant's state, the status
+    /// and user stamps, and the Lua read of the statuses' ZSETs, named from
+    /// this process's copy of the tenant's statuses. The answer is used
+    /// only if the stamps still match that copy; otherwise the copy is
+    /// refreshed and the read repeated. Users come from this process's copy
+    /// when its stamp matches, else from one `HMGET`.
     pub async fn grouped(
         &self,
         tenant: TenantId,
         request: &GroupedRequest,
     ) -> Result<Option<GroupedBody>, ReadModelError> {
         let mut c = self.conn().await?;
-        let (state, own, global): (Option<String>, HashMap<String, String>, HashMap<String, String>) = redis::pipe()
-            .hget(self.keys.tenant_state(), tenant.get())
-            .hgetall(self.keys.statuses(tenant))
-            .hgetall(self.keys.global_statuses())
-            .query_async(&mut c)
-            .await?;
-        if !matches!(TenantState::parse(state.as_deref()), TenantState::Warm(_)) {
-            return Ok(None);
-        }
-        let records = own.values().chain(global.values()).map(|json| {
-            serde_json::from_str::<StatusRecord>(json)
-                .map_err(|e| ReadModelError::Corrupt { key: "statuses".into(), detail: e.to_string() })
-        });
-        let statuses = Status::visible(records.collect::<Result<Vec<_>, _>>()?, tenant);
         let mode = match (request.include_calls, request.include_enrichment) {
             (false, _) => "0",
             (true, false) => "1",
             (true, true) => "2",
         };
-        let mut invocation = self.read_groups.prepare_invoke();
-        for s in &statuses {
-            invocation.key(self.keys.zset(tenant, s.key));
-        }
-        invocation.key(self.keys.docs(tenant)).arg(request.limit.get()).arg(mode);
-        let groups: Vec<(u64, Vec<String>, Vec<Option<String>>)> =
-            if statuses.is_empty() { Vec::new() } else { invocation.invoke_async(&mut c).await? };
+        let mut statuses = self.local.statuses(tenant);
+        let mut attempts = 0;
+        let (stamps, groups, statuses) = loop {
+            attempts += 1;
+            let Some(copy) = statuses.take().filter(|_| attempts < 8) else {
+                if attempts >= 8 {
+                    return Err(ReadModelError::Corrupt {
+                        key: self.keys.statuses(tenant),
+                        detail: "statuses kept changing during the read".into(),
+                    });
+                }
+                statuses = Some(self.load_statuses(&mut c, tenant).await?);
+                continue;
+            };
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .hget(self.keys.tenant_state(), tenant.get())
+                .get(self.keys.global_status_stamp())
+                .get(self.keys.status_stamp(tenant))
+                .get(self.keys.users_stamp());
+            let mut invocation = self.read_groups.prepare_invoke();
+            if !copy.visible.is_empty() {
+                for s in &copy.visible {
+                    invocation.key(self.keys.zset(tenant, s.key));
+                }
+                invocation.key(self.keys.docs(tenant)).arg(request.limit.get()).arg(mode);
+                pipe.invoke_script(&invocation);
+            }
+            // A new or restarted Redis must be given the script first.
+            let replies: Vec<redis::Value> = match pipe.query_async(&mut c).await {
+                Err(e) if e.code() == Some("NOSCRIPT") => {
+                    let _: String = self.read_groups.prepare_invoke().load_async(&mut c).await?;
+                    statuses = Some(copy);
+                    continue;
+                }
+                other => other?,
+            };
+            let mut replies = replies.into_iter();
+            let mut next = || replies.next().unwrap_or(redis::Value::Nil);
+            let state: Option<String> = parse(next())?;
+            if !matches!(TenantState::parse(state.as_deref()), TenantState::Warm(_)) {
+                return Ok(None);
+            }
+            let stamps =
+                Stamps { global_statuses: parse(next())?, tenant_statuses: parse(next())?, users: parse(next())? };
+            if !copy.is_current(&stamps) {
+                continue;
+            }
+            let groups: Vec<(u64, Vec<String>, Vec<Option<String>>)> =
+                if copy.visible.is_empty() { Vec::new() } else { parse(next())? };
+            break (stamps, groups, copy);
+        };
 
-        let mut users: HashMap<UserId, String> = HashMap::new();
+        let mut users: HashMap<UserId, Option<Arc<str>>> = HashMap::new();
         if mode == "2" {
             let ids: BTreeSet<UserId> = groups
                 .iter()
@@ -206,19 +253,20 @@ impl ReadModel {
                 .filter_map(|d| split_stored(d))
                 .flat_map(|(refs, _)| refs.into_iter().flatten())
                 .collect();
-            if !ids.is_empty() {
-                let ids: Vec<i64> = ids.into_iter().map(UserId::get).collect();
-                let found: Vec<Option<String>> =
-                    redis::cmd("HMGET").arg(self.keys.users()).arg(&ids).query_async(&mut c).await?;
-                users = ids
-                    .into_iter()
-                    .zip(found)
-                    .filter_map(|(id, u)| Some((UserId::new(id), user_json_for(&u?, tenant)?.to_string())))
-                    .collect();
+            let (found, missing) = self.local.users(&stamps.users, ids);
+            users = found;
+            if !missing.is_empty() {
+                let raw: Vec<i64> = missing.iter().map(|u| u.get()).collect();
+                let read: Vec<Option<String>> =
+                    redis::cmd("HMGET").arg(self.keys.users()).arg(&raw).query_async(&mut c).await?;
+                let read: Vec<(UserId, Option<Arc<str>>)> =
+                    missing.into_iter().zip(read).map(|(id, u)| (id, u.map(Arc::from))).collect();
+                self.local.put_users(&stamps.users, read.iter().cloned());
+                users.extend(read);
             }
         }
         let mut by_status = BTreeMap::new();
-        for (status, (count, members, docs)) in statuses.iter().zip(groups) {
+        for (status, (count, members, docs)) in statuses.visible.iter().zip(groups) {
             let calls = match mode {
                 "0" => Vec::new(),
                 "1" => members
@@ -230,8 +278,11 @@ impl ReadModel {
                     .zip(&members)
                     .map(|(doc, m)| {
                         let (refs, json) = doc.as_deref().and_then(split_stored).ok_or_else(|| corrupt(m))?;
-                        let detail =
-                            |r: Option<UserId>| r.and_then(|id| users.get(&id)).map(String::as_str).unwrap_or("{}");
+                        let detail = |r: Option<UserId>| {
+                            r.and_then(|id| users.get(&id))
+                                .and_then(|u| user_json_for(u.as_deref()?, tenant))
+                                .unwrap_or("{}")
+                        };
                         // Written by the projector through serde: valid JSON,
                         // spliced without parsing it again.
                         Ok::<_, ReadModelError>(render::splice_details(
@@ -243,7 +294,31 @@ impl ReadModel {
             };
             by_status.insert(status.key, GroupCalls { total: count, calls });
         }
-        Ok(Some(render::assemble(statuses, by_status, request)))
+        Ok(Some(render::assemble(statuses.visible.clone(), by_status, request)))
+    }
+
+    /// Reads the tenant's statuses and their stamps atomically, and keeps
+    /// them as this process's copy.
+    async fn load_statuses(
+        &self,
+        c: &mut deadpool_redis::Connection,
+        tenant: TenantId,
+    ) -> Result<Arc<TenantStatuses>, ReadModelError> {
+        type Raw = (Option<String>, Option<String>, HashMap<String, String>, HashMap<String, String>);
+        let (global_stamp, tenant_stamp, own, global): Raw = redis::pipe()
+            .atomic()
+            .get(self.keys.global_status_stamp())
+            .get(self.keys.status_stamp(tenant))
+            .hgetall(self.keys.statuses(tenant))
+            .hgetall(self.keys.global_statuses())
+            .query_async(c)
+            .await?;
+        let records = own.values().chain(global.values()).map(|json| {
+            serde_json::from_str::<StatusRecord>(json)
+                .map_err(|e| ReadModelError::Corrupt { key: "statuses".into(), detail: e.to_string() })
+        });
+        let visible = Status::visible(records.collect::<Result<Vec<_>, _>>()?, tenant);
+        Ok(self.local.put_statuses(tenant, TenantStatuses { global_stamp, tenant_stamp, visible }))
     }
 
     /// Queues a warm of a cold tenant unless one is already under way
@@ -374,6 +449,11 @@ impl ReadModel {
             .await?;
         Ok((w.unwrap_or(0), h.unwrap_or(0)))
     }
+}
+
+fn parse<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, ReadModelError> {
+    redis::from_redis_value(value)
+        .map_err(|e| ReadModelError::Corrupt { key: "read reply".into(), detail: e.to_string() })
 }
 
 fn corrupt(member: &str) -> ReadModelError {

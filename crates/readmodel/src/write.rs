@@ -350,8 +350,14 @@ impl Writer {
                 script.cmd("HDEL", k.docs(t), std::slice::from_ref(&old.member));
                 script.cmd("HDEL", k.idx(t), &[doc.to_string()]);
             }
-            TenantOp::PutStatus { doc, json } => script.cmd("HSET", k.statuses(t), &[doc.to_string(), json.clone()]),
-            TenantOp::DelStatus { doc } => script.cmd("HDEL", k.statuses(t), &[doc.to_string()]),
+            TenantOp::PutStatus { doc, json } => {
+                script.cmd("HSET", k.statuses(t), &[doc.to_string(), json.clone()]);
+                script.cmd("SET", k.status_stamp(t), &[stamp()]);
+            }
+            TenantOp::DelStatus { doc } => {
+                script.cmd("HDEL", k.statuses(t), &[doc.to_string()]);
+                script.cmd("SET", k.status_stamp(t), &[stamp()]);
+            }
             TenantOp::Touch { last_event_ms } => {
                 script.cmd("HSET", k.meta(t), &["last_event_ms".into(), last_event_ms.to_string()])
             }
@@ -365,12 +371,22 @@ impl Writer {
                 script.cmd("HSET", self.locator_key(*which), &[d.to_string(), places.clone()])
             }
             GlobalOp::DelLoc(which, d) => script.cmd("HDEL", self.locator_key(*which), &[d.to_string()]),
-            GlobalOp::PutUser(u, json) => script.cmd("HSET", k.users(), &[u.get().to_string(), json.clone()]),
-            GlobalOp::DelUser(u) => script.cmd("HDEL", k.users(), &[u.get().to_string()]),
-            GlobalOp::PutGlobalStatus(d, json) => {
-                script.cmd("HSET", k.global_statuses(), &[d.to_string(), json.clone()])
+            GlobalOp::PutUser(u, json) => {
+                script.cmd("HSET", k.users(), &[u.get().to_string(), json.clone()]);
+                script.cmd("SET", k.users_stamp(), &[stamp()]);
             }
-            GlobalOp::DelGlobalStatus(d) => script.cmd("HDEL", k.global_statuses(), &[d.to_string()]),
+            GlobalOp::DelUser(u) => {
+                script.cmd("HDEL", k.users(), &[u.get().to_string()]);
+                script.cmd("SET", k.users_stamp(), &[stamp()]);
+            }
+            GlobalOp::PutGlobalStatus(d, json) => {
+                script.cmd("HSET", k.global_statuses(), &[d.to_string(), json.clone()]);
+                script.cmd("SET", k.global_status_stamp(), &[stamp()]);
+            }
+            GlobalOp::DelGlobalStatus(d) => {
+                script.cmd("HDEL", k.global_statuses(), &[d.to_string()]);
+                script.cmd("SET", k.global_status_stamp(), &[stamp()]);
+            }
         }
     }
 
@@ -479,6 +495,16 @@ impl Writer {
             .await?;
         Ok(done == 1)
     }
+}
+
+/// A value no other write ever produced (time, process, sequence): readers
+/// cache statuses and users under it, so it must never come back after a
+/// purge, as a counter's would.
+fn stamp() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{nanos:x}.{:x}.{:x}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
 async fn hmget<T: redis::FromRedisValue>(
