@@ -108,6 +108,12 @@ impl TestApp {
     /// Runs a projector in this process (a lease TTL short enough for
     /// tests) until [`TestApp::stop_projector`] or [`TestApp::stop`].
     pub fn start_projector(&mut self) {
+        self.start_projector_with(callboard_readmodel::write::DocWindow::default());
+    }
+
+    /// [`TestApp::start_projector`] keeping documents for `window`'s first
+    /// calls of each status.
+    pub fn start_projector_with(&mut self, window: callboard_readmodel::write::DocWindow) {
         let db = self.db.clone();
         let pool = self.settings.redis.pool().expect("redis pool");
         let keys = callboard_readmodel::Keys::new(&self.settings.redis.key_prefix);
@@ -116,6 +122,7 @@ impl TestApp {
             lease_ttl: Duration::from_secs(3),
             batch_wait: Duration::from_millis(50),
             idle_checkpoint: Duration::from_millis(200),
+            doc_window: window,
             ..Default::default()
         };
         let projector = callboard_projector::Projector::new(db, pool, keys, fields, config);

@@ -256,7 +256,8 @@ async fn admin_api_warms_reports_and_invalidates() {
             .calls
             .iter()
             .filter(|c| {
-                callboard_readmodel::codec::CallEntry::from_document(&with_id(c)).is_some_and(|e| e.tenant.get() == t)
+                callboard_readmodel::codec::CallEntry::from_document(&with_id(c))
+                    .is_some_and(|e| e.place.tenant.get() == t)
             })
             .count();
         assert_eq!(row["state"], "warm", "{row}");
@@ -383,5 +384,75 @@ async fn idle_checkpoints_resume_cleanly() {
     assert!(cached.to_string().contains("while stopped"));
     let lost: Option<i64> = r.hget("cb:{g}:progress", "history_lost_total").await.unwrap();
     assert_eq!(lost, None, "resuming from an idle checkpoint must not count as history lost");
+    app.stop().await;
+}
+
+/// Documents are kept only for the first calls of each status (here 4,
+/// refilled below 3). Removals near the top shrink the window and the
+/// projector refills it from MongoDB; reads never show a call without its
+/// document, and limits past the window are answered live.
+#[tokio::test]
+async fn document_windows_are_refilled_and_bounded() {
+    use callboard_readmodel::write::DocWindow;
+    let mut app = spawn_app().await;
+    app.insert(CALL_STATUS, &[doc! {"id": 1, "name": "Open"}, doc! {"id": 2, "name": "Done"}]).await;
+    app.insert(USERS, &[doc! {"id": 1, "name": "Ann", "email": "a@x"}]).await;
+    let calls: Vec<Document> = (1..=12_i64)
+        .map(|i| {
+            doc! {"id": i, "tenant_id": 1, "status_id": if i % 4 == 0 { 2 } else { 1 }, "owner_id": 1,
+            "subject": format!("call {i}"), "start_time": DateTime::from_millis(1_700_000_000_000 + i * 60_000)}
+        })
+        .collect();
+    app.insert(CALLS, &calls).await;
+    app.start_projector_with(DocWindow { size: 4, floor: 3 });
+    let (cache, _) = app.grouped_as(&app.token(1), &[], false).await;
+    assert_eq!(cache, "miss");
+    let within = [vec![("limit", "3")], vec![("limit", "1")], vec![("limit", "9"), ("include_enrichment", "false")]];
+    let check = |context: &'static str| {
+        let app = &app;
+        let within = within.clone();
+        async move {
+            for fields in &within {
+                let (hit, cached, live) = app.wait_for_projection(1, fields, WAIT).await;
+                assert!(hit, "{context}: {fields:?} never became a hit");
+                callboard_tests::reference::assert_same(&cached, &live, &format!("{context}: {fields:?}"));
+            }
+            // Past the window: answered live, and right.
+            let live = app.live(1, &[("limit", "9")]).await;
+            let longest = live["data"].as_array().unwrap().iter().map(|g| g["total_calls"].as_u64().unwrap()).max();
+            let (cache, cached) = app.grouped_as(&app.token(1), &[("limit", "9")], false).await;
+            let expected = if longest > Some(4) { "miss" } else { "hit" };
+            assert_eq!(cache, expected, "{context}: limit 9 over 4-call windows, longest status {longest:?}");
+            callboard_tests::reference::assert_same(&cached, &live, context);
+            let mut r = redis(app).await;
+            let docs: u64 = r.hlen("cb:{t1}:doc").await.unwrap();
+            assert!(docs <= 8, "{context}: {docs} documents kept for two 4-call windows");
+        }
+    };
+    check("after warm").await;
+
+    let coll = app.db.collection::<Document>(CALLS);
+    // Newest first in status 1: 11, 10, 9, 7, 6, 5, 3, 2, 1. A call deep in
+    // the list changes while it has no document in Redis.
+    coll.update_one(doc! {"id": 2}, doc! {"$set": {"subject": "edited outside the window"}}).await.unwrap();
+    coll.delete_one(doc! {"id": 11}).await.unwrap();
+    coll.update_one(doc! {"id": 10}, doc! {"$set": {"deleted": 1}}).await.unwrap();
+    coll.update_one(doc! {"id": 9}, doc! {"$set": {"status_id": 2}}).await.unwrap();
+    check("after the top three left").await;
+    for id in [7, 6, 5, 3] {
+        coll.delete_one(doc! {"id": id}).await.unwrap();
+    }
+    check("after the window emptied").await;
+    let (_, body) = app.grouped_as(&app.token(1), &[("limit", "3")], false).await;
+    assert!(body.to_string().contains("edited outside the window"), "{body}");
+    // Newer and older calls arrive; the window keeps the newest.
+    coll.insert_many([
+        doc! {"id": 20, "tenant_id": 1, "status_id": 1, "start_time": DateTime::from_millis(1_800_000_000_000)},
+        doc! {"id": 21, "tenant_id": 1, "status_id": 1, "start_time": DateTime::from_millis(1_600_000_000_000)},
+        doc! {"id": 22, "tenant_id": 1, "status_id": 1},
+    ])
+    .await
+    .unwrap();
+    check("after inserts").await;
     app.stop().await;
 }

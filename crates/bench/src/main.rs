@@ -154,7 +154,12 @@ async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Resu
     }
     let warm_s = started.elapsed().as_secs_f64();
     let used_after = used_memory(&mut redis).await?;
-    let tenant_calls: u64 = redis.hlen("cb:{t1}:idx").await?;
+    let zsets: Vec<String> = redis.keys("cb:{t1}:z:*").await?;
+    let mut tenant_calls: u64 = 0;
+    for z in zsets {
+        let n: u64 = redis.zcard(z).await?;
+        tenant_calls += n;
+    }
     eprintln!("   warm of tenant 1 ({tenant_calls} calls) in {warm_s:.1}s");
     let cache = probe_cache(&client, &d, "limit=20&include_enrichment=true", false).await?;
     if cache != "hit" {

@@ -8,6 +8,7 @@ use anyhow::Context;
 use callboard_api::{Application, JwtKeys};
 use callboard_domain::TenantId;
 use callboard_projector::{Projector, ProjectorConfig};
+use callboard_readmodel::write::DocWindow;
 use callboard_readmodel::Keys;
 use callboard_settings::{LogFormat, Settings};
 use callboard_store::{indexes, seed};
@@ -113,6 +114,10 @@ fn projector(settings: &Settings, db: mongodb::Database) -> anyhow::Result<Proje
     let config = ProjectorConfig {
         batch_max: settings.projector.batch_max,
         lease_ttl: Duration::from_millis(settings.projector.lease_ttl_ms),
+        doc_window: DocWindow {
+            size: settings.projector.doc_window,
+            floor: settings.projector.doc_window.min(u64::from(settings.query.max_limit()?)),
+        },
         ..ProjectorConfig::default()
     };
     Ok(Projector::new(

@@ -143,6 +143,45 @@ impl DocKey {
         Self(s)
     }
 
+    /// The `_id` this key was made from (an integral `_id` comes back as
+    /// an Int64, which MongoDB matches against any numeric type).
+    pub fn to_bson(&self) -> Option<Bson> {
+        if let Some(s) = self.0.strip_prefix("~s:") {
+            return Some(Bson::String(s.to_string()));
+        }
+        if let Some(n) = self.0.strip_prefix("~i:") {
+            return n.parse().ok().map(Bson::Int64);
+        }
+        if let Some(j) = self.0.strip_prefix("~j:") {
+            let value: serde_json::Value = serde_json::from_str(j).ok()?;
+            return Bson::try_from(value).ok();
+        }
+        bson::oid::ObjectId::parse_str(&self.0).ok().map(Bson::ObjectId)
+    }
+
+    /// A compact binary form: an ObjectId as `o` and its 12 bytes, any
+    /// other key as its text (which starts with `~`).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match bson::oid::ObjectId::parse_str(&self.0) {
+            Ok(oid) if !self.0.starts_with('~') => {
+                let mut out = Vec::with_capacity(13);
+                out.push(b'o');
+                out.extend_from_slice(&oid.bytes());
+                out
+            }
+            _ => self.0.as_bytes().to_vec(),
+        }
+    }
+
+    /// The key back from [`DocKey::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        match bytes.split_first()? {
+            (b'o', raw) => Some(Self(bson::oid::ObjectId::from_bytes(raw.try_into().ok()?).to_hex())),
+            (b'~', _) => std::str::from_utf8(bytes).ok().map(|s| Self(s.to_string())),
+            _ => None,
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -197,6 +236,16 @@ mod tests {
                 StatusKey::from_bson(&Bson::Int64(n)),
                 StatusKey::from_bson(&Bson::String(n.to_string()))
             );
+        }
+
+        #[test]
+        fn doc_keys_round_trip_through_bytes_and_bson(raw in any::<[u8; 12]>(), n in any::<i64>(), s in "\\PC{0,20}") {
+            for id in [Bson::ObjectId(bson::oid::ObjectId::from_bytes(raw)), Bson::Int64(n), Bson::String(s.clone()),
+                       Bson::Boolean(n % 2 == 0)] {
+                let key = DocKey::from_bson(&id);
+                prop_assert_eq!(DocKey::from_bytes(&key.to_bytes()), Some(key.clone()));
+                prop_assert_eq!(DocKey::from_bson(&key.to_bson().unwrap()), key);
+            }
         }
 
         #[test]

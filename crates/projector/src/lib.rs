@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use callboard_domain::render::UserFields;
 use callboard_domain::TenantId;
-use callboard_readmodel::write::{Guard, Writer};
+use callboard_readmodel::write::{DocWindow, Guard, Writer};
 use callboard_readmodel::{Keys, ReadModelError, TenantState};
 use mongodb::Database;
 use redis::AsyncCommands;
@@ -70,6 +70,8 @@ pub struct ProjectorConfig {
     pub lease_ttl: Duration,
     /// How often an idle stream's position is checkpointed.
     pub idle_checkpoint: Duration,
+    /// How many first calls of each status keep their documents in Redis.
+    pub doc_window: DocWindow,
 }
 
 impl Default for ProjectorConfig {
@@ -79,6 +81,7 @@ impl Default for ProjectorConfig {
             batch_wait: Duration::from_millis(200),
             lease_ttl: Duration::from_secs(6),
             idle_checkpoint: Duration::from_secs(10),
+            doc_window: DocWindow::default(),
         }
     }
 }
@@ -178,7 +181,8 @@ impl Projector {
         // Every write of this leadership is fenced by `token` (tenants) and
         // the lease (shared keys).
         let writer =
-            Writer::guarded(self.pool.clone(), self.keys.clone(), Guard::Leader { token, owner: lease.id.clone() });
+            Writer::guarded(self.pool.clone(), self.keys.clone(), Guard::Leader { token, owner: lease.id.clone() })
+                .with_window(self.config.doc_window);
         let result = self.lead_with(&keeper, &lease.id, &writer).await;
         renewer.abort();
         result
@@ -327,14 +331,13 @@ impl Projector {
             applied += 1;
         }
         let needs = transform::needs(&changes);
-        let mut view = writer.load_locators(&needs.calls, &needs.users, &needs.statuses).await?;
-        let pairs = transform::idx_needs(&changes, &view);
-        writer.load_idx(&mut view, &pairs).await?;
+        let view = writer.load_locators(&needs.calls, &needs.users, &needs.statuses).await?;
         let last = &events[applied.max(1) - 1];
         let event_ms = transform::event_ms(last).unwrap_or_else(now_ms);
         let plan = transform::plan(&changes, &view, event_ms);
         tracing::Span::current().record("tenants", plan.tenants.len());
-        writer.apply(&plan).await?;
+        let needy = writer.apply(&plan).await?;
+        warm::refill_windows(&self.db, writer, &needy).await?;
         let lag_ms = now_ms() - event_ms;
         tracing::Span::current().record("lag_ms", lag_ms);
         let stats = BatchStats { events: applied as u64, last_event_ms: Some(event_ms), lag_ms: Some(lag_ms) };

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bson::Document;
 use callboard_domain::render::UserFields;
 use callboard_domain::{DocKey, StatusRecord, TenantId, UserId};
-use callboard_readmodel::codec::{user_entry, CallEntry};
+use callboard_readmodel::codec::{user_entry, CallEntry, Place};
 use callboard_readmodel::write::{status_place, GlobalOp, Locator, Plan, StateView, StatusPlace, TenantOp};
 use callboard_store::{CALLS, CALL_STATUS, USERS};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType};
@@ -98,23 +98,6 @@ pub fn needs(changes: &[Change]) -> Needs {
     }
 }
 
-/// The (tenant, call) index entries the plan needs: each call's locator
-/// tenant and every tenant the batch puts it in.
-pub fn idx_needs(changes: &[Change], view: &StateView) -> BTreeSet<(TenantId, DocKey)> {
-    let mut pairs = BTreeSet::new();
-    for c in changes {
-        if let Change::Call { doc, state } = c {
-            for t in view.call_loc.get(doc).into_iter().flatten() {
-                pairs.insert((*t, doc.clone()));
-            }
-            if let Some(Some(entry)) = state {
-                pairs.insert((entry.tenant, doc.clone()));
-            }
-        }
-    }
-    pairs
-}
-
 /// A document's last state in the batch, and every place it may be in now.
 type Folded<S, P> = (Option<S>, BTreeSet<P>);
 
@@ -122,7 +105,7 @@ type Folded<S, P> = (Option<S>, BTreeSet<P>);
 /// `changes`. `event_ms` stamps the tenants touched. Stops at a `Reset`
 /// (callers split batches there).
 pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
-    let mut calls: BTreeMap<DocKey, Folded<CallEntry, TenantId>> = BTreeMap::new();
+    let mut calls: BTreeMap<DocKey, Folded<CallEntry, Place>> = BTreeMap::new();
     let mut users: BTreeMap<DocKey, Folded<(UserId, String), UserId>> = BTreeMap::new();
     let mut statuses: BTreeMap<DocKey, Folded<StatusRecord, StatusPlace>> = BTreeMap::new();
     for change in changes {
@@ -132,8 +115,11 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
                     .entry(doc.clone())
                     .or_insert_with(|| (None, view.call_loc.get(doc).cloned().unwrap_or_default()));
                 let entry = state.clone().flatten();
-                if let Some(e) = &entry {
-                    slot.1.insert(e.tenant);
+                // A place the batch visits may have been written by a run
+                // of this batch that crashed: it is cleaned too. Cold
+                // tenants hold nothing.
+                if let Some(e) = entry.as_ref().filter(|e| view.tenant_state(e.place.tenant).is_maintained()) {
+                    slot.1.insert(e.place);
                 }
                 slot.0 = entry;
             }
@@ -163,29 +149,23 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
     let mut touched = BTreeSet::new();
     for (doc, (entry, places)) in calls {
         // Cold tenants are not maintained: a call moving into one leaves.
-        let target = entry.filter(|e| view.tenant_state(e.tenant).is_maintained());
+        let target = entry.filter(|e| view.tenant_state(e.place.tenant).is_maintained());
         let mut widened = places.clone();
-        widened.extend(target.as_ref().map(|e| e.tenant));
+        widened.extend(target.as_ref().map(|e| e.place));
         if !widened.is_empty() && Some(&widened) != view.call_loc.get(&doc) {
-            plan.intents.push(GlobalOp::call_loc(doc.clone(), widened));
+            plan.intents.push(GlobalOp::call_loc(doc.clone(), &widened));
         }
-        for t in places.iter().filter(|t| Some(**t) != target.as_ref().map(|e| e.tenant)) {
-            if let Some(old) = view.idx.get(&(*t, doc.clone())) {
-                plan.tenants.entry(*t).or_default().push(TenantOp::Remove { doc: doc.clone(), old: old.clone() });
-                touched.insert(*t);
-            }
+        // Every place but the final one is emptied; the final one is
+        // rewritten (the Put replaces the call where it is).
+        for place in places.iter().filter(|p| Some(**p) != target.as_ref().map(|e| e.place)) {
+            plan.tenants.entry(place.tenant).or_default().push(TenantOp::Remove { doc: doc.clone(), place: *place });
+            touched.insert(place.tenant);
         }
         match target {
             Some(e) => {
-                let old = view.idx.get(&(e.tenant, doc.clone())).cloned();
-                plan.tenants.entry(e.tenant).or_default().push(TenantOp::Put {
-                    doc: doc.clone(),
-                    old,
-                    index: e.index,
-                    stored: e.stored,
-                });
-                touched.insert(e.tenant);
-                plan.global.push(GlobalOp::call_loc(doc, [e.tenant]));
+                touched.insert(e.place.tenant);
+                plan.global.push(GlobalOp::call_loc(doc, [&e.place]));
+                plan.tenants.entry(e.place.tenant).or_default().push(TenantOp::Put(e));
             }
             None => plan.global.push(GlobalOp::DelLoc(Locator::Call, doc)),
         }
@@ -266,17 +246,18 @@ mod tests {
         warm(&mut view, 1);
         warm(&mut view, 2);
         let first = plan(&[call(5, 1, 3)], &view, 0);
-        let TenantOp::Put { index, .. } = &first.tenants[&TenantId::new(1).unwrap()][0] else { panic!() };
+        let TenantOp::Put(entry) = &first.tenants[&TenantId::new(1).unwrap()][0] else { panic!() };
         let d = DocKey::from_bson(&Bson::Int64(5));
-        view.call_loc.insert(d.clone(), [TenantId::new(1).unwrap()].into());
-        view.idx.insert((TenantId::new(1).unwrap(), d.clone()), index.clone());
+        view.call_loc.insert(d.clone(), [entry.place].into());
         let moved = plan(&[call(5, 2, 3)], &view, 0);
-        assert!(matches!(moved.tenants[&TenantId::new(1).unwrap()][0], TenantOp::Remove { .. }));
-        assert!(matches!(moved.tenants[&TenantId::new(2).unwrap()][0], TenantOp::Put { old: None, .. }));
-        assert!(moved
-            .intents
-            .contains(&GlobalOp::call_loc(d.clone(), [TenantId::new(1).unwrap(), TenantId::new(2).unwrap()])));
-        assert!(moved.global.contains(&GlobalOp::call_loc(d, [TenantId::new(2).unwrap()])));
+        let new_place = Place { tenant: TenantId::new(2).unwrap(), ..entry.place };
+        assert_eq!(
+            moved.tenants[&TenantId::new(1).unwrap()][0],
+            TenantOp::Remove { doc: d.clone(), place: entry.place }
+        );
+        assert!(matches!(&moved.tenants[&TenantId::new(2).unwrap()][0], TenantOp::Put(e) if e.place == new_place));
+        assert!(moved.intents.contains(&GlobalOp::call_loc(d.clone(), &[entry.place, new_place])));
+        assert!(moved.global.contains(&GlobalOp::call_loc(d, [&new_place])));
     }
 
     #[test]
@@ -287,7 +268,8 @@ mod tests {
         warm(&mut view, 1);
         let d = DocKey::from_bson(&Bson::Int64(5));
         let p = plan(&[call(5, 1, 3), Change::Call { doc: d.clone(), state: None }], &view, 0);
-        assert!(p.tenants.is_empty(), "{p:?}");
+        let t1 = TenantId::new(1).unwrap();
+        assert!(matches!(p.tenants[&t1][..], [TenantOp::Remove { .. }, TenantOp::Touch { .. }]), "{p:?}");
         assert_eq!(p.global, vec![GlobalOp::DelLoc(Locator::Call, d)]);
     }
 }

@@ -10,8 +10,10 @@
 
 use bson::{doc, Document};
 use callboard_domain::render::UserFields;
-use callboard_domain::{StatusRecord, TenantId};
-use callboard_readmodel::codec::{user_entry, CallEntry};
+use std::collections::HashMap;
+
+use callboard_domain::{DocKey, StatusKey, StatusRecord, TenantId};
+use callboard_readmodel::codec::{member_parts, stored_call, user_entry, CallEntry};
 use callboard_readmodel::write::{status_place, GlobalOp, Plan, TenantOp, Writer};
 use callboard_store::{CALLS, CALL_STATUS, USERS};
 use futures::TryStreamExt;
@@ -73,8 +75,9 @@ pub async fn snapshot_tenant(
         .await?;
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut total = 0;
+    let mut needy = Vec::new();
     while let Some(call) = cursor.try_next().await? {
-        if let Some(entry) = CallEntry::from_document(&call).filter(|e| e.tenant == tenant) {
+        if let Some(entry) = CallEntry::from_document(&call).filter(|e| e.place.tenant == tenant) {
             chunk.push(entry);
         }
         if chunk.len() == CHUNK {
@@ -82,10 +85,58 @@ pub async fn snapshot_tenant(
                 return Err(ProjectorError::LeaseLost);
             }
             total += chunk.len() as u64;
-            writer.put_snapshot(tenant, &std::mem::take(&mut chunk)).await?;
+            needy.extend(writer.put_snapshot(tenant, &std::mem::take(&mut chunk)).await?);
         }
     }
     total += chunk.len() as u64;
-    writer.put_snapshot(tenant, &chunk).await?;
+    needy.extend(writer.put_snapshot(tenant, &chunk).await?);
+    needy.sort();
+    needy.dedup();
+    refill_windows(db, writer, &needy).await?;
     Ok(total)
+}
+
+/// Refills the document windows that fell short (after removals near the
+/// top of a status), with the documents as MongoDB has them now. Like
+/// `updateLookup`, a refilled document may be newer than the stream's
+/// position; the events still to come bring it back in line. A member
+/// whose document is gone from MongoDB stops the refill there: its delete
+/// event is on the way, and the status is refilled again once it lands.
+/// Until then reads of the status go live.
+pub async fn refill_windows(
+    db: &Database,
+    writer: &Writer,
+    needy: &[(TenantId, StatusKey)],
+) -> Result<(), ProjectorError> {
+    let calls = db.collection::<Document>(CALLS);
+    for (tenant, status) in needy {
+        // One retry: the window can only move under a newer projector.
+        for _ in 0..2 {
+            let (d, members) = writer.window_gap(*tenant, *status).await?;
+            if members.is_empty() {
+                break;
+            }
+            let keys: Vec<DocKey> = members.iter().filter_map(|m| member_parts(m)).map(|(_, doc)| doc).collect();
+            let ids: Vec<bson::Bson> = keys.iter().filter_map(DocKey::to_bson).collect();
+            let mut found: HashMap<DocKey, String> = HashMap::with_capacity(ids.len());
+            let mut cursor = calls.find(doc! {"_id": {"$in": ids}}).batch_size(CHUNK as u32).await?;
+            while let Some(call) = cursor.try_next().await? {
+                if let (Some(id), Some(stored)) = (call.get("_id"), stored_call(&call)) {
+                    found.insert(DocKey::from_bson(id), stored);
+                }
+            }
+            let mut docs = Vec::with_capacity(members.len());
+            for member in members {
+                let Some((_, key)) = member_parts(&member) else { break };
+                let Some(stored) = found.remove(&key) else { break };
+                docs.push((member, stored));
+            }
+            let filled = writer.fill_window(*tenant, *status, d, &docs).await?;
+            tracing::debug!(tenant = %tenant, status = %status, from = d, to = ?filled, "document window refilled");
+            if filled.is_some() {
+                break;
+            }
+        }
+    }
+    Ok(())
 }

@@ -13,52 +13,88 @@ pub const UNDATED: f64 = -1.0e16;
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallEntry {
     pub doc: DocKey,
-    pub tenant: TenantId,
-    pub index: IdxValue,
+    pub place: Place,
+    /// `start_time` in ms, `None` when undated.
+    pub start_ms: Option<i64>,
     /// `<owner>,<user>,<assignee>|<call JSON without details>`.
     pub stored: String,
 }
 
-/// A call's place in its tenant: the call state index entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdxValue {
+/// Where a call is held: its tenant, its status, and its `id` (which,
+/// with the `_id`, makes its ZSET member). Locators hold places, so a
+/// call's old member can be removed without any per-tenant index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Place {
+    pub tenant: TenantId,
     pub status: StatusKey,
-    /// `start_time` in ms, `None` when undated.
-    pub start_ms: Option<i64>,
-    pub member: String,
+    pub id: CallId,
 }
 
-impl IdxValue {
+impl Place {
+    /// `<tenant>:<status>:<id>`.
+    pub fn encode(&self) -> String {
+        format!("{}:{}:{}", self.tenant.get(), self.status.get(), self.id.get())
+    }
+
+    pub fn decode(s: &str) -> Option<Self> {
+        let mut parts = s.split(':');
+        let tenant = TenantId::new(parts.next()?.parse().ok()?).ok()?;
+        let status = StatusKey::new(parts.next()?.parse().ok()?);
+        let id = CallId::new(parts.next()?.parse().ok()?);
+        parts.next().is_none().then_some(Self { tenant, status, id })
+    }
+
+    /// A locator value: places separated by commas.
+    pub fn encode_all<'a>(places: impl IntoIterator<Item = &'a Place>) -> String {
+        places.into_iter().map(Place::encode).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn decode_all(s: &str) -> Option<std::collections::BTreeSet<Place>> {
+        s.split(',').filter(|p| !p.is_empty()).map(Place::decode).collect()
+    }
+}
+
+impl CallEntry {
     pub fn score(&self) -> f64 {
         self.start_ms.map(|ms| ms as f64).unwrap_or(UNDATED)
     }
 
-    pub fn encode(&self) -> String {
-        let start = self.start_ms.map(|ms| ms.to_string()).unwrap_or_else(|| "n".into());
-        format!("{}|{start}|{}", self.status.get(), self.member)
-    }
-
-    pub fn decode(s: &str) -> Option<Self> {
-        let mut parts = s.splitn(3, '|');
-        let status = StatusKey::new(parts.next()?.parse().ok()?);
-        let start_ms = match parts.next()? {
-            "n" => None,
-            ms => Some(ms.parse().ok()?),
-        };
-        Some(Self { status, start_ms, member: parts.next()?.to_string() })
+    pub fn member(&self) -> Vec<u8> {
+        member(self.place.id, &self.doc)
     }
 }
 
-/// The ZSET member of a call: its id as 16 hex digits (so that Redis's
-/// lexicographic tie-break on equal scores is `id` order), then its `_id`
-/// (so that two calls never share a member).
-pub fn member(id: CallId, doc: &DocKey) -> String {
-    format!("{:016x}:{}", (id.get() as u64) ^ (1 << 63), doc)
+/// The ZSET member of a call: its id as 8 big-endian bytes with the sign
+/// bit flipped (so that Redis's byte-wise tie-break on equal scores is `id`
+/// order), then its `_id` in [`DocKey::to_bytes`] form (so that two calls
+/// never share a member). 21 bytes for an ObjectId.
+pub fn member(id: CallId, doc: &DocKey) -> Vec<u8> {
+    let mut out = ((id.get() as u64) ^ (1 << 63)).to_be_bytes().to_vec();
+    out.extend(doc.to_bytes());
+    out
 }
 
-pub fn member_call_id(member: &str) -> Option<CallId> {
-    let hex = member.get(..16)?;
-    u64::from_str_radix(hex, 16).ok().map(|n| CallId::new((n ^ (1 << 63)) as i64))
+/// A member's call id and `_id`.
+pub fn member_parts(member: &[u8]) -> Option<(CallId, DocKey)> {
+    let (id, doc) = member.split_at_checked(8)?;
+    let id = CallId::new((u64::from_be_bytes(id.try_into().ok()?) ^ (1 << 63)) as i64);
+    Some((id, DocKey::from_bytes(doc)?))
+}
+
+pub fn member_call_id(member: &[u8]) -> Option<CallId> {
+    let id = member.get(..8)?;
+    Some(CallId::new((u64::from_be_bytes(id.try_into().ok()?) ^ (1 << 63)) as i64))
+}
+
+/// The stored form of a call document, whatever its state:
+/// `<owner>,<user>,<assignee>|<call JSON without _id and details>`.
+pub fn stored_call(call: &Document) -> Option<String> {
+    let refs: Vec<String> = render::USER_REFERENCES
+        .iter()
+        .map(|(field, _)| call.get(*field).and_then(UserId::from_bson).map(|u| u.get().to_string()).unwrap_or_default())
+        .collect();
+    let base = serde_json::to_string(&render::call_base(call)).ok()?;
+    Some(format!("{}|{base}", refs.join(",")))
 }
 
 impl CallEntry {
@@ -74,19 +110,7 @@ impl CallEntry {
         let status = StatusKey::from_bson(call.get("status_id")?)?;
         let id = CallId::from_bson(call.get("id")?)?;
         let order = CallOrder::of(call);
-        let refs: Vec<String> = render::USER_REFERENCES
-            .iter()
-            .map(|(field, _)| {
-                call.get(*field).and_then(UserId::from_bson).map(|u| u.get().to_string()).unwrap_or_default()
-            })
-            .collect();
-        let base = serde_json::to_string(&render::call_base(call)).ok()?;
-        Some(Self {
-            index: IdxValue { status, start_ms: order.start_ms, member: member(id, &doc) },
-            doc,
-            tenant,
-            stored: format!("{}|{base}", refs.join(",")),
-        })
+        Some(Self { place: Place { tenant, status, id }, doc, start_ms: order.start_ms, stored: stored_call(call)? })
     }
 }
 
@@ -130,10 +154,11 @@ mod tests {
         let call = doc! {"_id": oid, "id": 7, "tenant_id": 6, "status_id": "2", "owner_id": 3, "assigned_to_id": 99,
         "start_time": DateTime::from_millis(1_000), "subject": "x"};
         let e = CallEntry::from_document(&call).unwrap();
-        assert_eq!(e.tenant.get(), 6);
-        assert_eq!(e.index.status.get(), 2);
-        assert_eq!(e.index.start_ms, Some(1_000));
-        assert_eq!(member_call_id(&e.index.member), Some(CallId::new(7)));
+        assert_eq!(e.place.tenant.get(), 6);
+        assert_eq!(e.place.status.get(), 2);
+        assert_eq!(e.start_ms, Some(1_000));
+        assert_eq!(member_parts(&e.member()), Some((CallId::new(7), DocKey::from_bson(&oid.into()))));
+        assert_eq!(e.member().len(), 21);
         let (refs, json) = split_stored(&e.stored).unwrap();
         assert_eq!(refs, [Some(UserId::new(3)), None, Some(UserId::new(99))]);
         assert!(!json.contains("\"_id\"") && json.contains("\"subject\":\"x\""));
@@ -149,17 +174,21 @@ mod tests {
 
     proptest! {
         #[test]
-        fn member_order_is_id_order(a in any::<i64>(), b in any::<i64>()) {
-            let d = DocKey::from_bson(&bson::Bson::Int32(1));
+        fn member_order_is_id_order(a in any::<i64>(), b in any::<i64>(), raw in any::<[u8; 12]>()) {
+            let d = DocKey::from_bson(&bson::Bson::ObjectId(ObjectId::from_bytes(raw)));
             prop_assert_eq!(member(CallId::new(a), &d).cmp(&member(CallId::new(b), &d)), a.cmp(&b));
-            prop_assert_eq!(member_call_id(&member(CallId::new(a), &d)), Some(CallId::new(a)));
+            prop_assert_eq!(member_parts(&member(CallId::new(a), &d)), Some((CallId::new(a), d)));
         }
 
         #[test]
-        fn idx_values_round_trip(status in any::<i64>(), start in proptest::option::of(-8_640_000_000_000_000i64..8_640_000_000_000_000), m in "[0-9a-f]{16}:[ -~]{0,30}") {
-            let v = IdxValue { status: StatusKey::new(status), start_ms: start, member: m };
-            prop_assert_eq!(IdxValue::decode(&v.encode()), Some(v.clone()));
-            prop_assert!(v.score() >= UNDATED);
+        fn places_round_trip(t in 0i64..i64::MAX, s in any::<i64>(), id in any::<i64>(), more in any::<bool>()) {
+            let p = Place { tenant: TenantId::new(t).unwrap(), status: StatusKey::new(s), id: CallId::new(id) };
+            prop_assert_eq!(Place::decode(&p.encode()), Some(p));
+            let mut all: std::collections::BTreeSet<Place> = [p].into();
+            if more {
+                all.insert(Place { id: CallId::new(id.wrapping_add(1)), ..p });
+            }
+            prop_assert_eq!(Place::decode_all(&Place::encode_all(&all)), Some(all));
         }
     }
 }

@@ -4,9 +4,9 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P:{tN}:z:<status>` | ZSET | member `<call id as 16 hex>:<_id>`, score `start_time` ms (undated: [`crate::codec::UNDATED`]) |
-//! | `P:{tN}:doc` | HASH | member -> `<owner>,<user>,<assignee>\|<call JSON without details>` |
-//! | `P:{tN}:idx` | HASH | call `_id` -> `<status>\|<score>\|<member>`: the call state index |
+//! | `P:{tN}:z:<status>` | ZSET | every live call: member [`crate::codec::member`] (id, then `_id`, binary), score `start_time` ms (undated: [`crate::codec::UNDATED`]) |
+//! | `P:{tN}:doc` | HASH | member -> `<owner>,<user>,<assignee>\|<call JSON without details>`, for the first ranks of each ZSET only |
+//! | `P:{tN}:dw` | HASH | status -> how many first ranks of its ZSET have their document |
 //! | `P:{tN}:st` | HASH | status `_id` -> the tenant's own status (JSON `StatusRecord`) |
 //! | `P:{tN}:meta` | HASH | `last_event_ms` |
 //! | `P:{tN}:stv` | STRING | a unique stamp, replaced whenever the tenant's statuses change |
@@ -16,7 +16,7 @@
 //! | `P:{g}:stv`, `P:{g}:uv` | STRING | unique stamps, replaced whenever a global status / a user changes |
 //! | `P:{g}:uloc` | HASH | user `_id` -> user id |
 //! | `P:{g}:sloc` | HASH | status `_id` -> `g` or tenant id |
-//! | `P:{g}:cloc` | HASH | call `_id` -> the tenants (comma list) that may hold it |
+//! | `P:{g}:cl:<bucket>` | HASH | call `_id` (binary) -> the places `<tenant>:<status>:<id>` (comma list) that may hold it |
 //! | `P:{g}:tstate` | HASH | tenant -> `warming:<epoch>` or `warm:<epoch>`; absent = cold |
 //! | `P:{g}:epoch` | STRING | warm epoch counter |
 //! | `P:{g}:cmdq` | LIST | commands for the active projector (`warm`, `purge`) |
@@ -26,7 +26,11 @@
 //! | `P:{g}:fence_seq` | STRING | counter handing each new leader a higher token |
 //! | `P:{g}:progress` | HASH | projector heartbeat, last event time, lag |
 
-use callboard_domain::{StatusKey, TenantId};
+use callboard_domain::{DocKey, StatusKey, TenantId};
+
+/// Buckets of the call locator (see [`Keys::call_loc`]). Changing it
+/// strands every locator: only with a rebuild (invalidate all).
+pub const CALL_LOC_BUCKETS: u64 = 16_384;
 
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -52,8 +56,10 @@ impl Keys {
     pub fn docs(&self, t: TenantId) -> String {
         self.tenant(t, "doc")
     }
-    pub fn idx(&self, t: TenantId) -> String {
-        self.tenant(t, "idx")
+    /// How many of the first ranks of each status's ZSET hold their
+    /// document (status -> count): the *document window*.
+    pub fn windows(&self, t: TenantId) -> String {
+        self.tenant(t, "dw")
     }
     pub fn statuses(&self, t: TenantId) -> String {
         self.tenant(t, "st")
@@ -75,7 +81,7 @@ impl Keys {
     /// A SCAN pattern for the call keys of `t` (not its statuses, which
     /// the projector keeps for every tenant).
     pub fn tenant_call_pattern(&self, t: TenantId) -> Vec<String> {
-        vec![self.tenant(t, "z:*"), self.docs(t), self.idx(t), self.meta(t)]
+        vec![self.tenant(t, "z:*"), self.docs(t), self.windows(t), self.meta(t)]
     }
     /// A SCAN pattern matching every tenant key.
     pub fn all_tenants_pattern(&self) -> String {
@@ -102,8 +108,16 @@ impl Keys {
     pub fn status_loc(&self) -> String {
         self.global("sloc")
     }
-    pub fn call_loc(&self) -> String {
-        self.global("cloc")
+    /// The bucket holding a call's locator: one of [`CALL_LOC_BUCKETS`]
+    /// small hashes, so that Redis keeps each one compact (listpack) up to
+    /// a few million calls in all. The field is [`DocKey::to_bytes`].
+    pub fn call_loc(&self, doc: &DocKey) -> String {
+        // FNV-1a: stable across processes and versions.
+        let hash = doc
+            .as_str()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        self.global(&format!("cl:{}", hash % CALL_LOC_BUCKETS))
     }
     pub fn tenant_state(&self) -> String {
         self.global("tstate")
@@ -140,10 +154,13 @@ mod tests {
     fn tenant_keys_share_a_hash_tag() {
         let k = Keys::new("cb");
         let t = TenantId::new(6).unwrap();
-        for key in [k.zset(t, StatusKey::new(1)), k.docs(t), k.idx(t), k.statuses(t), k.meta(t)] {
+        for key in [k.zset(t, StatusKey::new(1)), k.docs(t), k.windows(t), k.statuses(t), k.meta(t)] {
             assert!(key.starts_with("cb:{t6}:"), "{key}");
         }
         assert_eq!(k.zset(t, StatusKey::new(-2)), "cb:{t6}:z:-2");
         assert!(k.users().starts_with("cb:{g}:"));
+        let d = DocKey::from_stored("65f0a0a0a0a0a0a0a0a0a0a0".into());
+        assert_eq!(k.call_loc(&d), k.call_loc(&d.clone()));
+        assert!(k.call_loc(&d).starts_with("cb:{g}:cl:"));
     }
 }

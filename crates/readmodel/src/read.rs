@@ -80,22 +80,27 @@ pub struct ReadModel {
     local: LocalCopies,
 }
 
-/// For each status ZSET in KEYS (all but the last), its size and, unless
-/// ARGV[2] is "0", its first ARGV[1] members; with ARGV[2] = "2" also their
-/// stored documents from the HASH in the last KEY. One script, so counts
-/// and calls come from one consistent moment.
+/// For each status ZSET in KEYS (all but the last two), its size and,
+/// unless ARGV[2] is "0", its first ARGV[1] members; with ARGV[2] = "2"
+/// also their stored documents from the HASH in KEYS[#KEYS - 1]. Documents
+/// are kept only for a window of first ranks per status (ARGV[3..] the
+/// statuses, KEYS[#KEYS] the windows): if a window is shorter than the
+/// calls asked for, the whole answer is `false` (served live instead). One
+/// script, so counts and calls come from one consistent moment.
 const READ_GROUPS: &str = r#"
 local limit = tonumber(ARGV[1])
 local mode = ARGV[2]
-local docs_key = KEYS[#KEYS]
+local docs_key = KEYS[#KEYS - 1]
 local out = {}
-for i = 1, #KEYS - 1 do
+for i = 1, #KEYS - 2 do
   local count = redis.call('ZCARD', KEYS[i])
   local members = {}
   local docs = {}
   if mode ~= '0' and count > 0 then
     members = redis.call('ZREVRANGE', KEYS[i], 0, limit - 1)
-    if mode == '2' and #members > 0 then
+    if mode == '2' then
+      local d = tonumber(redis.call('HGET', KEYS[#KEYS], ARGV[2 + i]) or '0')
+      if d < #members then return false end
       docs = redis.call('HMGET', docs_key, unpack(members))
     end
   end
@@ -217,7 +222,14 @@ impl ReadModel {
                 for s in &copy.visible {
                     invocation.key(self.keys.zset(tenant, s.key));
                 }
-                invocation.key(self.keys.docs(tenant)).arg(request.limit.get()).arg(mode);
+                invocation
+                    .key(self.keys.docs(tenant))
+                    .key(self.keys.windows(tenant))
+                    .arg(request.limit.get())
+                    .arg(mode);
+                for s in &copy.visible {
+                    invocation.arg(s.key.get());
+                }
                 pipe.invoke_script(&invocation);
             }
             // A new or restarted Redis must be given the script first.
@@ -240,8 +252,9 @@ impl ReadModel {
             if !copy.is_current(&stamps) {
                 continue;
             }
-            let groups: Vec<(u64, Vec<String>, Vec<Option<String>>)> =
-                if copy.visible.is_empty() { Vec::new() } else { parse(next())? };
+            let groups: Option<Vec<Group>> = if copy.visible.is_empty() { Some(Vec::new()) } else { parse(next())? };
+            // A document window shorter than asked for: a refill is under way.
+            let Some(groups) = groups else { return Ok(None) };
             break (stamps, groups, copy);
         };
 
@@ -271,13 +284,13 @@ impl ReadModel {
                 "0" => Vec::new(),
                 "1" => members
                     .iter()
-                    .map(|m| member_call_id(m).map(|id| id.get().to_string()).ok_or_else(|| corrupt(m)))
+                    .map(|m| member_call_id(m).map(|id| id.get().to_string()).ok_or_else(|| corrupt(&tenant, m)))
                     .collect::<Result<_, _>>()?,
                 _ => docs
                     .iter()
                     .zip(&members)
                     .map(|(doc, m)| {
-                        let (refs, json) = doc.as_deref().and_then(split_stored).ok_or_else(|| corrupt(m))?;
+                        let (refs, json) = doc.as_deref().and_then(split_stored).ok_or_else(|| corrupt(&tenant, m))?;
                         let detail = |r: Option<UserId>| {
                             r.and_then(|id| users.get(&id))
                                 .and_then(|u| user_json_for(u.as_deref()?, tenant))
@@ -413,10 +426,32 @@ impl ReadModel {
         Ok(tenants)
     }
 
-    /// Calls held for `tenant`.
+    /// Calls held for `tenant` (its ZSETs' sizes).
     pub async fn tenant_calls(&self, tenant: TenantId) -> Result<u64, ReadModelError> {
         let mut c = self.conn().await?;
-        Ok(c.hlen(self.keys.idx(tenant)).await?)
+        let mut zsets = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, chunk): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&self.keys.tenant_call_pattern(tenant)[0])
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await?;
+            zsets.extend(chunk);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let mut total = 0;
+        for z in zsets {
+            let n: u64 = c.zcard(z).await?;
+            total += n;
+        }
+        Ok(total)
     }
 
     pub async fn tenant_last_event_ms(&self, tenant: TenantId) -> Result<Option<i64>, ReadModelError> {
@@ -456,8 +491,14 @@ fn parse<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, ReadModelEr
         .map_err(|e| ReadModelError::Corrupt { key: "read reply".into(), detail: e.to_string() })
 }
 
-fn corrupt(member: &str) -> ReadModelError {
-    ReadModelError::Corrupt { key: member.to_string(), detail: "missing or malformed call".into() }
+/// A status's count, first members and their stored documents.
+type Group = (u64, Vec<Vec<u8>>, Vec<Option<String>>);
+
+fn corrupt(tenant: &TenantId, member: &[u8]) -> ReadModelError {
+    ReadModelError::Corrupt {
+        key: format!("tenant {tenant}"),
+        detail: format!("missing or malformed call {member:02x?}"),
+    }
 }
 
 pub(crate) fn now_ms() -> i64 {

@@ -13,14 +13,19 @@
 //!
 //! Every operation sets a value rather than adjusting one (no counter is
 //! ever incremented), so applying a plan twice leaves the same state.
+//!
+//! Documents are kept only for the first ranks of each status's ZSET (the
+//! *document window*, `P:{tN}:dw`); a tenant script reports the statuses
+//! whose window fell below what reads may ask for, and the projector
+//! refills them from MongoDB ([`Writer::window_gap`], [`Writer::fill_window`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use callboard_domain::{DocKey, TenantId, UserId};
+use callboard_domain::{DocKey, StatusKey, TenantId, UserId};
 use deadpool_redis::Pool;
 use redis::AsyncCommands;
 
-use crate::codec::{CallEntry, IdxValue};
+use crate::codec::{member_parts, CallEntry, Place};
 use crate::read::TenantState;
 use crate::{Keys, ReadModelError};
 
@@ -35,8 +40,7 @@ pub fn status_place(tenant: Option<TenantId>) -> StatusPlace {
 /// A locator may name several places while a batch is half applied.
 #[derive(Debug, Default, Clone)]
 pub struct StateView {
-    pub call_loc: HashMap<DocKey, BTreeSet<TenantId>>,
-    pub idx: HashMap<(TenantId, DocKey), IdxValue>,
+    pub call_loc: HashMap<DocKey, BTreeSet<Place>>,
     pub user_loc: HashMap<DocKey, BTreeSet<UserId>>,
     pub status_loc: HashMap<DocKey, BTreeSet<StatusPlace>>,
     pub tenants: HashMap<TenantId, TenantState>,
@@ -62,16 +66,12 @@ impl StateView {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TenantOp {
-    /// Put a call in place, replacing `old` (the index entry before).
-    Put {
-        doc: DocKey,
-        old: Option<IdxValue>,
-        index: IdxValue,
-        stored: String,
-    },
+    /// Put a call in place (replacing itself if there).
+    Put(CallEntry),
+    /// Remove a call from a place of this tenant.
     Remove {
         doc: DocKey,
-        old: IdxValue,
+        place: Place,
     },
     PutStatus {
         doc: DocKey,
@@ -97,8 +97,8 @@ pub enum GlobalOp {
 }
 
 impl GlobalOp {
-    pub fn call_loc(doc: DocKey, tenants: impl IntoIterator<Item = TenantId>) -> Self {
-        GlobalOp::PutLoc(Locator::Call, doc, encode_places(tenants.into_iter().map(TenantId::get)))
+    pub fn call_loc<'a>(doc: DocKey, places: impl IntoIterator<Item = &'a Place>) -> Self {
+        GlobalOp::PutLoc(Locator::Call, doc, Place::encode_all(places))
     }
     pub fn user_loc(doc: DocKey, users: impl IntoIterator<Item = UserId>) -> Self {
         GlobalOp::PutLoc(Locator::User, doc, encode_places(users.into_iter().map(UserId::get)))
@@ -134,12 +134,34 @@ pub enum Guard {
     Leader { token: u64, owner: String },
 }
 
+/// How many first ranks of each status's ZSET keep their documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DocWindow {
+    /// Documents kept per status at most.
+    pub size: u64,
+    /// Below this many (or the status's size, if smaller) a window is
+    /// refilled: the largest `limit` a read may ask for.
+    pub floor: u64,
+}
+
+impl Default for DocWindow {
+    fn default() -> Self {
+        Self { size: 1200, floor: 1000 }
+    }
+}
+
 /// Commands gathered for one atomic script on one slot.
 struct Script {
     keys: Vec<String>,
-    argv: Vec<String>,
+    argv: Vec<Vec<u8>>,
 }
 
+/// The write script. ARGV: guard mode and value, window size and floor,
+/// then operations: name, key count, key indexes, argument count,
+/// arguments. `CPUT` and `CREM` (keys: ZSET, documents, windows; args:
+/// status, [score,] member[, stored]) keep the document window: the first
+/// `d` ranks of a ZSET, and only they, have a document. Returns the
+/// statuses whose window is below min(floor, size) after the operations.
 const APPLY: &str = r#"
 local mode = ARGV[1]
 if mode == 'fence' then
@@ -149,13 +171,90 @@ if mode == 'fence' then
 elseif mode == 'lease' then
   if redis.call('GET', KEYS[1]) ~= ARGV[2] then return redis.error_reply('FENCED the lease is lost') end
 end
-local i = 3
-while i <= #ARGV do
-  local n = tonumber(ARGV[i + 2])
-  redis.call(ARGV[i], KEYS[tonumber(ARGV[i + 1])], unpack(ARGV, i + 3, i + 2 + n))
-  i = i + 3 + n
+local W = tonumber(ARGV[3])
+local F = tonumber(ARGV[4])
+local touched = {}
+local function window(dw, status)
+  return tonumber(redis.call('HGET', dw, status) or '0')
 end
-return 1
+local function crem(z, docs, dw, status, member)
+  local r = redis.call('ZREVRANK', z, member)
+  if r then
+    redis.call('ZREM', z, member)
+    redis.call('HDEL', docs, member)
+    local d = window(dw, status)
+    if r < d then redis.call('HSET', dw, status, d - 1) end
+  end
+end
+local function cput(z, docs, dw, status, score, member, stored)
+  crem(z, docs, dw, status, member)
+  redis.call('ZADD', z, score, member)
+  local r = redis.call('ZREVRANK', z, member)
+  local d = window(dw, status)
+  if r < d or (r == d and d < W) then
+    redis.call('HSET', docs, member, stored)
+    d = d + 1
+    if d > W then
+      for _, out in ipairs(redis.call('ZREVRANGE', z, W, d - 1)) do redis.call('HDEL', docs, out) end
+      d = W
+    end
+    redis.call('HSET', dw, status, d)
+  end
+end
+local i = 5
+while i <= #ARGV do
+  local op, nk = ARGV[i], tonumber(ARGV[i + 1])
+  local keys = {}
+  for k = 1, nk do keys[k] = KEYS[tonumber(ARGV[i + 1 + k])] end
+  local na = tonumber(ARGV[i + 2 + nk])
+  local a = i + 3 + nk
+  if op == 'CPUT' then
+    cput(keys[1], keys[2], keys[3], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+    touched[keys[1]] = {keys[3], ARGV[a]}
+  elseif op == 'CREM' then
+    crem(keys[1], keys[2], keys[3], ARGV[a], ARGV[a + 1])
+    touched[keys[1]] = {keys[3], ARGV[a]}
+  else
+    redis.call(op, keys[1], unpack(ARGV, a, a + na - 1))
+  end
+  i = a + na
+end
+local needy = {}
+for z, t in pairs(touched) do
+  local size = redis.call('ZCARD', z)
+  if size == 0 then
+    redis.call('HDEL', t[1], t[2])
+  elseif window(t[1], t[2]) < math.min(F, size) then
+    table.insert(needy, t[2])
+  end
+end
+return needy
+"#;
+
+/// Fills a status's document window from rank `d`. KEYS: fence, ZSET,
+/// documents, windows. ARGV: guard mode and value, window size, status,
+/// the `d` the caller read, then member, stored pairs in rank order. Stops
+/// at the first member no longer at the next rank. Returns the new window,
+/// or -1 if it moved since the caller read it.
+const FILL: &str = r#"
+if ARGV[1] == 'fence' then
+  local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if fence > tonumber(ARGV[2]) then return redis.error_reply('FENCED a newer projector wrote here') end
+  if fence < tonumber(ARGV[2]) then redis.call('SET', KEYS[1], ARGV[2]) end
+end
+local W = tonumber(ARGV[3])
+local d = tonumber(redis.call('HGET', KEYS[4], ARGV[4]) or '0')
+if d ~= tonumber(ARGV[5]) then return -1 end
+local i = 6
+while i < #ARGV and d < W do
+  local at = redis.call('ZREVRANGE', KEYS[2], d, d)
+  if at[1] ~= ARGV[i] then break end
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  d = d + 1
+  i = i + 2
+end
+redis.call('HSET', KEYS[4], ARGV[4], d)
+return d
 "#;
 
 impl Script {
@@ -163,36 +262,57 @@ impl Script {
         Self { keys: vec![guard_key], argv: Vec::new() }
     }
 
-    fn cmd(&mut self, op: &str, key: String, args: &[String]) {
-        let index = match self.keys.iter().position(|k| *k == key) {
+    fn key_index(&mut self, key: String) -> usize {
+        match self.keys.iter().position(|k| *k == key) {
             Some(i) => i + 1,
             None => {
                 self.keys.push(key);
                 self.keys.len()
             }
-        };
-        self.argv.push(op.to_string());
-        self.argv.push(index.to_string());
-        self.argv.push(args.len().to_string());
-        self.argv.extend(args.iter().cloned());
+        }
     }
 
-    async fn run(self, c: &mut deadpool_redis::Connection, mode: &str, check: &str) -> Result<(), ReadModelError> {
+    fn op(&mut self, op: &str, keys: Vec<String>, args: Vec<Vec<u8>>) {
+        self.argv.push(op.as_bytes().to_vec());
+        self.argv.push(keys.len().to_string().into_bytes());
+        for k in keys {
+            let i = self.key_index(k);
+            self.argv.push(i.to_string().into_bytes());
+        }
+        self.argv.push(args.len().to_string().into_bytes());
+        self.argv.extend(args);
+    }
+
+    fn cmd(&mut self, op: &str, key: String, args: &[String]) {
+        self.op(op, vec![key], args.iter().map(|a| a.clone().into_bytes()).collect());
+    }
+
+    async fn run(
+        self,
+        c: &mut deadpool_redis::Connection,
+        mode: &str,
+        check: &str,
+        window: DocWindow,
+    ) -> Result<Vec<String>, ReadModelError> {
         // Hashed once: this runs several times per projector batch.
         static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
         let mut invocation = SCRIPT.get_or_init(|| redis::Script::new(APPLY)).prepare_invoke();
         for k in &self.keys {
             invocation.key(k);
         }
-        invocation.arg(mode).arg(check);
+        invocation.arg(mode).arg(check).arg(window.size).arg(window.floor);
         for a in &self.argv {
-            invocation.arg(a);
+            invocation.arg(a.as_slice());
         }
-        match invocation.invoke_async::<i64>(c).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("FENCED") => Err(ReadModelError::Fenced),
-            Err(e) => Err(e.into()),
-        }
+        invocation.invoke_async::<Vec<String>>(c).await.map_err(fenced)
+    }
+}
+
+fn fenced(e: redis::RedisError) -> ReadModelError {
+    if e.to_string().contains("FENCED") {
+        ReadModelError::Fenced
+    } else {
+        e.into()
     }
 }
 
@@ -202,16 +322,23 @@ pub struct Writer {
     pool: Pool,
     keys: Keys,
     guard: Guard,
+    window: DocWindow,
 }
 
 impl Writer {
     pub fn new(pool: Pool, keys: Keys) -> Self {
-        Self { pool, keys, guard: Guard::None }
+        Self { pool, keys, guard: Guard::None, window: DocWindow::default() }
+    }
+
+    /// The same writer with another document window.
+    pub fn with_window(mut self, window: DocWindow) -> Self {
+        self.window = window;
+        self
     }
 
     /// A writer whose every write checks `guard`.
     pub fn guarded(pool: Pool, keys: Keys, guard: Guard) -> Self {
-        Self { pool, keys, guard }
+        Self { pool, keys, guard, window: DocWindow::default() }
     }
 
     fn tenant_script(&self, t: TenantId) -> (Script, &'static str, String) {
@@ -228,11 +355,12 @@ impl Writer {
         }
     }
 
-    fn locator_key(&self, which: Locator) -> String {
+    /// A locator's hash and field.
+    fn locator(&self, which: Locator, doc: &DocKey) -> (String, Vec<u8>) {
         match which {
-            Locator::Call => self.keys.call_loc(),
-            Locator::User => self.keys.user_loc(),
-            Locator::Status => self.keys.status_loc(),
+            Locator::Call => (self.keys.call_loc(doc), doc.to_bytes()),
+            Locator::User => (self.keys.user_loc(), doc.as_str().as_bytes().to_vec()),
+            Locator::Status => (self.keys.status_loc(), doc.as_str().as_bytes().to_vec()),
         }
     }
 
@@ -254,10 +382,21 @@ impl Writer {
             .into_iter()
             .filter_map(|(t, s)| Some((TenantId::new(t).ok()?, TenantState::parse(Some(&s)))))
             .collect();
-        for (doc, places) in calls.iter().zip(hmget::<Option<String>>(&mut c, &self.keys.call_loc(), calls).await?) {
-            let set: BTreeSet<TenantId> = split(&places).filter_map(|p| TenantId::new(p.parse().ok()?).ok()).collect();
-            if !set.is_empty() {
-                view.call_loc.insert(doc.clone(), set);
+        for chunk in calls.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for doc in chunk {
+                pipe.hget(self.keys.call_loc(doc), doc.to_bytes());
+            }
+            let found: Vec<Option<String>> = pipe.query_async(&mut c).await?;
+            for (doc, places) in chunk.iter().zip(found) {
+                let Some(places) = places else { continue };
+                let set = Place::decode_all(&places).ok_or_else(|| ReadModelError::Corrupt {
+                    key: self.keys.call_loc(doc),
+                    detail: format!("{doc}: {places}"),
+                })?;
+                if !set.is_empty() {
+                    view.call_loc.insert(doc.clone(), set);
+                }
             }
         }
         for (doc, places) in users.iter().zip(hmget::<Option<String>>(&mut c, &self.keys.user_loc(), users).await?) {
@@ -277,45 +416,23 @@ impl Writer {
         Ok(view)
     }
 
-    /// Call index entries for (tenant, document) pairs.
-    pub async fn load_idx(
-        &self,
-        view: &mut StateView,
-        pairs: &BTreeSet<(TenantId, DocKey)>,
-    ) -> Result<(), ReadModelError> {
-        let mut by_tenant: BTreeMap<TenantId, Vec<DocKey>> = BTreeMap::new();
-        for (t, d) in pairs {
-            by_tenant.entry(*t).or_default().push(d.clone());
-        }
-        let mut c = self.conn().await?;
-        for (t, docs) in by_tenant {
-            let found: Vec<Option<String>> = hmget(&mut c, &self.keys.idx(t), &docs).await?;
-            for (doc, v) in docs.into_iter().zip(found) {
-                if let Some(v) = v {
-                    let idx = IdxValue::decode(&v).ok_or_else(|| ReadModelError::Corrupt {
-                        key: self.keys.idx(t),
-                        detail: format!("{doc}: {v}"),
-                    })?;
-                    view.idx.insert((t, doc), idx);
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Applies a plan: intents, then each tenant, then the shared keys,
-    /// each one guarded atomic script.
-    pub async fn apply(&self, plan: &Plan) -> Result<(), ReadModelError> {
+    /// each one guarded atomic script. Returns the (tenant, status) pairs
+    /// whose document window needs a refill.
+    pub async fn apply(&self, plan: &Plan) -> Result<Vec<(TenantId, StatusKey)>, ReadModelError> {
         let mut c = self.conn().await?;
         self.run_global(&mut c, &plan.intents).await?;
+        let mut needy = Vec::new();
         for (tenant, ops) in &plan.tenants {
             let (mut script, mode, check) = self.tenant_script(*tenant);
             for op in ops {
                 self.tenant_op(&mut script, *tenant, op);
             }
-            script.run(&mut c, mode, &check).await?;
+            let short = script.run(&mut c, mode, &check, self.window).await?;
+            needy.extend(short.iter().filter_map(|s| Some((*tenant, StatusKey::new(s.parse().ok()?)))));
         }
-        self.run_global(&mut c, &plan.global).await
+        self.run_global(&mut c, &plan.global).await?;
+        Ok(needy)
     }
 
     async fn run_global(&self, c: &mut deadpool_redis::Connection, ops: &[GlobalOp]) -> Result<(), ReadModelError> {
@@ -326,30 +443,28 @@ impl Writer {
         for op in ops {
             self.global_op(&mut script, op);
         }
-        script.run(c, mode, &check).await
+        script.run(c, mode, &check, self.window).await.map(drop)
     }
 
     fn tenant_op(&self, script: &mut Script, t: TenantId, op: &TenantOp) {
         let k = &self.keys;
+        let call_keys = |status| vec![k.zset(t, status), k.docs(t), k.windows(t)];
         match op {
-            TenantOp::Put { doc, old, index, stored } => {
-                if let Some(old) = old {
-                    if old.status != index.status || old.member != index.member {
-                        script.cmd("ZREM", k.zset(t, old.status), std::slice::from_ref(&old.member));
-                    }
-                    if old.member != index.member {
-                        script.cmd("HDEL", k.docs(t), std::slice::from_ref(&old.member));
-                    }
-                }
-                script.cmd("ZADD", k.zset(t, index.status), &[index.score().to_string(), index.member.clone()]);
-                script.cmd("HSET", k.docs(t), &[index.member.clone(), stored.clone()]);
-                script.cmd("HSET", k.idx(t), &[doc.to_string(), index.encode()]);
-            }
-            TenantOp::Remove { doc, old } => {
-                script.cmd("ZREM", k.zset(t, old.status), std::slice::from_ref(&old.member));
-                script.cmd("HDEL", k.docs(t), std::slice::from_ref(&old.member));
-                script.cmd("HDEL", k.idx(t), &[doc.to_string()]);
-            }
+            TenantOp::Put(e) => script.op(
+                "CPUT",
+                call_keys(e.place.status),
+                vec![
+                    e.place.status.get().to_string().into_bytes(),
+                    e.score().to_string().into_bytes(),
+                    e.member(),
+                    e.stored.clone().into_bytes(),
+                ],
+            ),
+            TenantOp::Remove { doc, place } => script.op(
+                "CREM",
+                call_keys(place.status),
+                vec![place.status.get().to_string().into_bytes(), crate::codec::member(place.id, doc)],
+            ),
             TenantOp::PutStatus { doc, json } => {
                 script.cmd("HSET", k.statuses(t), &[doc.to_string(), json.clone()]);
                 script.cmd("SET", k.status_stamp(t), &[stamp()]);
@@ -368,9 +483,13 @@ impl Writer {
         let k = &self.keys;
         match op {
             GlobalOp::PutLoc(which, d, places) => {
-                script.cmd("HSET", self.locator_key(*which), &[d.to_string(), places.clone()])
+                let (key, field) = self.locator(*which, d);
+                script.op("HSET", vec![key], vec![field, places.clone().into_bytes()]);
             }
-            GlobalOp::DelLoc(which, d) => script.cmd("HDEL", self.locator_key(*which), &[d.to_string()]),
+            GlobalOp::DelLoc(which, d) => {
+                let (key, field) = self.locator(*which, d);
+                script.op("HDEL", vec![key], vec![field]);
+            }
             GlobalOp::PutUser(u, json) => {
                 script.cmd("HSET", k.users(), &[u.get().to_string(), json.clone()]);
                 script.cmd("SET", k.users_stamp(), &[stamp()]);
@@ -395,71 +514,133 @@ impl Writer {
     /// names: another warm tenant may still hold the call at the stream's
     /// position (it moved after), and the event that moved it must find it
     /// there.
-    pub async fn put_snapshot(&self, tenant: TenantId, entries: &[CallEntry]) -> Result<(), ReadModelError> {
+    pub async fn put_snapshot(
+        &self,
+        tenant: TenantId,
+        entries: &[CallEntry],
+    ) -> Result<Vec<(TenantId, StatusKey)>, ReadModelError> {
         if entries.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let docs: Vec<DocKey> = entries.iter().map(|e| e.doc.clone()).collect();
-        let mut view = self.load_locators(&docs, &[], &[]).await?;
-        let pairs = docs.iter().map(|d| (tenant, d.clone())).collect();
-        self.load_idx(&mut view, &pairs).await?;
+        let view = self.load_locators(&docs, &[], &[]).await?;
         let mut c = self.conn().await?;
         let (mut script, mode, check) = self.tenant_script(tenant);
-        let mut locators = Vec::with_capacity(entries.len());
+        let (mut locators, mut narrowed) = (Vec::with_capacity(entries.len()), Vec::new());
         for e in entries {
-            let old = view.idx.get(&(tenant, e.doc.clone())).cloned();
-            let op = TenantOp::Put { doc: e.doc.clone(), old, index: e.index.clone(), stored: e.stored.clone() };
-            self.tenant_op(&mut script, tenant, &op);
             let mut places = view.call_loc.get(&e.doc).cloned().unwrap_or_default();
-            places.insert(tenant);
-            locators.push(GlobalOp::call_loc(e.doc.clone(), places));
+            let stale: Vec<Place> = places.iter().filter(|p| p.tenant == tenant && **p != e.place).copied().collect();
+            for old in &stale {
+                self.tenant_op(&mut script, tenant, &TenantOp::Remove { doc: e.doc.clone(), place: *old });
+            }
+            self.tenant_op(&mut script, tenant, &TenantOp::Put(e.clone()));
+            places.insert(e.place);
+            locators.push(GlobalOp::call_loc(e.doc.clone(), &places));
+            if !stale.is_empty() {
+                places.retain(|p| !stale.contains(p));
+                narrowed.push(GlobalOp::call_loc(e.doc.clone(), &places));
+            }
         }
         // Locators first: a crash after them leaves a place named but empty,
-        // which is harmless; the other order could hide a placed call.
+        // which is harmless; the other order could hide a placed call. The
+        // places this tenant's script emptied are dropped after it ran.
         self.run_global(&mut c, &locators).await?;
-        script.run(&mut c, mode, &check).await
+        let short = script.run(&mut c, mode, &check, self.window).await?;
+        self.run_global(&mut c, &narrowed).await?;
+        Ok(short.iter().filter_map(|s| Some((tenant, StatusKey::new(s.parse().ok()?)))).collect())
     }
 
     /// Removes every call of `tenant` (and their locators). Its statuses
     /// stay: the projector keeps statuses for every tenant.
     pub async fn purge_tenant_calls(&self, tenant: TenantId) -> Result<u64, ReadModelError> {
         let mut c = self.conn().await?;
-        let idx = self.keys.idx(tenant);
+        let zsets: Vec<String> = scan(&mut c, &self.keys.tenant_call_pattern(tenant)[0]).await?;
         let mut removed = 0;
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, chunk): (u64, Vec<String>) =
-                redis::cmd("HSCAN").arg(&idx).arg(cursor).arg("COUNT").arg(1000).query_async(&mut c).await?;
-            let docs: Vec<DocKey> = chunk.iter().step_by(2).cloned().map(DocKey::from_stored).collect();
-            if !docs.is_empty() {
-                removed += docs.len() as u64;
-                // Drop this tenant from each locator, keeping other places.
-                let view = self.load_locators(&docs, &[], &[]).await?;
-                let ops: Vec<GlobalOp> = docs
-                    .iter()
-                    .map(|d| {
-                        let mut places = view.call_loc.get(d).cloned().unwrap_or_default();
-                        places.remove(&tenant);
-                        if places.is_empty() {
-                            GlobalOp::DelLoc(Locator::Call, d.clone())
-                        } else {
-                            GlobalOp::call_loc(d.clone(), places)
-                        }
-                    })
-                    .collect();
-                self.run_global(&mut c, &ops).await?;
-            }
-            cursor = next;
-            if cursor == 0 {
-                break;
+        for z in &zsets {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, chunk): (u64, Vec<Vec<u8>>) =
+                    redis::cmd("ZSCAN").arg(z).arg(cursor).arg("COUNT").arg(1000).query_async(&mut c).await?;
+                let docs: Vec<DocKey> =
+                    chunk.iter().step_by(2).filter_map(|m| member_parts(m)).map(|(_, doc)| doc).collect();
+                if !docs.is_empty() {
+                    removed += docs.len() as u64;
+                    // Drop this tenant from each locator, keeping other places.
+                    let view = self.load_locators(&docs, &[], &[]).await?;
+                    let ops: Vec<GlobalOp> = docs
+                        .iter()
+                        .map(|d| {
+                            let mut places = view.call_loc.get(d).cloned().unwrap_or_default();
+                            places.retain(|p| p.tenant != tenant);
+                            if places.is_empty() {
+                                GlobalOp::DelLoc(Locator::Call, d.clone())
+                            } else {
+                                GlobalOp::call_loc(d.clone(), &places)
+                            }
+                        })
+                        .collect();
+                    self.run_global(&mut c, &ops).await?;
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
             }
         }
-        let mut keys: Vec<String> = scan(&mut c, &self.keys.tenant_call_pattern(tenant)[0]).await?;
+        let mut keys = zsets;
         keys.extend(self.keys.tenant_call_pattern(tenant).into_iter().skip(1));
         for chunk in keys.chunks(500) {
             let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut c).await?;
         }
         Ok(removed)
+    }
+
+    /// A status's document window and the members that would extend it
+    /// (ranks `d` up to the window's size).
+    pub async fn window_gap(&self, tenant: TenantId, status: StatusKey) -> Result<(u64, Vec<Vec<u8>>), ReadModelError> {
+        let mut c = self.conn().await?;
+        let d: Option<u64> = c.hget(self.keys.windows(tenant), status.get()).await?;
+        let d = d.unwrap_or(0);
+        if d >= self.window.size {
+            return Ok((d, Vec::new()));
+        }
+        let members: Vec<Vec<u8>> =
+            c.zrevrange(self.keys.zset(tenant, status), d as isize, self.window.size as isize - 1).await?;
+        Ok((d, members))
+    }
+
+    /// Extends a status's window from `d` with `docs` (member, stored) in
+    /// rank order. Returns the new window, or `None` if the window moved
+    /// since [`Writer::window_gap`] read it.
+    pub async fn fill_window(
+        &self,
+        tenant: TenantId,
+        status: StatusKey,
+        d: u64,
+        docs: &[(Vec<u8>, String)],
+    ) -> Result<Option<u64>, ReadModelError> {
+        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let (mode, check) = match &self.guard {
+            Guard::None => ("none", String::new()),
+            Guard::Leader { token, .. } => ("fence", token.to_string()),
+        };
+        let mut invocation = SCRIPT.get_or_init(|| redis::Script::new(FILL)).prepare_invoke();
+        invocation
+            .key(self.keys.fence(tenant))
+            .key(self.keys.zset(tenant, status))
+            .key(self.keys.docs(tenant))
+            .key(self.keys.windows(tenant))
+            .arg(mode)
+            .arg(check)
+            .arg(self.window.size)
+            .arg(status.get())
+            .arg(d);
+        for (member, stored) in docs {
+            invocation.arg(member.as_slice()).arg(stored);
+        }
+        let mut c = self.conn().await?;
+        let now: i64 = invocation.invoke_async(&mut c).await.map_err(fenced)?;
+        Ok(u64::try_from(now).ok())
     }
 
     /// Removes the whole read model under the prefix but the lease, the
@@ -507,6 +688,10 @@ fn stamp() -> String {
     format!("{nanos:x}.{:x}.{:x}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
+fn split(places: &Option<String>) -> impl Iterator<Item = &str> {
+    places.as_deref().unwrap_or("").split(',').filter(|p| !p.is_empty())
+}
+
 async fn hmget<T: redis::FromRedisValue>(
     c: &mut deadpool_redis::Connection,
     key: &str,
@@ -519,10 +704,6 @@ async fn hmget<T: redis::FromRedisValue>(
         out.extend(part);
     }
     Ok(out)
-}
-
-fn split(places: &Option<String>) -> impl Iterator<Item = &str> {
-    places.as_deref().unwrap_or("").split(',').filter(|p| !p.is_empty())
 }
 
 async fn scan(c: &mut deadpool_redis::Connection, pattern: &str) -> Result<Vec<String>, ReadModelError> {

@@ -96,6 +96,9 @@ pub struct Settings {
 pub struct ProjectorSettings {
     pub batch_max: usize,
     pub lease_ttl_ms: u64,
+    /// Documents kept per status (the first ranks); at least `query.max_limit`
+    /// for every read to be served from Redis.
+    pub doc_window: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -224,6 +227,9 @@ impl Settings {
         }
         if self.projector.lease_ttl_ms < 1000 {
             return Err(invalid("projector.lease_ttl_ms", "must be at least 1000"));
+        }
+        if self.projector.doc_window == 0 || self.projector.doc_window > 100_000 {
+            return Err(invalid("projector.doc_window", "must be between 1 and 100000"));
         }
         self.query.max_limit()?;
         self.query.default_limit()?;
