@@ -16,6 +16,7 @@ pub mod names {
     pub const LAG_MS: &str = "callboard_projection_lag_ms";
     pub const WARMS: &str = "callboard_warms_run";
     pub const HISTORY_LOST: &str = "callboard_history_lost";
+    pub const WINDOW_REFILLS: &str = "callboard_window_refills";
     pub const TENANTS: &str = "callboard_tenants";
 }
 
@@ -27,6 +28,7 @@ pub struct Metrics {
     lag_ms: IntGauge,
     warms: IntGauge,
     history_lost: IntGauge,
+    window_refills: IntGauge,
     tenants: IntGaugeVec,
 }
 
@@ -45,14 +47,16 @@ impl Metrics {
         let lag_ms = gauge(names::LAG_MS, "commit-to-apply lag of the last applied batch, ms");
         let warms = gauge(names::WARMS, "tenant warms completed (total)");
         let history_lost = gauge(names::HISTORY_LOST, "times the change stream history was lost (total)");
+        let window_refills =
+            gauge(names::WINDOW_REFILLS, "document windows refilled from MongoDB by the projectors (total)");
         let tenants =
             IntGaugeVec::new(Opts::new(names::TENANTS, "tenants by read-model state"), &["state"]).expect("valid");
-        for c in [&events_applied, &lag_ms, &warms, &history_lost] {
+        for c in [&events_applied, &lag_ms, &warms, &history_lost, &window_refills] {
             registry.register(Box::new(c.clone())).expect("unique metric");
         }
         registry.register(Box::new(grouped.clone())).expect("unique metric");
         registry.register(Box::new(tenants.clone())).expect("unique metric");
-        Self { registry, grouped, events_applied, lag_ms, warms, history_lost, tenants }
+        Self { registry, grouped, events_applied, lag_ms, warms, history_lost, window_refills, tenants }
     }
 
     pub fn observe_grouped(&self, outcome: CacheOutcome, elapsed: Duration) {
@@ -65,9 +69,10 @@ impl Metrics {
             self.events_applied.set(p.events_applied as i64);
             self.lag_ms.set(p.lag_ms.unwrap_or(0));
         }
-        if let Ok((warms, lost)) = cache.progress_counters().await {
-            self.warms.set(warms);
-            self.history_lost.set(lost);
+        if let Ok(counters) = cache.progress_counters().await {
+            self.warms.set(counters.warms);
+            self.history_lost.set(counters.history_lost);
+            self.window_refills.set(counters.window_refills);
         }
         if let Ok(states) = cache.tenant_states().await {
             for state in ["warming", "warm"] {

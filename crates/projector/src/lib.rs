@@ -337,7 +337,10 @@ impl Projector {
         let plan = transform::plan(&changes, &view, event_ms);
         tracing::Span::current().record("tenants", plan.tenants.len());
         let needy = writer.apply(&plan).await?;
-        warm::refill_windows(&self.db, writer, &needy).await?;
+        let refilled = warm::refill_windows(&self.db, writer, &needy).await?;
+        if refilled > 0 {
+            self.checkpoint.heartbeat(&[("window_refills_total", refilled)]).await?;
+        }
         let lag_ms = now_ms() - event_ms;
         tracing::Span::current().record("lag_ms", lag_ms);
         let stats = BatchStats { events: applied as u64, last_event_ms: Some(event_ms), lag_ms: Some(lag_ms) };

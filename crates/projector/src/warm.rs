@@ -102,12 +102,13 @@ pub async fn snapshot_tenant(
 /// position; the events still to come bring it back in line. A member
 /// whose document is gone from MongoDB stops the refill there: its delete
 /// event is on the way, and the status is refilled again once it lands.
-/// Until then reads of the status go live.
+/// Until then reads of the status go live. Returns how many windows grew.
 pub async fn refill_windows(
     db: &Database,
     writer: &Writer,
     needy: &[(TenantId, StatusKey)],
-) -> Result<(), ProjectorError> {
+) -> Result<i64, ProjectorError> {
+    let mut grown = 0;
     let calls = db.collection::<Document>(CALLS);
     for (tenant, status) in needy {
         // One retry: the window can only move under a newer projector.
@@ -133,10 +134,11 @@ pub async fn refill_windows(
             }
             let filled = writer.fill_window(*tenant, *status, d, &docs).await?;
             tracing::debug!(tenant = %tenant, status = %status, from = d, to = ?filled, "document window refilled");
-            if filled.is_some() {
+            if let Some(now) = filled {
+                grown += i64::from(now > d);
                 break;
             }
         }
     }
-    Ok(())
+    Ok(grown)
 }

@@ -15,7 +15,7 @@ mod read;
 pub mod write;
 
 pub use keys::Keys;
-pub use read::{JobStatus, Progress, ReadModel, TenantState};
+pub use read::{Counters, JobStatus, Progress, ReadModel, TenantState};
 
 pub use redis;
 

@@ -473,16 +473,24 @@ impl ReadModel {
     }
 }
 
+/// Totals the projectors count in `P:{g}:progress`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub warms: i64,
+    pub history_lost: i64,
+    pub window_refills: i64,
+}
+
 impl ReadModel {
-    /// (warms_total, history_lost_total) as the projectors counted them.
-    pub async fn progress_counters(&self) -> Result<(i64, i64), ReadModelError> {
+    pub async fn progress_counters(&self) -> Result<Counters, ReadModelError> {
         let mut c = self.conn().await?;
-        let (w, h): (Option<i64>, Option<i64>) = redis::pipe()
+        let (w, h, r): (Option<i64>, Option<i64>, Option<i64>) = redis::pipe()
             .hget(self.keys.progress(), "warms_total")
             .hget(self.keys.progress(), "history_lost_total")
+            .hget(self.keys.progress(), "window_refills_total")
             .query_async(&mut c)
             .await?;
-        Ok((w.unwrap_or(0), h.unwrap_or(0)))
+        Ok(Counters { warms: w.unwrap_or(0), history_lost: h.unwrap_or(0), window_refills: r.unwrap_or(0) })
     }
 }
 
