@@ -31,6 +31,9 @@ struct Args {
     /// Where to write the report (the chart goes beside it).
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
+    /// Only the scenarios whose name contains this (e.g. "1M calls, 1 tenant").
+    #[arg(long)]
+    only: Option<String>,
 }
 
 pub struct Scenario {
@@ -74,6 +77,8 @@ async fn main() -> anyhow::Result<()> {
             Scenario { name: "1M calls, 1,000 tenants", calls: 1_000_000, tenants: 1000 },
         ]
     };
+    let scenarios: Vec<Scenario> =
+        scenarios.into_iter().filter(|s| args.only.as_deref().is_none_or(|o| s.name.contains(o))).collect();
     let mut report = Report::new(args.quick);
     for scenario in &scenarios {
         eprintln!("== {}", scenario.name);

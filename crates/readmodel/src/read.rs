@@ -218,7 +218,12 @@ impl ReadModel {
                 .get(self.keys.status_stamp(tenant))
                 .get(self.keys.users_stamp());
             let mut invocation = self.read_groups.prepare_invoke();
-            if !copy.visible.is_empty() {
+            if mode == "0" {
+                // Counts only: plain ZCARDs, no script to run.
+                for s in &copy.visible {
+                    pipe.zcard(self.keys.zset(tenant, s.key));
+                }
+            } else if !copy.visible.is_empty() {
                 for s in &copy.visible {
                     invocation.key(self.keys.zset(tenant, s.key));
                 }
@@ -252,7 +257,14 @@ impl ReadModel {
             if !copy.is_current(&stamps) {
                 continue;
             }
-            let groups: Option<Vec<Group>> = if copy.visible.is_empty() { Some(Vec::new()) } else { parse(next())? };
+            let groups: Option<Vec<Group>> = if mode == "0" {
+                let counts = copy.visible.iter().map(|_| parse::<u64>(next()));
+                Some(counts.map(|n| n.map(|n| (n, Vec::new(), Vec::new()))).collect::<Result<_, _>>()?)
+            } else if copy.visible.is_empty() {
+                Some(Vec::new())
+            } else {
+                parse(next())?
+            };
             // A document window shorter than asked for: a refill is under way.
             let Some(groups) = groups else { return Ok(None) };
             break (stamps, groups, copy);

@@ -1,5 +1,7 @@
 //! Logging and tracing set-up, shared by the binary and the tests.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter};
@@ -24,7 +26,11 @@ pub fn init(filter: &str, format: Format) -> Result<(), TelemetryError> {
     let filter = EnvFilter::try_new(filter).map_err(|e| TelemetryError::Filter(e.to_string()))?;
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
-        Format::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
+        // Colours only for a terminal: escape codes in files and pipes are
+        // noise, and cost formatting time on every span.
+        Format::Text => registry
+            .with(fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr))
+            .try_init(),
         Format::Json => {
             registry.with(fmt::layer().json().with_current_span(true).with_writer(std::io::stderr)).try_init()
         }
