@@ -456,3 +456,28 @@ async fn document_windows_are_refilled_and_bounded() {
     check("after inserts").await;
     app.stop().await;
 }
+
+/// Redis dies: reads degrade to live answers (never an error), and once an
+/// empty Redis is back the API's connections recover, the projector
+/// rebuilds, and the tenant is served from the cache again.
+#[tokio::test]
+async fn a_redis_restart_degrades_to_live_answers_then_recovers() {
+    let (mut app, ds) = seeded(5).await;
+    app.start_projector();
+    let t = ds.tenants[0];
+    app.grouped_as(&app.token(t), &[], false).await;
+    assert_all_cached_equal_live(&app, &[t], "before the outage").await;
+
+    app.services.redis.kill();
+    let fields = [("limit", "7")];
+    let (cache, cached) = app.grouped_as(&app.token(t), &fields, false).await;
+    assert_eq!(cache, "miss", "with Redis down the answer is live");
+    callboard_tests::reference::assert_same(&cached, &app.live(t, &fields).await, "Redis down");
+
+    let dir = app.services.dir.path().to_path_buf();
+    app.services.redis.restart(&dir).expect("restart Redis");
+    // Empty again: the first request finds the tenant cold and warms it.
+    app.grouped_as(&app.token(t), &[], false).await;
+    assert_all_cached_equal_live(&app, &[t], "after Redis came back empty").await;
+    app.stop().await;
+}

@@ -41,7 +41,8 @@ pub struct AppParts {
 impl AppParts {
     pub async fn from_settings(settings: &Settings) -> Result<Self, SettingsError> {
         let db = settings.mongodb.database().await?;
-        let cache = ReadModel::new(settings.redis.pool()?, Keys::new(&settings.redis.key_prefix));
+        let cache = ReadModel::new(settings.redis.pool()?, Keys::new(&settings.redis.key_prefix))
+            .with_hot_client(settings.redis.client()?);
         Ok(Self {
             state: AppState { live: LiveQuery::new(db, settings.query.user_fields()?), cache, metrics: Metrics::new() },
             keys: JwtKeys::new(settings.jwt_secret()?.expose().as_bytes()),

@@ -2,11 +2,11 @@
 //! encodings ([`codec`]), the query side ([`ReadModel`]) and the write side
 //! the projector uses ([`write`]).
 //!
-//! Per tenant, Redis holds each status's calls in response order (a ZSET),
-//! each call's pre-rendered JSON, and a call state index from `_id` to
-//! (status, sort key, member) that makes every write idempotent. Users and
-//! global statuses are shared by all tenants. docs/ARCHITECTURE.md explains
-//! the consistency argument.
+//! Per tenant, Redis holds each status's calls in response order (a ZSET)
+//! and the pre-rendered JSON of the first calls of each status (the
+//! document window). Users, global statuses and the call locators (which
+//! name each call's places, making every write idempotent) are shared by
+//! all tenants. docs/ARCHITECTURE.md explains the consistency argument.
 
 pub mod codec;
 pub mod keys;

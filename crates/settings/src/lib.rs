@@ -297,6 +297,11 @@ impl MongoSettings {
 }
 
 impl RedisSettings {
+    /// A client for connections outside the pool (the API's hot path).
+    pub fn client(&self) -> Result<deadpool_redis::redis::Client, SettingsError> {
+        deadpool_redis::redis::Client::open(self.url.expose()).map_err(|e| invalid("redis.url", e.to_string()))
+    }
+
     pub fn pool(&self) -> Result<deadpool_redis::Pool, SettingsError> {
         let mut config = deadpool_redis::Config::from_url(self.url.expose());
         config.pool = Some(deadpool_redis::PoolConfig::new(self.pool_size));

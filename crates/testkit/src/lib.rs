@@ -129,7 +129,7 @@ fn wait_for_port(child: &mut Guarded, what: &'static str, port: u16, log: &Path)
 #[derive(Debug)]
 pub struct RedisServer {
     port: u16,
-    _child: Guarded,
+    child: Guarded,
 }
 
 impl RedisServer {
@@ -155,7 +155,7 @@ impl RedisServer {
             let log = dir.join(format!("redis-{port}.log"));
             let mut child = spawn_guarded(cmd, "redis-server (apt-get install redis-server, or `make test`)", &log)?;
             match wait_for_port(&mut child, "redis-server", port, &log) {
-                Ok(()) => return Ok(Self { port, _child: child }),
+                Ok(()) => return Ok(Self { port, child }),
                 Err(e) => last = Some(e),
             }
         }
@@ -164,6 +164,25 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILLs the server (its data is gone: no persistence).
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+
+    /// Starts an empty server again on the same port.
+    pub fn restart(&mut self, dir: &Path) -> Result<(), TestkitError> {
+        self.child.kill();
+        let bin = std::env::var("CALLBOARD_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        cmd.arg("--dir").arg(dir);
+        let log = dir.join(format!("redis-{}-restarted.log", self.port));
+        let mut child = spawn_guarded(cmd, "redis-server", &log)?;
+        wait_for_port(&mut child, "redis-server", self.port, &log)?;
+        self.child = child;
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {
