@@ -481,3 +481,62 @@ async fn a_redis_restart_degrades_to_live_answers_then_recovers() {
     assert_all_cached_equal_live(&app, &[t], "after Redis came back empty").await;
     app.stop().await;
 }
+
+/// A cached read takes two round trips (members, then documents); writes
+/// racing it must never show a call under a status it is not in at that
+/// moment. Calls move between two statuses while reads run; every hit must
+/// list each call under its own status, once, with totals that add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_racing_writes_see_one_moment() {
+    let mut app = spawn_app().await;
+    app.insert(CALL_STATUS, &[doc! {"id": 1, "name": "Open"}, doc! {"id": 2, "name": "Done"}]).await;
+    let calls: Vec<Document> = (1..=30_i64)
+        .map(|i| doc! {"id": i, "tenant_id": 1, "status_id": 1, "start_time": DateTime::from_millis(1_700_000_000_000 + i)})
+        .collect();
+    app.insert(CALLS, &calls).await;
+    app.start_projector();
+    app.grouped_as(&app.token(1), &[], false).await;
+    let (hit, _, _) = app.wait_for_projection(1, &[("limit", "100")], WAIT).await;
+    assert!(hit);
+
+    let coll = app.db.collection::<Document>(CALLS);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0_i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let id = 26 + n % 5; // among the newest, so always shown
+                let status = if n % 2 == 0 { 1 } else { 2 };
+                coll.update_one(doc! {"id": id}, doc! {"$set": {"status_id": status, "n": n}}).await.unwrap();
+            }
+            n
+        })
+    };
+    let token = app.token(1);
+    let (mut hits, started) = (0, std::time::Instant::now());
+    while started.elapsed() < Duration::from_secs(3) {
+        let (cache, body) = app.grouped_as(&token, &[("limit", "100")], false).await;
+        if cache != "hit" {
+            continue;
+        }
+        hits += 1;
+        let mut seen = std::collections::BTreeSet::new();
+        let mut total = 0;
+        for group in body["data"].as_array().unwrap() {
+            let status = group["id"].as_i64().unwrap();
+            total += group["total_calls"].as_i64().unwrap();
+            for call in group["calls"].as_array().unwrap() {
+                assert_eq!(call["status_id"].as_i64(), Some(status), "call listed under another status: {body}");
+                assert!(seen.insert(call["id"].as_i64().unwrap()), "call listed twice: {body}");
+            }
+        }
+        assert_eq!((total, seen.len()), (30, 30), "{body}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    eprintln!("{hits} cached reads checked against {writes} concurrent moves");
+    assert!(hits > 100 && writes > 20, "too little overlap to mean anything: {hits} reads, {writes} writes");
+    app.stop().await;
+}

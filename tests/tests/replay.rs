@@ -132,14 +132,16 @@ fn doc_of(op: &Op) -> i64 {
     }
 }
 
-/// Every key under the prefix but tenant states and meta, as text
+/// Every key under the prefix but tenant states, meta and versions, as text
 /// (binary members and fields escaped).
 async fn dump(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> BTreeMap<String, Vec<String>> {
     let keys: Vec<String> = conn.keys(format!("{prefix}:*")).await.unwrap();
     let prefix_tstate = format!("{prefix}:{{g}}:tstate");
     let mut out = BTreeMap::new();
     for key in keys {
-        if key == prefix_tstate || key.ends_with(":meta") {
+        // Bookkeeping that differs by history, not state: the last event
+        // time and the write counter.
+        if key == prefix_tstate || key.ends_with(":meta") || key.ends_with(":ver") {
             continue;
         }
         let kind: String = redis::cmd("TYPE").arg(&key).query_async(conn).await.unwrap();

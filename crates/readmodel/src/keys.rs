@@ -7,6 +7,7 @@
 //! | `P:{tN}:z:<status>` | ZSET | every live call: member [`crate::codec::member`] (id, then `_id`, binary), score `start_time` ms (undated: [`crate::codec::UNDATED`]) |
 //! | `P:{tN}:doc` | HASH | member -> `<owner>,<user>,<assignee>\|<call JSON without details>`, for the first ranks of each ZSET only |
 //! | `P:{tN}:dw` | HASH | status -> how many first ranks of its ZSET have their document |
+//! | `P:{tN}:ver` | STRING | bumped by every write to the tenant's calls (never reset) |
 //! | `P:{tN}:st` | HASH | status `_id` -> the tenant's own status (JSON `StatusRecord`) |
 //! | `P:{tN}:meta` | HASH | `last_event_ms` |
 //! | `P:{tN}:stv` | STRING | a unique stamp, replaced whenever the tenant's statuses change |
@@ -66,6 +67,12 @@ impl Keys {
     }
     pub fn meta(&self, t: TenantId) -> String {
         self.tenant(t, "meta")
+    }
+    /// The tenant's write counter: every script that changes its calls
+    /// bumps it, so a read spanning two round trips can tell whether a
+    /// write landed in between.
+    pub fn version(&self, t: TenantId) -> String {
+        self.tenant(t, "ver")
     }
     /// A stamp that changes whenever the tenant's own statuses change.
     pub fn status_stamp(&self, t: TenantId) -> String {

@@ -75,7 +75,6 @@ pub struct Progress {
 pub struct ReadModel {
     pool: Pool,
     keys: Keys,
-    read_groups: Script,
     request_warm: Script,
     local: LocalCopies,
     hot: Option<HotConnections>,
@@ -113,35 +112,6 @@ impl HotConnections {
     }
 }
 
-/// For each status ZSET in KEYS (all but the last two), its size and,
-/// unless ARGV[2] is "0", its first ARGV[1] members; with ARGV[2] = "2"
-/// also their stored documents from the HASH in KEYS[#KEYS - 1]. Documents
-/// are kept only for a window of first ranks per status (ARGV[3..] the
-/// statuses, KEYS[#KEYS] the windows): if a window is shorter than the
-/// calls asked for, the whole answer is `false` (served live instead). One
-/// script, so counts and calls come from one consistent moment.
-const READ_GROUPS: &str = r#"
-local limit = tonumber(ARGV[1])
-local mode = ARGV[2]
-local docs_key = KEYS[#KEYS - 1]
-local out = {}
-for i = 1, #KEYS - 2 do
-  local count = redis.call('ZCARD', KEYS[i])
-  local members = {}
-  local docs = {}
-  if mode ~= '0' and count > 0 then
-    members = redis.call('ZREVRANGE', KEYS[i], 0, limit - 1)
-    if mode == '2' then
-      local d = tonumber(redis.call('HGET', KEYS[#KEYS], ARGV[2 + i]) or '0')
-      if d < #members then return false end
-      docs = redis.call('HMGET', docs_key, unpack(members))
-    end
-  end
-  out[i] = {count, members, docs}
-end
-return out
-"#;
-
 /// Single-flight warm request: only the first caller for a cold tenant
 /// moves it to `warming` and queues the warm; ARGV[3] = "1" forces a new
 /// warm even when the tenant is warm or warming.
@@ -158,14 +128,7 @@ return epoch
 
 impl ReadModel {
     pub fn new(pool: Pool, keys: Keys) -> Self {
-        Self {
-            pool,
-            keys,
-            read_groups: Script::new(READ_GROUPS),
-            request_warm: Script::new(REQUEST_WARM),
-            local: LocalCopies::default(),
-            hot: None,
-        }
+        Self { pool, keys, request_warm: Script::new(REQUEST_WARM), local: LocalCopies::default(), hot: None }
     }
 
     /// Serves grouped reads over per-thread multiplexed connections to
@@ -254,51 +217,36 @@ impl ReadModel {
         let mut attempts = 0;
         let (stamps, groups, statuses) = loop {
             attempts += 1;
-            let Some(copy) = statuses.take().filter(|_| attempts < 8) else {
-                if attempts >= 8 {
-                    return Err(ReadModelError::Corrupt {
-                        key: self.keys.statuses(tenant),
-                        detail: "statuses kept changing during the read".into(),
-                    });
-                }
+            if attempts > MAX_ATTEMPTS {
+                // Writes or status changes kept racing the read: let the
+                // live path answer this one.
+                return Ok(None);
+            }
+            let Some(copy) = statuses.take() else {
                 statuses = Some(self.load_statuses(c, tenant).await?);
                 continue;
             };
+            // First round trip, one MULTI: state, stamps, the tenant's
+            // version, the windows, and per status its size and members.
             let mut pipe = redis::pipe();
             pipe.atomic()
                 .hget(self.keys.tenant_state(), tenant.get())
                 .get(self.keys.global_status_stamp())
                 .get(self.keys.status_stamp(tenant))
-                .get(self.keys.users_stamp());
-            let mut invocation = self.read_groups.prepare_invoke();
-            if mode == "0" {
-                // Counts only: plain ZCARDs, no script to run.
-                for s in &copy.visible {
-                    pipe.zcard(self.keys.zset(tenant, s.key));
-                }
-            } else if !copy.visible.is_empty() {
-                for s in &copy.visible {
-                    invocation.key(self.keys.zset(tenant, s.key));
-                }
-                invocation
-                    .key(self.keys.docs(tenant))
-                    .key(self.keys.windows(tenant))
-                    .arg(request.limit.get())
-                    .arg(mode);
-                for s in &copy.visible {
-                    invocation.arg(s.key.get());
-                }
-                pipe.invoke_script(&invocation);
+                .get(self.keys.users_stamp())
+                .get(self.keys.version(tenant));
+            let with_windows = mode == "2" && !copy.visible.is_empty();
+            if with_windows {
+                let keys: Vec<i64> = copy.visible.iter().map(|s| s.key.get()).collect();
+                pipe.cmd("HMGET").arg(self.keys.windows(tenant)).arg(keys);
             }
-            // A new or restarted Redis must be given the script first.
-            let replies: Vec<redis::Value> = match pipe.query_async(c).await {
-                Err(e) if e.code() == Some("NOSCRIPT") => {
-                    let _: String = self.read_groups.prepare_invoke().load_async(c).await?;
-                    statuses = Some(copy);
-                    continue;
+            for s in &copy.visible {
+                pipe.zcard(self.keys.zset(tenant, s.key));
+                if mode != "0" {
+                    pipe.zrevrange(self.keys.zset(tenant, s.key), 0, request.limit.get() as isize - 1);
                 }
-                other => other?,
-            };
+            }
+            let replies: Vec<redis::Value> = pipe.query_async(c).await?;
             let mut replies = replies.into_iter();
             let mut next = || replies.next().unwrap_or(redis::Value::Nil);
             let state: Option<String> = parse(next())?;
@@ -310,16 +258,43 @@ impl ReadModel {
             if !copy.is_current(&stamps) {
                 continue;
             }
-            let groups: Option<Vec<Group>> = if mode == "0" {
-                let counts = copy.visible.iter().map(|_| parse::<u64>(next()));
-                Some(counts.map(|n| n.map(|n| (n, Vec::new(), Vec::new()))).collect::<Result<_, _>>()?)
-            } else if copy.visible.is_empty() {
-                Some(Vec::new())
-            } else {
-                parse(next())?
-            };
-            // A document window shorter than asked for: a refill is under way.
-            let Some(groups) = groups else { return Ok(None) };
+            let version: Option<String> = parse(next())?;
+            let windows: Vec<Option<u64>> = if with_windows { parse(next())? } else { Vec::new() };
+            let mut groups: Vec<Group> = Vec::with_capacity(copy.visible.len());
+            for i in 0..copy.visible.len() {
+                let count: u64 = parse(next())?;
+                let members: Vec<Vec<u8>> = if mode == "0" { Vec::new() } else { parse(next())? };
+                // A document window shorter than asked for: a refill is
+                // under way; the live path answers meanwhile.
+                if mode == "2" && windows.get(i).copied().flatten().unwrap_or(0) < members.len() as u64 {
+                    return Ok(None);
+                }
+                groups.push((count, members, Vec::new()));
+            }
+            if mode == "2" {
+                // Second round trip: the documents, then the version again.
+                // Every tenant write bumps the version in the same atomic
+                // step, so an unchanged version means no write landed
+                // between the two trips: one consistent moment.
+                let members: Vec<&[u8]> = groups.iter().flat_map(|g| g.1.iter().map(Vec::as_slice)).collect();
+                if !members.is_empty() {
+                    let (docs, again): (Vec<Option<String>>, Option<String>) = redis::pipe()
+                        .cmd("HMGET")
+                        .arg(self.keys.docs(tenant))
+                        .arg(members)
+                        .get(self.keys.version(tenant))
+                        .query_async(c)
+                        .await?;
+                    if again != version {
+                        statuses = Some(copy);
+                        continue;
+                    }
+                    let mut docs = docs.into_iter();
+                    for g in &mut groups {
+                        g.2 = docs.by_ref().take(g.1.len()).collect();
+                    }
+                }
+            }
             break (stamps, groups, copy);
         };
 
@@ -563,6 +538,9 @@ fn parse<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, ReadModelEr
     redis::from_redis_value(value)
         .map_err(|e| ReadModelError::Corrupt { key: "read reply".into(), detail: e.to_string() })
 }
+
+/// Read attempts before a hit gives way to the live path.
+const MAX_ATTEMPTS: usize = 8;
 
 /// A status's count, first members and their stored documents.
 type Group = (u64, Vec<Vec<u8>>, Vec<Option<String>>);

@@ -154,10 +154,13 @@ impl Default for DocWindow {
 struct Script {
     keys: Vec<String>,
     argv: Vec<Vec<u8>>,
+    /// KEYS index of the tenant's version key, for tenant scripts.
+    version: Option<usize>,
 }
 
 /// The write script. ARGV: guard mode and value, window size and floor,
-/// then operations: name, key count, key indexes, argument count,
+/// the index of the tenant's version key (bumped when calls change; empty
+/// for the shared keys' script), then operations: name, key count, key indexes, argument count,
 /// arguments. `CPUT` and `CREM` (keys: ZSET, documents, windows; args:
 /// status, [score,] member[, stored]) keep the document window: the first
 /// `d` ranks of a ZSET, and only they, have a document. Returns the
@@ -201,7 +204,7 @@ local function cput(z, docs, dw, status, score, member, stored)
     redis.call('HSET', dw, status, d)
   end
 end
-local i = 5
+local i = 6
 while i <= #ARGV do
   local op, nk = ARGV[i], tonumber(ARGV[i + 1])
   local keys = {}
@@ -220,6 +223,7 @@ while i <= #ARGV do
   i = a + na
 end
 local needy = {}
+if ARGV[5] ~= '' and next(touched) ~= nil then redis.call('INCR', KEYS[tonumber(ARGV[5])]) end
 for z, t in pairs(touched) do
   local size = redis.call('ZCARD', z)
   if size == 0 then
@@ -232,7 +236,7 @@ return needy
 "#;
 
 /// Fills a status's document window from rank `d`. KEYS: fence, ZSET,
-/// documents, windows. ARGV: guard mode and value, window size, status,
+/// documents, windows, the tenant's version. ARGV: guard mode and value, window size, status,
 /// the `d` the caller read, then member, stored pairs in rank order. Stops
 /// at the first member no longer at the next rank. Returns the new window,
 /// or -1 if it moved since the caller read it.
@@ -254,12 +258,18 @@ while i < #ARGV and d < W do
   i = i + 2
 end
 redis.call('HSET', KEYS[4], ARGV[4], d)
+redis.call('INCR', KEYS[5])
 return d
 "#;
 
 impl Script {
     fn new(guard_key: String) -> Self {
-        Self { keys: vec![guard_key], argv: Vec::new() }
+        Self { keys: vec![guard_key], argv: Vec::new(), version: None }
+    }
+
+    /// A tenant script: bumps `version_key` when it changes calls.
+    fn for_tenant(guard_key: String, version_key: String) -> Self {
+        Self { keys: vec![guard_key, version_key], argv: Vec::new(), version: Some(2) }
     }
 
     fn key_index(&mut self, key: String) -> usize {
@@ -300,7 +310,12 @@ impl Script {
         for k in &self.keys {
             invocation.key(k);
         }
-        invocation.arg(mode).arg(check).arg(window.size).arg(window.floor);
+        invocation
+            .arg(mode)
+            .arg(check)
+            .arg(window.size)
+            .arg(window.floor)
+            .arg(self.version.map(|v| v.to_string()).unwrap_or_default());
         for a in &self.argv {
             invocation.arg(a.as_slice());
         }
@@ -343,8 +358,10 @@ impl Writer {
 
     fn tenant_script(&self, t: TenantId) -> (Script, &'static str, String) {
         match &self.guard {
-            Guard::None => (Script::new(self.keys.fence(t)), "none", String::new()),
-            Guard::Leader { token, .. } => (Script::new(self.keys.fence(t)), "fence", token.to_string()),
+            Guard::None => (Script::for_tenant(self.keys.fence(t), self.keys.version(t)), "none", String::new()),
+            Guard::Leader { token, .. } => {
+                (Script::for_tenant(self.keys.fence(t), self.keys.version(t)), "fence", token.to_string())
+            }
         }
     }
 
@@ -630,6 +647,7 @@ impl Writer {
             .key(self.keys.zset(tenant, status))
             .key(self.keys.docs(tenant))
             .key(self.keys.windows(tenant))
+            .key(self.keys.version(tenant))
             .arg(mode)
             .arg(check)
             .arg(self.window.size)
