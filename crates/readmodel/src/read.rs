@@ -233,10 +233,10 @@ impl ReadModel {
                 .hget(self.keys.tenant_state(), tenant.get())
                 .get(self.keys.global_status_stamp())
                 .get(self.keys.status_stamp(tenant))
-                .get(self.keys.users_stamp())
-                .get(self.keys.version(tenant));
+                .get(self.keys.users_stamp());
             let with_windows = mode == "2" && !copy.visible.is_empty();
             if with_windows {
+                pipe.get(self.keys.version(tenant));
                 let keys: Vec<i64> = copy.visible.iter().map(|s| s.key.get()).collect();
                 pipe.cmd("HMGET").arg(self.keys.windows(tenant)).arg(keys);
             }
@@ -258,8 +258,8 @@ impl ReadModel {
             if !copy.is_current(&stamps) {
                 continue;
             }
-            let version: Option<String> = parse(next())?;
-            let windows: Vec<Option<u64>> = if with_windows { parse(next())? } else { Vec::new() };
+            let (version, windows): (Option<String>, Vec<Option<u64>>) =
+                if with_windows { (parse(next())?, parse(next())?) } else { (None, Vec::new()) };
             let mut groups: Vec<Group> = Vec::with_capacity(copy.visible.len());
             for i in 0..copy.visible.len() {
                 let count: u64 = parse(next())?;
