@@ -59,11 +59,11 @@ build: ## Build the release binary
 	$(CARGO) build --release -p callboard
 
 .PHONY: bench
-bench: deps ## Benchmarks at 10K, 100K and 1M calls (long); writes BENCHMARKS.md, then criterion
+bench: deps ## criterion micro-benchmarks, then loads at 10K, 100K and 1M calls (long); writes BENCHMARKS.md
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 	$(CARGO) build --release -p callboard -p callboard-bench
-	target/release/callboard-bench --out BENCHMARKS.md
 	$(CARGO) bench -p callboard-bench
+	target/release/callboard-bench --out BENCHMARKS.md
 
 .PHONY: bench-quick
 bench-quick: deps ## The 10K-call benchmarks only (under a minute once built)

@@ -194,7 +194,20 @@ impl Report {
         }
 
         writeln!(md, "## Chart\n\n![throughput and p99, hit vs live](docs/benchmarks.svg)\n")?;
-        writeln!(md, "## Micro-benchmarks\n\n`cargo bench -p callboard-bench` (criterion): rendering a cached 5x20 and 5x100 response, rendering live calls, planning one change event, parsing a request. See `target/criterion/` after a run.")?;
+        writeln!(md, "## Micro-benchmarks\n\n`cargo bench -p callboard-bench` (criterion, run by `make bench` before the loads): rendering a cached 5x20 and 5x100 response, rendering live calls, planning one change event, parsing a request. Mean time per iteration from `target/criterion/`:\n")?;
+        let micro = criterion_estimates(Path::new("target/criterion"));
+        if micro.is_empty() {
+            writeln!(md, "(no criterion results found: run `cargo bench -p callboard-bench` first)")?;
+        } else {
+            writeln!(md, "| benchmark | mean |\n|---|---:|")?;
+            for (id, ns) in micro {
+                writeln!(
+                    md,
+                    "| {id} | {} |",
+                    if ns >= 1000.0 { format!("{:.1} µs", ns / 1000.0) } else { format!("{ns:.0} ns") }
+                )?;
+            }
+        }
         std::fs::create_dir_all(chart.parent().unwrap_or(Path::new(".")))?;
         std::fs::write(&chart, self.svg())?;
         std::fs::write(out, md)?;
@@ -268,4 +281,33 @@ impl Report {
         s.push_str("</svg>\n");
         s
     }
+}
+
+/// (benchmark id, mean ns) of every criterion benchmark under `root`.
+fn criterion_estimates(root: &Path) -> Vec<(String, f64)> {
+    fn walk(dir: &Path, out: &mut Vec<(String, f64)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            if path.file_name().is_some_and(|n| n == "new") {
+                let read = |f: &str| -> Option<serde_json::Value> {
+                    serde_json::from_str(&std::fs::read_to_string(path.join(f)).ok()?).ok()
+                };
+                if let (Some(b), Some(e)) = (read("benchmark.json"), read("estimates.json")) {
+                    if let (Some(id), Some(ns)) = (b["full_id"].as_str(), e["mean"]["point_estimate"].as_f64()) {
+                        out.push((id.to_string(), ns));
+                    }
+                }
+            } else if path.file_name().is_some_and(|n| n != "report" && n != "base" && n != "change") {
+                walk(&path, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, &mut out);
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
