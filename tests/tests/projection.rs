@@ -346,6 +346,34 @@ async fn lost_change_stream_history_marks_cold_and_rewarms() {
     app.stop().await;
 }
 
+/// A read model left by an older version (another format, or none
+/// recorded) is never served: reads go live until the projector, finding a
+/// checkpoint beside a foreign format, rebuilds and re-warms.
+#[tokio::test]
+async fn a_read_model_in_another_format_is_rebuilt_not_served() {
+    let (mut app, _) = seeded(27).await;
+    app.start_projector();
+    app.grouped_as(&app.token(2), &[], false).await;
+    let (hit, _, _) = app.wait_for_projection(2, &[], WAIT).await;
+    assert!(hit);
+    app.stop_projector().await;
+    // What an older version leaves: no format mark, text members, its keys.
+    let mut r = redis(&app).await;
+    let _: () = r.del("cb:{g}:schema").await.unwrap();
+    let _: () = r.zadd("cb:{t2}:z:1", "8000000000000063:legacy-member", 1.9e12).await.unwrap();
+    let _: () = r.hset("cb:{t2}:idx", "legacy", "1|n|x").await.unwrap();
+    let fields = [("limit", "7"), ("include_enrichment", "false")];
+    let (cache, _) = app.grouped_as(&app.token(2), &fields, false).await;
+    assert_eq!(cache, "miss", "data in another format must not be served");
+    app.start_projector();
+    let (hit, cached, live) = app.wait_for_projection(2, &fields, WAIT).await;
+    assert!(hit, "tenant 2 did not come back warm after the rebuild");
+    callboard_tests::reference::assert_same(&cached, &live, "after the format rebuild");
+    let legacy: bool = r.exists("cb:{t2}:idx").await.unwrap();
+    assert!(!legacy, "the rebuild leaves no key of the old format");
+    app.stop().await;
+}
+
 /// On an idle stream the projector re-saves the stream's post-batch token.
 /// Real MongoDB advances that token with cluster time; the stand-in returns
 /// the last event's, so this pins that the idle saves are harmless: the

@@ -263,7 +263,13 @@ impl Projector {
     }
 
     async fn open_source(&self, writer: &Writer) -> Result<Source, ProjectorError> {
-        match self.checkpoint.load().await? {
+        let checkpoint = self.checkpoint.load().await?;
+        let schema = writer.schema().await?;
+        if checkpoint.is_some() && schema.as_deref() != Some(callboard_readmodel::keys::SCHEMA) {
+            warn!(found = ?schema, wanted = callboard_readmodel::keys::SCHEMA, "read model in another format: rebuilding");
+            return self.restart_read_model(writer).await;
+        }
+        match checkpoint {
             Some(token) => match Source::open(&self.db, StartAt::ResumeAfter(token)).await {
                 Ok(s) => Ok(s),
                 Err(e) if source::is_history_lost(&e) => self.recover_history_lost(&e, writer).await,
@@ -286,6 +292,12 @@ impl Projector {
     ) -> Result<Source, ProjectorError> {
         warn!(error = %cause, "change stream history lost; marking every tenant cold and re-warming");
         self.checkpoint.heartbeat(&[("history_lost_total", 1)]).await?;
+        self.restart_read_model(writer).await
+    }
+
+    /// Empties and rebuilds the read model, and queues a warm of every
+    /// tenant that was warm or warming.
+    async fn restart_read_model(&self, writer: &Writer) -> Result<Source, ProjectorError> {
         let reader = &self.reader;
         let warm: Vec<TenantId> =
             reader.tenant_states().await?.into_iter().filter(|(_, s)| s.is_maintained()).map(|(t, _)| t).collect();
@@ -304,6 +316,7 @@ impl Projector {
         writer.purge_all().await?;
         let source = Source::open(&self.db, start).await?;
         let (users, statuses) = warm::bootstrap_globals(&self.db, writer, &self.fields).await?;
+        writer.set_schema().await?;
         info!(users, statuses, "users and statuses loaded");
         Ok(source)
     }

@@ -13,11 +13,13 @@ use callboard_domain::render::UserFields;
 use std::collections::HashMap;
 
 use callboard_domain::{DocKey, StatusKey, StatusRecord, TenantId};
-use callboard_readmodel::codec::{member_parts, stored_call, user_entry, CallEntry};
+use callboard_readmodel::codec::{member_parts, user_entry, CallEntry};
 use callboard_readmodel::write::{status_place, GlobalOp, Plan, TenantOp, Writer};
 use callboard_store::{CALLS, CALL_STATUS, USERS};
 use futures::TryStreamExt;
 use mongodb::Database;
+
+use tracing::warn;
 
 use crate::lease::Keeper;
 use crate::ProjectorError;
@@ -119,18 +121,29 @@ pub async fn refill_windows(
             }
             let keys: Vec<DocKey> = members.iter().filter_map(|m| member_parts(m)).map(|(_, doc)| doc).collect();
             let ids: Vec<bson::Bson> = keys.iter().filter_map(DocKey::to_bson).collect();
-            let mut found: HashMap<DocKey, String> = HashMap::with_capacity(ids.len());
+            // Only documents still in the member's place: one that moved
+            // (or went) since the stream's position waits for its event,
+            // which refills the window again.
+            let mut found: HashMap<DocKey, CallEntry> = HashMap::with_capacity(ids.len());
             let mut cursor = calls.find(doc! {"_id": {"$in": ids}}).batch_size(CHUNK as u32).await?;
             while let Some(call) = cursor.try_next().await? {
-                if let (Some(id), Some(stored)) = (call.get("_id"), stored_call(&call)) {
-                    found.insert(DocKey::from_bson(id), stored);
+                if let Some(entry) = CallEntry::from_document(&call) {
+                    found.insert(entry.doc.clone(), entry);
                 }
             }
             let mut docs = Vec::with_capacity(members.len());
             for member in members {
-                let Some((_, key)) = member_parts(&member) else { break };
-                let Some(stored) = found.remove(&key) else { break };
-                docs.push((member, stored));
+                let Some((id, key)) = member_parts(&member) else { break };
+                let Some(entry) = found.remove(&key) else { break };
+                if entry.place.tenant != *tenant || entry.place.status != *status || entry.place.id != id {
+                    break;
+                }
+                docs.push((member, entry.stored));
+            }
+            if docs.len() < (writer.window_size() - d).min(keys.len() as u64) as usize {
+                warn!(tenant = %tenant, status = %status, rank = d + docs.len() as u64,
+                    "document window refill stopped: the call there changed in MongoDB since the stream's position; \
+                     reads past it go live until its event is applied");
             }
             let filled = writer.fill_window(*tenant, *status, d, &docs).await?;
             tracing::debug!(tenant = %tenant, status = %status, from = d, to = ?filled, "document window refilled");

@@ -22,12 +22,19 @@
 //! | `P:{g}:epoch` | STRING | warm epoch counter |
 //! | `P:{g}:cmdq` | LIST | commands for the active projector (`warm`, `purge`) |
 //! | `P:{g}:job:<id>` | HASH | a warm job's progress |
+//! | `P:{g}:schema` | STRING | the format of all these keys ([`SCHEMA`]) |
 //! | `P:{g}:ckpt` | STRING | the resume token of the last applied batch (BSON) |
 //! | `P:{g}:lease` | STRING | the active projector's id, with a TTL |
 //! | `P:{g}:fence_seq` | STRING | counter handing each new leader a higher token |
 //! | `P:{g}:progress` | HASH | projector heartbeat, last event time, lag |
 
 use callboard_domain::{DocKey, StatusKey, TenantId};
+
+/// The format of the keys below. A projector finding another one (or none
+/// beside a checkpoint) rebuilds the read model; readers serve nothing from
+/// Redis until it matches. 2: binary members, document windows, place
+/// locators (ADR 0004).
+pub const SCHEMA: &str = "2";
 
 /// Buckets of the call locator (see [`Keys::call_loc`]). Changing it
 /// strands every locator: only with a rebuild (invalidate all).
@@ -137,6 +144,10 @@ impl Keys {
     }
     pub fn job(&self, id: &str) -> String {
         self.global(&format!("job:{id}"))
+    }
+    /// The read model's format ([`SCHEMA`]), set when the projector builds it.
+    pub fn schema(&self) -> String {
+        self.global("schema")
     }
     pub fn checkpoint(&self) -> String {
         self.global("ckpt")

@@ -230,6 +230,7 @@ impl ReadModel {
             // version, the windows, and per status its size and members.
             let mut pipe = redis::pipe();
             pipe.atomic()
+                .get(self.keys.schema())
                 .hget(self.keys.tenant_state(), tenant.get())
                 .get(self.keys.global_status_stamp())
                 .get(self.keys.status_stamp(tenant))
@@ -249,8 +250,13 @@ impl ReadModel {
             let replies: Vec<redis::Value> = pipe.query_async(c).await?;
             let mut replies = replies.into_iter();
             let mut next = || replies.next().unwrap_or(redis::Value::Nil);
+            let schema: Option<String> = parse(next())?;
             let state: Option<String> = parse(next())?;
-            if !matches!(TenantState::parse(state.as_deref()), TenantState::Warm(_)) {
+            // Data in another format (before the projector's upgrade
+            // rebuild) is never served.
+            if schema.as_deref() != Some(crate::keys::SCHEMA)
+                || !matches!(TenantState::parse(state.as_deref()), TenantState::Warm(_))
+            {
                 return Ok(None);
             }
             let stamps =

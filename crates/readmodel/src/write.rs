@@ -345,6 +345,11 @@ impl Writer {
         Self { pool, keys, guard: Guard::None, window: DocWindow::default() }
     }
 
+    /// Documents kept per status at most.
+    pub fn window_size(&self) -> u64 {
+        self.window.size
+    }
+
     /// The same writer with another document window.
     pub fn with_window(mut self, window: DocWindow) -> Self {
         self.window = window;
@@ -539,6 +544,14 @@ impl Writer {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
+        // A scan can return a document twice (it moved within the index
+        // being scanned): the last one read wins, as an event would.
+        let mut last: HashMap<&DocKey, &CallEntry> = HashMap::with_capacity(entries.len());
+        for e in entries {
+            last.insert(&e.doc, e);
+        }
+        let entries: Vec<&CallEntry> =
+            entries.iter().filter(|e| last.get(&e.doc).is_some_and(|l| std::ptr::eq(*l, *e))).collect();
         let docs: Vec<DocKey> = entries.iter().map(|e| e.doc.clone()).collect();
         let view = self.load_locators(&docs, &[], &[]).await?;
         let mut c = self.conn().await?;
@@ -550,7 +563,7 @@ impl Writer {
             for old in &stale {
                 self.tenant_op(&mut script, tenant, &TenantOp::Remove { doc: e.doc.clone(), place: *old });
             }
-            self.tenant_op(&mut script, tenant, &TenantOp::Put(e.clone()));
+            self.tenant_op(&mut script, tenant, &TenantOp::Put((*e).clone()));
             places.insert(e.place);
             locators.push(GlobalOp::call_loc(e.doc.clone(), &places));
             if !stale.is_empty() {
@@ -609,6 +622,8 @@ impl Writer {
         for chunk in keys.chunks(500) {
             let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut c).await?;
         }
+        // A read between its two round trips must see that calls changed.
+        let _: () = c.incr(self.keys.version(tenant), 1).await?;
         Ok(removed)
     }
 
@@ -672,6 +687,19 @@ impl Writer {
         for chunk in doomed.chunks(500) {
             let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut c).await?;
         }
+        Ok(())
+    }
+
+    /// The read model's format, as the projector that built it recorded.
+    pub async fn schema(&self) -> Result<Option<String>, ReadModelError> {
+        let mut c = self.conn().await?;
+        Ok(c.get(self.keys.schema()).await?)
+    }
+
+    /// Records that the read model is in this version's format.
+    pub async fn set_schema(&self) -> Result<(), ReadModelError> {
+        let mut c = self.conn().await?;
+        let _: () = c.set(self.keys.schema(), crate::keys::SCHEMA).await?;
         Ok(())
     }
 
