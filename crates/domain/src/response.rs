@@ -40,7 +40,7 @@ pub struct GroupCalls {
 /// The grouped body: every visible status in id order, with its calls.
 /// Calls of statuses the tenant does not see count nowhere.
 pub fn assemble(
-    statuses: Vec<Status>,
+    statuses: &[Status],
     mut groups: std::collections::BTreeMap<crate::StatusKey, GroupCalls>,
     request: &GroupedRequest,
 ) -> GroupedBody {
@@ -50,7 +50,7 @@ pub fn assemble(
     out.push_str(&Value::from(GROUPED_MESSAGE).to_string());
     out.push_str(",\"data\":[");
     let (mut total, count) = (0_u64, statuses.len());
-    for (i, s) in statuses.into_iter().enumerate() {
+    for (i, s) in statuses.iter().enumerate() {
         let group = groups.remove(&s.key).unwrap_or_default();
         total += group.total;
         if i > 0 {
@@ -105,7 +105,7 @@ mod tests {
         groups.insert(StatusKey::new(9), GroupCalls { total: 4, calls: vec!["1".into()] });
         let request =
             GroupedRequest { limit: Limit::new(2, 1000).unwrap(), include_enrichment: true, include_calls: true };
-        let body: Value = serde_json::from_str(assemble(statuses, groups, &request).as_str()).unwrap();
+        let body: Value = serde_json::from_str(assemble(&statuses, groups, &request).as_str()).unwrap();
         assert_eq!(
             body,
             serde_json::json!({"status": 200, "message": GROUPED_MESSAGE, "data": [

@@ -12,8 +12,8 @@ use bson::{doc, Document};
 use callboard_domain::render::UserFields;
 use std::collections::HashMap;
 
-use callboard_domain::{DocKey, StatusKey, StatusRecord, TenantId};
-use callboard_readmodel::codec::{member_parts, user_entry, CallEntry};
+use callboard_domain::{CallId, DocKey, StatusKey, StatusRecord, TenantId};
+use callboard_readmodel::codec::{member_parts, user_entry, CallEntry, Place};
 use callboard_readmodel::write::{status_place, GlobalOp, Plan, TenantOp, Writer};
 use callboard_store::{CALLS, CALL_STATUS, USERS};
 use futures::TryStreamExt;
@@ -99,12 +99,13 @@ pub async fn snapshot_tenant(
 }
 
 /// Refills the document windows that fell short (after removals near the
-/// top of a status), with the documents as MongoDB has them now. Like
-/// `updateLookup`, a refilled document may be newer than the stream's
-/// position; the events still to come bring it back in line. A member
-/// whose document is gone from MongoDB stops the refill there: its delete
-/// event is on the way, and the status is refilled again once it lands.
-/// Until then reads of the status go live. Returns how many windows grew.
+/// top of a status), with the documents as MongoDB has them now, if they
+/// still put the call in the member's place. Like `updateLookup`, a
+/// refilled document may be newer than the stream's position; the events
+/// still to come bring it back in line. A member whose call has moved or
+/// gone since stops the refill there: its event is on the way, and the
+/// status is refilled again once it lands. Until then reads of the status
+/// past that rank go live. Returns how many windows grew.
 pub async fn refill_windows(
     db: &Database,
     writer: &Writer,
@@ -119,8 +120,10 @@ pub async fn refill_windows(
             if members.is_empty() {
                 break;
             }
-            let keys: Vec<DocKey> = members.iter().filter_map(|m| member_parts(m)).map(|(_, doc)| doc).collect();
-            let ids: Vec<bson::Bson> = keys.iter().filter_map(DocKey::to_bson).collect();
+            let wanted = members.len();
+            let parts: Vec<(Vec<u8>, CallId, DocKey)> =
+                members.into_iter().map_while(|m| member_parts(&m).map(|(id, doc)| (m, id, doc))).collect();
+            let ids: Vec<bson::Bson> = parts.iter().filter_map(|(_, _, doc)| doc.to_bson()).collect();
             // Only documents still in the member's place: one that moved
             // (or went) since the stream's position waits for its event,
             // which refills the window again.
@@ -131,16 +134,15 @@ pub async fn refill_windows(
                     found.insert(entry.doc.clone(), entry);
                 }
             }
-            let mut docs = Vec::with_capacity(members.len());
-            for member in members {
-                let Some((id, key)) = member_parts(&member) else { break };
-                let Some(entry) = found.remove(&key) else { break };
-                if entry.place.tenant != *tenant || entry.place.status != *status || entry.place.id != id {
-                    break;
+            let mut docs = Vec::with_capacity(parts.len());
+            for (member, id, key) in parts {
+                let place = Place { tenant: *tenant, status: *status, id };
+                match found.remove(&key) {
+                    Some(entry) if entry.place == place => docs.push((member, entry.stored)),
+                    _ => break,
                 }
-                docs.push((member, entry.stored));
             }
-            if docs.len() < (writer.window_size() - d).min(keys.len() as u64) as usize {
+            if docs.len() < wanted {
                 warn!(tenant = %tenant, status = %status, rank = d + docs.len() as u64,
                     "document window refill stopped: the call there changed in MongoDB since the stream's position; \
                      reads past it go live until its event is applied");

@@ -19,6 +19,24 @@ pub use read::{Counters, JobStatus, Progress, ReadModel, TenantState};
 
 pub use redis;
 
+/// Every key matching `pattern` (SCAN, so Redis is never blocked).
+pub(crate) async fn scan<C: redis::aio::ConnectionLike>(
+    c: &mut C,
+    pattern: &str,
+) -> Result<Vec<String>, ReadModelError> {
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, chunk): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).query_async(c).await?;
+        keys.extend(chunk);
+        cursor = next;
+        if cursor == 0 {
+            return Ok(keys);
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReadModelError {
     #[error("Redis: {0}")]

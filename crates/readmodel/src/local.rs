@@ -68,23 +68,22 @@ impl LocalCopies {
     }
 
     /// The cached users among `ids` if the copy is labelled `stamp`, and
-    /// the ids it lacks. A copy under another stamp is dropped.
+    /// the ids it lacks (all of them under another stamp; [`Self::put_users`]
+    /// then starts the copy over).
     pub fn users(
         &self,
         stamp: &Option<String>,
         ids: impl IntoIterator<Item = UserId>,
     ) -> (HashMap<UserId, Option<Arc<str>>>, Vec<UserId>) {
         let (mut found, mut missing) = (HashMap::new(), Vec::new());
-        {
-            let Ok(users) = self.users.read() else { return (found, ids.into_iter().collect()) };
-            let current = users.stamp == *stamp;
-            for id in ids {
-                match users.by_id.get(&id).filter(|_| current) {
-                    Some(u) => {
-                        found.insert(id, u.clone());
-                    }
-                    None => missing.push(id),
+        let Ok(users) = self.users.read() else { return (found, ids.into_iter().collect()) };
+        let current = users.stamp == *stamp;
+        for id in ids {
+            match users.by_id.get(&id).filter(|_| current) {
+                Some(u) => {
+                    found.insert(id, u.clone());
                 }
+                None => missing.push(id),
             }
         }
         (found, missing)

@@ -8,7 +8,7 @@ use redis::{AsyncCommands, Script};
 
 use crate::codec::{member_call_id, split_stored, user_json_for};
 use crate::local::{LocalCopies, Stamps, TenantStatuses};
-use crate::{Keys, ReadModelError};
+use crate::{scan, Keys, ReadModelError};
 
 /// Whether a tenant's calls are in Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,12 +185,14 @@ impl ReadModel {
     /// The grouped response from Redis alone, or `None` when the tenant is
     /// not warm.
     ///
-    /// Usually one round trip: a MULTI with the tenant's state, the status
-    /// and user stamps, and the Lua read of the statuses' ZSETs, named from
-    /// this process's copy of the tenant's statuses. The answer is used
-    /// only if the stamps still match that copy; otherwise the copy is
-    /// refreshed and the read repeated. Users come from this process's copy
-    /// when its stamp matches, else from one `HMGET`.
+    /// One MULTI with the format mark, the tenant's state, the status and
+    /// user stamps, and each visible status's size and first members, the
+    /// statuses named from this process's copy of them; for enriched calls
+    /// a second trip reads the documents and checks the tenant's write
+    /// version. The answer is used only if the stamps still match the copy
+    /// and the version did not move; otherwise the read is repeated. Users
+    /// come from this process's copy when its stamp matches, else from one
+    /// `HMGET`.
     pub async fn grouped(
         &self,
         tenant: TenantId,
@@ -209,9 +211,9 @@ impl ReadModel {
         request: &GroupedRequest,
     ) -> Result<Option<GroupedBody>, ReadModelError> {
         let mode = match (request.include_calls, request.include_enrichment) {
-            (false, _) => "0",
-            (true, false) => "1",
-            (true, true) => "2",
+            (false, _) => Mode::Counts,
+            (true, false) => Mode::Ids,
+            (true, true) => Mode::Enriched,
         };
         let mut statuses = self.local.statuses(tenant);
         let mut attempts = 0;
@@ -235,7 +237,7 @@ impl ReadModel {
                 .get(self.keys.global_status_stamp())
                 .get(self.keys.status_stamp(tenant))
                 .get(self.keys.users_stamp());
-            let with_windows = mode == "2" && !copy.visible.is_empty();
+            let with_windows = mode == Mode::Enriched && !copy.visible.is_empty();
             if with_windows {
                 pipe.get(self.keys.version(tenant));
                 let keys: Vec<i64> = copy.visible.iter().map(|s| s.key.get()).collect();
@@ -243,7 +245,7 @@ impl ReadModel {
             }
             for s in &copy.visible {
                 pipe.zcard(self.keys.zset(tenant, s.key));
-                if mode != "0" {
+                if mode != Mode::Counts {
                     pipe.zrevrange(self.keys.zset(tenant, s.key), 0, request.limit.get() as isize - 1);
                 }
             }
@@ -269,15 +271,15 @@ impl ReadModel {
             let mut groups: Vec<Group> = Vec::with_capacity(copy.visible.len());
             for i in 0..copy.visible.len() {
                 let count: u64 = parse(next())?;
-                let members: Vec<Vec<u8>> = if mode == "0" { Vec::new() } else { parse(next())? };
+                let members: Vec<Vec<u8>> = if mode == Mode::Counts { Vec::new() } else { parse(next())? };
                 // A document window shorter than asked for: a refill is
                 // under way; the live path answers meanwhile.
-                if mode == "2" && windows.get(i).copied().flatten().unwrap_or(0) < members.len() as u64 {
+                if mode == Mode::Enriched && windows.get(i).copied().flatten().unwrap_or(0) < members.len() as u64 {
                     return Ok(None);
                 }
                 groups.push((count, members, Vec::new()));
             }
-            if mode == "2" {
+            if mode == Mode::Enriched {
                 // Second round trip: the documents, then the version again.
                 // Every tenant write bumps the version in the same atomic
                 // step, so an unchanged version means no write landed
@@ -305,7 +307,7 @@ impl ReadModel {
         };
 
         let mut users: HashMap<UserId, Option<Arc<str>>> = HashMap::new();
-        if mode == "2" {
+        if mode == Mode::Enriched {
             let ids: BTreeSet<UserId> = groups
                 .iter()
                 .flat_map(|(_, _, docs)| docs.iter().flatten())
@@ -327,12 +329,12 @@ impl ReadModel {
         let mut by_status = BTreeMap::new();
         for (status, (count, members, docs)) in statuses.visible.iter().zip(groups) {
             let calls = match mode {
-                "0" => Vec::new(),
-                "1" => members
+                Mode::Counts => Vec::new(),
+                Mode::Ids => members
                     .iter()
                     .map(|m| member_call_id(m).map(|id| id.get().to_string()).ok_or_else(|| corrupt(&tenant, m)))
                     .collect::<Result<_, _>>()?,
-                _ => docs
+                Mode::Enriched => docs
                     .iter()
                     .zip(&members)
                     .map(|(doc, m)| {
@@ -353,7 +355,7 @@ impl ReadModel {
             };
             by_status.insert(status.key, GroupCalls { total: count, calls });
         }
-        Ok(Some(render::assemble(statuses.visible.clone(), by_status, request)))
+        Ok(Some(render::assemble(&statuses.visible, by_status, request)))
     }
 
     /// Reads the tenant's statuses and their stamps atomically, and keeps
@@ -475,23 +477,7 @@ impl ReadModel {
     /// Calls held for `tenant` (its ZSETs' sizes).
     pub async fn tenant_calls(&self, tenant: TenantId) -> Result<u64, ReadModelError> {
         let mut c = self.conn().await?;
-        let mut zsets = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, chunk): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&self.keys.tenant_call_pattern(tenant)[0])
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut c)
-                .await?;
-            zsets.extend(chunk);
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
+        let zsets = scan(&mut c, &self.keys.tenant_call_pattern(tenant)[0]).await?;
         let mut total = 0;
         for z in zsets {
             let n: u64 = c.zcard(z).await?;
@@ -543,6 +529,14 @@ impl ReadModel {
 fn parse<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, ReadModelError> {
     redis::from_redis_value(value)
         .map_err(|e| ReadModelError::Corrupt { key: "read reply".into(), detail: e.to_string() })
+}
+
+/// What a grouped read returns per status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Counts,
+    Ids,
+    Enriched,
 }
 
 /// Read attempts before a hit gives way to the live path.

@@ -11,8 +11,10 @@
 //! the shared one checks the lease: a projector that lost its lease cannot
 //! write over a newer leader's work.
 //!
-//! Every operation sets a value rather than adjusting one (no counter is
-//! ever incremented), so applying a plan twice leaves the same state.
+//! Every operation sets a value rather than adjusting one (no count is
+//! ever incremented; the window lengths move only with the ZSET changes
+//! they describe, and the tenant's write version only tells readers that
+//! something changed), so applying a plan twice leaves the same state.
 //!
 //! Documents are kept only for the first ranks of each status's ZSET (the
 //! *document window*, `P:{tN}:dw`); a tenant script reports the statuses
@@ -27,7 +29,7 @@ use redis::AsyncCommands;
 
 use crate::codec::{member_parts, CallEntry, Place};
 use crate::read::TenantState;
-use crate::{Keys, ReadModelError};
+use crate::{scan, Keys, ReadModelError};
 
 /// Where a status document lives: `g` (global) or a tenant id.
 pub type StatusPlace = String;
@@ -134,6 +136,25 @@ pub enum Guard {
     Leader { token: u64, owner: String },
 }
 
+/// The check every write script starts with. ARGV[1] `fence`: the
+/// tenant's fence (KEYS[1]) must not exceed the token ARGV[2], and is raised
+/// to it; `lease`: the lease (KEYS[1]) must be held by ARGV[2]; `none`: no
+/// check (tests and tools).
+macro_rules! guard {
+    () => {
+        r#"
+local mode = ARGV[1]
+if mode == 'fence' then
+  local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if fence > tonumber(ARGV[2]) then return redis.error_reply('FENCED a newer projector wrote here') end
+  if fence < tonumber(ARGV[2]) then redis.call('SET', KEYS[1], ARGV[2]) end
+elseif mode == 'lease' then
+  if redis.call('GET', KEYS[1]) ~= ARGV[2] then return redis.error_reply('FENCED the lease is lost') end
+end
+"#
+    };
+}
+
 /// How many first ranks of each status's ZSET keep their documents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DocWindow {
@@ -165,15 +186,9 @@ struct Script {
 /// status, [score,] member[, stored]) keep the document window: the first
 /// `d` ranks of a ZSET, and only they, have a document. Returns the
 /// statuses whose window is below min(floor, size) after the operations.
-const APPLY: &str = r#"
-local mode = ARGV[1]
-if mode == 'fence' then
-  local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if fence > tonumber(ARGV[2]) then return redis.error_reply('FENCED a newer projector wrote here') end
-  if fence < tonumber(ARGV[2]) then redis.call('SET', KEYS[1], ARGV[2]) end
-elseif mode == 'lease' then
-  if redis.call('GET', KEYS[1]) ~= ARGV[2] then return redis.error_reply('FENCED the lease is lost') end
-end
+const APPLY: &str = concat!(
+    guard!(),
+    r#"
 local W = tonumber(ARGV[3])
 local F = tonumber(ARGV[4])
 local touched = {}
@@ -233,19 +248,17 @@ for z, t in pairs(touched) do
   end
 end
 return needy
-"#;
+"#
+);
 
 /// Fills a status's document window from rank `d`. KEYS: fence, ZSET,
 /// documents, windows, the tenant's version. ARGV: guard mode and value, window size, status,
 /// the `d` the caller read, then member, stored pairs in rank order. Stops
 /// at the first member no longer at the next rank. Returns the new window,
 /// or -1 if it moved since the caller read it.
-const FILL: &str = r#"
-if ARGV[1] == 'fence' then
-  local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if fence > tonumber(ARGV[2]) then return redis.error_reply('FENCED a newer projector wrote here') end
-  if fence < tonumber(ARGV[2]) then redis.call('SET', KEYS[1], ARGV[2]) end
-end
+const FILL: &str = concat!(
+    guard!(),
+    r#"
 local W = tonumber(ARGV[3])
 local d = tonumber(redis.call('HGET', KEYS[4], ARGV[4]) or '0')
 if d ~= tonumber(ARGV[5]) then return -1 end
@@ -260,7 +273,8 @@ end
 redis.call('HSET', KEYS[4], ARGV[4], d)
 redis.call('INCR', KEYS[5])
 return d
-"#;
+"#
+);
 
 impl Script {
     fn new(guard_key: String) -> Self {
@@ -303,7 +317,7 @@ impl Script {
         mode: &str,
         check: &str,
         window: DocWindow,
-    ) -> Result<Vec<String>, ReadModelError> {
+    ) -> Result<Vec<StatusKey>, ReadModelError> {
         // Hashed once: this runs several times per projector batch.
         static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
         let mut invocation = SCRIPT.get_or_init(|| redis::Script::new(APPLY)).prepare_invoke();
@@ -319,7 +333,8 @@ impl Script {
         for a in &self.argv {
             invocation.arg(a.as_slice());
         }
-        invocation.invoke_async::<Vec<String>>(c).await.map_err(fenced)
+        let short: Vec<i64> = invocation.invoke_async(c).await.map_err(fenced)?;
+        Ok(short.into_iter().map(StatusKey::new).collect())
     }
 }
 
@@ -345,11 +360,6 @@ impl Writer {
         Self { pool, keys, guard: Guard::None, window: DocWindow::default() }
     }
 
-    /// Documents kept per status at most.
-    pub fn window_size(&self) -> u64 {
-        self.window.size
-    }
-
     /// The same writer with another document window.
     pub fn with_window(mut self, window: DocWindow) -> Self {
         self.window = window;
@@ -361,13 +371,17 @@ impl Writer {
         Self { pool, keys, guard, window: DocWindow::default() }
     }
 
-    fn tenant_script(&self, t: TenantId) -> (Script, &'static str, String) {
+    /// The guard of a script on one tenant's keys: its fence.
+    fn fence_check(&self) -> (&'static str, String) {
         match &self.guard {
-            Guard::None => (Script::for_tenant(self.keys.fence(t), self.keys.version(t)), "none", String::new()),
-            Guard::Leader { token, .. } => {
-                (Script::for_tenant(self.keys.fence(t), self.keys.version(t)), "fence", token.to_string())
-            }
+            Guard::None => ("none", String::new()),
+            Guard::Leader { token, .. } => ("fence", token.to_string()),
         }
+    }
+
+    fn tenant_script(&self, t: TenantId) -> (Script, &'static str, String) {
+        let (mode, check) = self.fence_check();
+        (Script::for_tenant(self.keys.fence(t), self.keys.version(t)), mode, check)
     }
 
     fn global_script(&self) -> (Script, &'static str, String) {
@@ -451,7 +465,7 @@ impl Writer {
                 self.tenant_op(&mut script, *tenant, op);
             }
             let short = script.run(&mut c, mode, &check, self.window).await?;
-            needy.extend(short.iter().filter_map(|s| Some((*tenant, StatusKey::new(s.parse().ok()?)))));
+            needy.extend(short.into_iter().map(|s| (*tenant, s)));
         }
         self.run_global(&mut c, &plan.global).await?;
         Ok(needy)
@@ -577,7 +591,7 @@ impl Writer {
         self.run_global(&mut c, &locators).await?;
         let short = script.run(&mut c, mode, &check, self.window).await?;
         self.run_global(&mut c, &narrowed).await?;
-        Ok(short.iter().filter_map(|s| Some((tenant, StatusKey::new(s.parse().ok()?)))).collect())
+        Ok(short.into_iter().map(|s| (tenant, s)).collect())
     }
 
     /// Removes every call of `tenant` (and their locators). Its statuses
@@ -652,10 +666,7 @@ impl Writer {
         docs: &[(Vec<u8>, String)],
     ) -> Result<Option<u64>, ReadModelError> {
         static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
-        let (mode, check) = match &self.guard {
-            Guard::None => ("none", String::new()),
-            Guard::Leader { token, .. } => ("fence", token.to_string()),
-        };
+        let (mode, check) = self.fence_check();
         let mut invocation = SCRIPT.get_or_init(|| redis::Script::new(FILL)).prepare_invoke();
         invocation
             .key(self.keys.fence(tenant))
@@ -750,18 +761,4 @@ async fn hmget<T: redis::FromRedisValue>(
         out.extend(part);
     }
     Ok(out)
-}
-
-async fn scan(c: &mut deadpool_redis::Connection, pattern: &str) -> Result<Vec<String>, ReadModelError> {
-    let mut keys = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, chunk): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).query_async(c).await?;
-        keys.extend(chunk);
-        cursor = next;
-        if cursor == 0 {
-            return Ok(keys);
-        }
-    }
 }

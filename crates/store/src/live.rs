@@ -95,7 +95,7 @@ impl LiveQuery {
                 (key, GroupCalls { total, calls })
             })
             .collect();
-        Ok(render::assemble(statuses, groups, request))
+        Ok(render::assemble(&statuses, groups, request))
     }
 
     /// Every tenant that has calls.
