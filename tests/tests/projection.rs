@@ -44,6 +44,14 @@ async fn assert_all_cached_equal_live(app: &TestApp, tenants: &[i64], context: &
     }
 }
 
+/// Sends a tenant's first request (which queues its warm) and waits until
+/// `fields` are answered from the cache.
+async fn warm_up(app: &TestApp, tenant: i64, fields: &[(&str, &str)]) {
+    app.grouped_as(&app.token(tenant), &[], false).await;
+    let (hit, _, _) = app.wait_for_projection(tenant, fields, WAIT).await;
+    assert!(hit, "tenant {tenant} never became a cache hit");
+}
+
 async fn redis(app: &TestApp) -> redis::aio::MultiplexedConnection {
     redis::Client::open(app.services.redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
 }
@@ -323,9 +331,7 @@ fn with_id(call: &Document) -> Document {
 async fn lost_change_stream_history_marks_cold_and_rewarms() {
     let (mut app, _) = seeded(25).await;
     app.start_projector();
-    app.grouped_as(&app.token(3), &[], false).await;
-    let (hit, _, _) = app.wait_for_projection(3, &[], WAIT).await;
-    assert!(hit);
+    warm_up(&app, 3, &[]).await;
     app.stop_projector().await;
     // A checkpoint MongoDB cannot resume from.
     let bogus = bson::to_vec(&doc! {"t": {"_data": "826000000000000000000000000000000000000000"}}).unwrap();
@@ -353,9 +359,7 @@ async fn lost_change_stream_history_marks_cold_and_rewarms() {
 async fn a_read_model_in_another_format_is_rebuilt_not_served() {
     let (mut app, _) = seeded(27).await;
     app.start_projector();
-    app.grouped_as(&app.token(2), &[], false).await;
-    let (hit, _, _) = app.wait_for_projection(2, &[], WAIT).await;
-    assert!(hit);
+    warm_up(&app, 2, &[]).await;
     app.stop_projector().await;
     // What an older version leaves: no format mark, text members, its keys.
     let mut r = redis(&app).await;
@@ -382,9 +386,7 @@ async fn a_read_model_in_another_format_is_rebuilt_not_served() {
 async fn idle_checkpoints_resume_cleanly() {
     let (mut app, _) = seeded(26).await;
     app.start_projector();
-    app.grouped_as(&app.token(1), &[], false).await;
-    let (hit, _, _) = app.wait_for_projection(1, &[], WAIT).await;
-    assert!(hit);
+    warm_up(&app, 1, &[]).await;
     // One event, so that a batch checkpoint exists, then idle long enough
     // for several idle checkpoints.
     app.db
@@ -523,9 +525,7 @@ async fn reads_racing_writes_see_one_moment() {
         .collect();
     app.insert(CALLS, &calls).await;
     app.start_projector();
-    app.grouped_as(&app.token(1), &[], false).await;
-    let (hit, _, _) = app.wait_for_projection(1, &[("limit", "100")], WAIT).await;
-    assert!(hit);
+    warm_up(&app, 1, &[("limit", "100")]).await;
 
     let coll = app.db.collection::<Document>(CALLS);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
