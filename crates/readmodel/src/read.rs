@@ -244,9 +244,10 @@ impl ReadModel {
                 pipe.cmd("HMGET").arg(self.keys.windows(tenant)).arg(keys);
             }
             for s in &copy.visible {
-                pipe.zcard(self.keys.zset(tenant, s.key));
+                let zset = self.keys.zset(tenant, s.key);
+                pipe.zcard(&zset);
                 if mode != Mode::Counts {
-                    pipe.zrevrange(self.keys.zset(tenant, s.key), 0, request.limit.get() as isize - 1);
+                    pipe.zrevrange(zset, 0, request.limit.get() as isize - 1);
                 }
             }
             let replies: Vec<redis::Value> = pipe.query_async(c).await?;
