@@ -34,7 +34,7 @@ pub fn test_settings(services: &Services, db_name: &str) -> Settings {
     let env = [
         ("CALLBOARD_MONGODB_URI", services.mongo.uri()),
         ("CALLBOARD_MONGODB_DB", db_name.to_string()),
-        ("CALLBOARD_REDIS_URL", services.redis.url()),
+        services.redis.setting(),
         ("CALLBOARD_HTTP_ADDR", "127.0.0.1:0".to_string()),
         ("CALLBOARD_JWT_SECRET", SECRET.to_string()),
         ("CALLBOARD_HTTP_WORKERS", "2".to_string()),
@@ -115,7 +115,7 @@ impl TestApp {
     /// calls of each status.
     pub fn start_projector_with(&mut self, window: callboard_readmodel::write::DocWindow) {
         let db = self.db.clone();
-        let pool = self.settings.redis.pool().expect("redis pool");
+        let redis = self.settings.redis.clone();
         let keys = callboard_readmodel::Keys::new(&self.settings.redis.key_prefix);
         let fields = self.settings.query.user_fields().expect("user fields");
         let config = callboard_projector::ProjectorConfig {
@@ -125,9 +125,10 @@ impl TestApp {
             doc_window: window,
             ..Default::default()
         };
-        let projector = callboard_projector::Projector::new(db, pool, keys, fields, config);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            let redis = redis.connect().await.expect("connect to Redis");
+            let projector = callboard_projector::Projector::new(db, redis, keys, fields, config);
             let _ = projector
                 .run(async move {
                     let _ = rx.await;
@@ -135,6 +136,12 @@ impl TestApp {
                 .await;
         });
         self.projector = Some((tx, task));
+    }
+
+    /// The read model's Redis, as the service reaches it (one node or the
+    /// cluster), for tests that look at or damage keys.
+    pub async fn redis(&self) -> callboard_readmodel::Conn {
+        self.settings.redis.connect().await.expect("connect to Redis").get().await.expect("a Redis connection")
     }
 
     pub async fn stop_projector(&mut self) {

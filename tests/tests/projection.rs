@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use bson::{doc, Bson, DateTime, Document};
+use callboard_readmodel::{Command, TenantState};
 use callboard_store::{CALLS, CALL_STATUS, USERS};
 use callboard_testkit::Mongo;
 use callboard_tests::dataset::{generate, Dataset};
@@ -52,8 +53,8 @@ async fn warm_up(app: &TestApp, tenant: i64, fields: &[(&str, &str)]) {
     assert!(hit, "tenant {tenant} never became a cache hit");
 }
 
-async fn redis(app: &TestApp) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(app.services.redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+async fn redis(app: &TestApp) -> callboard_readmodel::Conn {
+    app.redis().await
 }
 
 #[tokio::test]
@@ -170,9 +171,13 @@ async fn concurrent_cold_requests_start_exactly_one_warm() {
     assert!(outcomes.iter().all(|(cache, _)| cache == "miss"));
     let mut r = redis(&app).await;
     let queued: Vec<String> = r.lrange("cb:{g}:cmdq", 0, -1).await.unwrap();
-    assert_eq!(queued, ["warm 2 1 -"], "one warm, whatever the number of requests");
-    let state: String = r.hget("cb:{g}:tstate", 2).await.unwrap();
-    assert_eq!(state, "warming:1:-");
+    assert_eq!(queued.len(), 1, "one warm, whatever the number of requests: {queued:?}");
+    let Some(Command::Warm { tenant, epoch, job: None }) = Command::parse(&queued[0]) else {
+        panic!("not a warm: {queued:?}")
+    };
+    assert_eq!(tenant.get(), 2);
+    let state: String = r.get("cb:{t2}:state").await.unwrap();
+    assert_eq!(state, TenantState::encode_warming(epoch, None));
     // A member's no-cache header changes nothing; an admin's forces live.
     app.start_projector();
     let (hit, _, _) = app.wait_for_projection(2, &[], WAIT).await;
@@ -361,9 +366,12 @@ async fn a_read_model_in_another_format_is_rebuilt_not_served() {
     app.start_projector();
     warm_up(&app, 2, &[]).await;
     app.stop_projector().await;
-    // What an older version leaves: no format mark, text members, its keys.
+    // What an older version leaves: no format mark, a state of another
+    // format, text members, its keys.
     let mut r = redis(&app).await;
     let _: () = r.del("cb:{g}:schema").await.unwrap();
+    let _: () = r.set("cb:{t2}:state", "2:warm:1").await.unwrap();
+    let _: () = r.hset("cb:{g}:tstate", 2, "warm:1").await.unwrap();
     let _: () = r.zadd("cb:{t2}:z:1", "8000000000000063:legacy-member", 1.9e12).await.unwrap();
     let _: () = r.hset("cb:{t2}:idx", "legacy", "1|n|x").await.unwrap();
     let fields = [("limit", "7"), ("include_enrichment", "false")];
@@ -373,8 +381,10 @@ async fn a_read_model_in_another_format_is_rebuilt_not_served() {
     let (hit, cached, live) = app.wait_for_projection(2, &fields, WAIT).await;
     assert!(hit, "tenant 2 did not come back warm after the rebuild");
     callboard_tests::reference::assert_same(&cached, &live, "after the format rebuild");
-    let legacy: bool = r.exists("cb:{t2}:idx").await.unwrap();
-    assert!(!legacy, "the rebuild leaves no key of the old format");
+    for legacy in ["cb:{t2}:idx", "cb:{g}:tstate"] {
+        let left: bool = r.exists(legacy).await.unwrap();
+        assert!(!left, "the rebuild leaves no key of the old format: {legacy}");
+    }
     app.stop().await;
 }
 
@@ -498,14 +508,18 @@ async fn a_redis_restart_degrades_to_live_answers_then_recovers() {
     app.grouped_as(&app.token(t), &[], false).await;
     assert_all_cached_equal_live(&app, &[t], "before the outage").await;
 
-    app.services.redis.kill();
+    if app.services.redis.is_cluster() {
+        eprintln!("a Redis restart is a single-node fault; the cluster's are tested in cluster.rs");
+        return app.stop().await;
+    }
+    app.services.redis.single().expect("a single node").kill();
     let fields = [("limit", "7")];
     let (cache, cached) = app.grouped_as(&app.token(t), &fields, false).await;
     assert_eq!(cache, "miss", "with Redis down the answer is live");
     callboard_tests::reference::assert_same(&cached, &app.live(t, &fields).await, "Redis down");
 
     let dir = app.services.dir.path().to_path_buf();
-    app.services.redis.restart(&dir).expect("restart Redis");
+    app.services.redis.single().expect("a single node").restart(&dir).expect("restart Redis");
     // Empty again: the first request finds the tenant cold and warms it.
     app.grouped_as(&app.token(t), &[], false).await;
     assert_all_cached_equal_live(&app, &[t], "after Redis came back empty").await;

@@ -10,8 +10,8 @@ use callboard_domain::TenantId;
 use callboard_projector::transform::{needs, plan, Change};
 use callboard_readmodel::codec::CallEntry;
 use callboard_readmodel::write::{Plan, Writer};
-use callboard_readmodel::Keys;
-use callboard_testkit::RedisServer;
+use callboard_readmodel::{Conn, Keys, Redis, TenantState};
+use callboard_testkit::TestRedis;
 use proptest::prelude::*;
 use redis::AsyncCommands;
 
@@ -53,9 +53,9 @@ fn change(op: &Op) -> Change {
     Change::Call { doc: key, state: document(op).map(|d| CallEntry::from_document(&d)) }
 }
 
-async fn warm_all(conn: &mut redis::aio::MultiplexedConnection, keys: &Keys) {
+async fn warm_all(conn: &mut Conn, keys: &Keys) {
     for t in 1..4 {
-        let _: () = conn.hset(keys.tenant_state(), t, "warm:1").await.unwrap();
+        let _: () = conn.set(keys.state(TenantId::new(t).unwrap()), TenantState::encode_warm(1)).await.unwrap();
     }
 }
 
@@ -87,7 +87,7 @@ async fn apply(writer: &Writer, changes: &[Change], cuts: &[usize], crash_at: Op
             continue;
         }
         let n = needs(batch);
-        let view = writer.load_locators(&n.calls, &n.users, &n.statuses).await.unwrap();
+        let view = writer.load_locators(&n.calls, &n.users, &n.statuses, &n.tenants).await.unwrap();
         let p = plan(batch, &view, 0);
         match crash_at {
             Some((at, how)) if at == i => {
@@ -134,14 +134,15 @@ fn doc_of(op: &Op) -> i64 {
 
 /// Every key under the prefix but tenant states, meta and versions, as text
 /// (binary members and fields escaped).
-async fn dump(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> BTreeMap<String, Vec<String>> {
-    let keys: Vec<String> = conn.keys(format!("{prefix}:*")).await.unwrap();
-    let prefix_tstate = format!("{prefix}:{{g}}:tstate");
+async fn dump(redis: &Redis, prefix: &str) -> BTreeMap<String, Vec<String>> {
+    let keys: Vec<String> = redis.scan(&format!("{prefix}:*")).await.unwrap();
+    let mut conn = redis.get().await.unwrap();
+    let conn = &mut conn;
     let mut out = BTreeMap::new();
     for key in keys {
-        // Bookkeeping that differs by history, not state: the last event
-        // time and the write counter.
-        if key == prefix_tstate || key.ends_with(":meta") || key.ends_with(":ver") {
+        // Bookkeeping that differs by history, not state: the tenant
+        // states, the last event time, the write counter and the fences.
+        if [":state", ":meta", ":ver", ":fence"].iter().any(|s| key.ends_with(s)) {
             continue;
         }
         let kind: String = redis::cmd("TYPE").arg(&key).query_async(conn).await.unwrap();
@@ -178,24 +179,23 @@ proptest! {
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let url = redis_url();
-            let pool = deadpool_redis::Config::from_url(&url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
-            let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+            let redis = connect().await;
+            let mut conn = redis.get().await.unwrap();
             let changes: Vec<Change> = ops.iter().map(change).collect();
             let (p_a, p_b, p_c) = (fresh(), fresh(), fresh());
 
             // Once, straight through.
             let once = Keys::new(&p_a);
             warm_all(&mut conn, &once).await;
-            apply(&Writer::new(pool.clone(), once), &changes, &cuts, None).await;
-            let state_once = dump(&mut conn, &p_a).await;
+            apply(&Writer::new(redis.clone(), once), &changes, &cuts, None).await;
+            let state_once = dump(&redis, &p_a).await;
 
             // Crash mid-way, then replay a suffix that starts at or before
             // the crashed batch (the checkpoint never passes an unapplied
             // batch), cut differently.
             let crashed = Keys::new(&p_b);
             warm_all(&mut conn, &crashed).await;
-            let writer = Writer::new(pool.clone(), crashed);
+            let writer = Writer::new(redis.clone(), crashed);
             apply(&writer, &changes, &cuts, Some((crash_batch, how))).await;
             let mut bounds: Vec<usize> = cuts.iter().copied().filter(|c| *c > 0 && *c < changes.len()).collect();
             bounds.sort();
@@ -205,7 +205,7 @@ proptest! {
             let replay = replayed(&ops, from);
             apply(&writer, &replay, &replay_cuts, None).await;
             apply(&writer, &replay, &replay_cuts, None).await;
-            let state_replayed = dump(&mut conn, &p_b).await;
+            let state_replayed = dump(&redis, &p_b).await;
             let rename = |m: BTreeMap<String, Vec<String>>, p: &str| -> BTreeMap<String, Vec<String>> {
                 m.into_iter().map(|(k, v)| (k.replacen(p, "x", 1), v)).collect()
             };
@@ -219,7 +219,7 @@ proptest! {
             }
             let snap = Keys::new(&p_c);
             warm_all(&mut conn, &snap).await;
-            let writer = Writer::new(pool.clone(), snap);
+            let writer = Writer::new(redis.clone(), snap);
             let mut by_tenant: BTreeMap<i64, Vec<CallEntry>> = BTreeMap::new();
             for d in last.values().flatten() {
                 if let Some(e) = CallEntry::from_document(d) {
@@ -229,7 +229,7 @@ proptest! {
             for (t, entries) in &by_tenant {
                 writer.put_snapshot(TenantId::new(*t).unwrap(), entries).await.unwrap();
             }
-            let state_snapshot = dump(&mut conn, &p_c).await;
+            let state_snapshot = dump(&redis, &p_c).await;
             prop_assert_eq!(rename(state_once, &p_a), rename(state_snapshot, &p_c));
             Ok(())
         })?;
@@ -242,18 +242,23 @@ fn fresh() -> String {
     format!("p{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
-/// One server per test thread, for all its cases. Per thread, not per
-/// process: the server is started with PR_SET_PDEATHSIG, which fires when
-/// the *thread* that started it exits.
-fn redis_url() -> String {
+/// One server (or cluster, with `CALLBOARD_TEST_REDIS_TOPOLOGY=cluster`)
+/// per test thread, for all its cases. Per thread, not per process: the
+/// servers are started with PR_SET_PDEATHSIG, which fires when the *thread*
+/// that started them exits. A connection per case: each case has its own
+/// runtime.
+async fn connect() -> Redis {
     thread_local! {
-        static SERVER: RedisServer = {
+        static SERVER: TestRedis = {
             let dir = std::env::temp_dir().join(callboard_testkit::unique_db_name("replay"));
             std::fs::create_dir_all(&dir).unwrap();
-            RedisServer::start(&dir).unwrap()
+            TestRedis::start(&dir).unwrap()
         };
     }
-    SERVER.with(|s| s.url())
+    match SERVER.with(|s| s.setting()) {
+        ("CALLBOARD_REDIS_URL", url) => Redis::single_url(&url, 4).unwrap(),
+        (_, seeds) => Redis::cluster(&seeds.split(',').map(str::to_string).collect::<Vec<_>>()).await.unwrap(),
+    }
 }
 
 proptest! {
@@ -274,14 +279,13 @@ proptest! {
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let url = redis_url();
-            let pool = deadpool_redis::Config::from_url(&url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
-            let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+            let redis = connect().await;
+            let mut conn = redis.get().await.unwrap();
             let changes: Vec<Change> = ops.iter().map(change).collect();
             let (p_a, p_w) = (fresh(), fresh());
             let once = Keys::new(&p_a);
             warm_all(&mut conn, &once).await;
-            apply(&Writer::new(pool.clone(), once), &changes, &cuts, None).await;
+            apply(&Writer::new(redis.clone(), once), &changes, &cuts, None).await;
 
             let j = ((ops.len() as f64) * j_frac) as usize;
             let i = ((j as f64) * i_frac) as usize;
@@ -294,7 +298,7 @@ proptest! {
             // goes on from i.
             let warm = Keys::new(&p_w);
             warm_all(&mut conn, &warm).await;
-            let writer = Writer::new(pool.clone(), warm);
+            let writer = Writer::new(redis.clone(), warm);
             apply(&writer, &changes[..i], &cuts, None).await;
             let tenant = TenantId::new(warmed).unwrap();
             writer.purge_tenant_calls(tenant).await.unwrap();
@@ -305,7 +309,7 @@ proptest! {
             let rename = |m: BTreeMap<String, Vec<String>>, p: &str| -> BTreeMap<String, Vec<String>> {
                 m.into_iter().map(|(k, v)| (k.replacen(p, "x", 1), v)).collect()
             };
-            prop_assert_eq!(rename(dump(&mut conn, &p_a).await, &p_a), rename(dump(&mut conn, &p_w).await, &p_w));
+            prop_assert_eq!(rename(dump(&redis, &p_a).await, &p_a), rename(dump(&redis, &p_w).await, &p_w));
             Ok(())
         })?;
     }
@@ -319,9 +323,8 @@ proptest! {
 fn a_document_read_twice_by_a_snapshot_ends_in_one_place() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let url = redis_url();
-        let pool = deadpool_redis::Config::from_url(&url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
-        let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let redis = connect().await;
+        let mut conn = redis.get().await.unwrap();
         let prefix = fresh();
         let keys = Keys::new(&prefix);
         warm_all(&mut conn, &keys).await;
@@ -329,7 +332,7 @@ fn a_document_read_twice_by_a_snapshot_ends_in_one_place() {
             CallEntry::from_document(&doc! {"_id": 7, "id": 107, "tenant_id": 1, "status_id": status}).unwrap()
         };
         let tenant = TenantId::new(1).unwrap();
-        Writer::new(pool.clone(), keys.clone()).put_snapshot(tenant, &[at(1), at(2)]).await.unwrap();
+        Writer::new(redis.clone(), keys.clone()).put_snapshot(tenant, &[at(1), at(2)]).await.unwrap();
         let first: u64 = conn.zcard(format!("{prefix}:{{t1}}:z:1")).await.unwrap();
         let second: u64 = conn.zcard(format!("{prefix}:{{t1}}:z:2")).await.unwrap();
         assert_eq!((first, second), (0, 1), "the call must be in status 2 only");

@@ -41,8 +41,10 @@ pub struct AppParts {
 impl AppParts {
     pub async fn from_settings(settings: &Settings) -> Result<Self, SettingsError> {
         let db = settings.mongodb.database().await?;
-        let cache = ReadModel::new(settings.redis.pool()?, Keys::new(&settings.redis.key_prefix))
-            .with_hot_client(settings.redis.client()?);
+        let mut cache = ReadModel::new(settings.redis.connect().await?, Keys::new(&settings.redis.key_prefix));
+        if !settings.redis.is_cluster() {
+            cache = cache.with_hot_client(settings.redis.client()?);
+        }
         Ok(Self {
             state: AppState { live: LiveQuery::new(db, settings.query.user_fields()?), cache, metrics: Metrics::new() },
             keys: JwtKeys::new(settings.jwt_secret()?.expose().as_bytes()),
@@ -60,7 +62,12 @@ pub struct CallboardSpan;
 
 impl RootSpanBuilder for CallboardSpan {
     fn on_request_start(request: &ServiceRequest) -> tracing::Span {
-        tracing_actix_web::root_span!(request, tenant = tracing::field::Empty, cache = tracing::field::Empty)
+        tracing_actix_web::root_span!(
+            request,
+            tenant = tracing::field::Empty,
+            cache = tracing::field::Empty,
+            miss_reason = tracing::field::Empty
+        )
     }
 
     fn on_request_end<B: MessageBody>(span: tracing::Span, outcome: &Result<ServiceResponse<B>, actix_web::Error>) {

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use callboard_readmodel::ReadModel;
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use crate::state::CacheOutcome;
 
@@ -18,6 +20,7 @@ pub mod names {
     pub const HISTORY_LOST: &str = "callboard_history_lost";
     pub const WINDOW_REFILLS: &str = "callboard_window_refills";
     pub const TENANTS: &str = "callboard_tenants";
+    pub const MISSES: &str = "callboard_cache_misses";
 }
 
 #[derive(Clone)]
@@ -30,6 +33,7 @@ pub struct Metrics {
     history_lost: IntGauge,
     window_refills: IntGauge,
     tenants: IntGaugeVec,
+    misses: IntCounterVec,
 }
 
 impl Metrics {
@@ -56,7 +60,20 @@ impl Metrics {
         }
         registry.register(Box::new(grouped.clone())).expect("unique metric");
         registry.register(Box::new(tenants.clone())).expect("unique metric");
-        Self { registry, grouped, events_applied, lag_ms, warms, history_lost, window_refills, tenants }
+        let misses = IntCounterVec::new(
+            Opts::new(
+                names::MISSES,
+                "answers given live, by reason (cold, format, short_window, retries_exhausted, redis_error, bypass)",
+            ),
+            &["reason"],
+        )
+        .expect("valid counter");
+        registry.register(Box::new(misses.clone())).expect("unique metric");
+        Self { registry, grouped, events_applied, lag_ms, warms, history_lost, window_refills, tenants, misses }
+    }
+
+    pub fn observe_miss(&self, reason: &str) {
+        self.misses.with_label_values(&[reason]).inc();
     }
 
     pub fn observe_grouped(&self, outcome: CacheOutcome, elapsed: Duration) {

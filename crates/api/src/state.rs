@@ -1,7 +1,7 @@
 use std::time::Instant;
 
 use callboard_domain::{GroupedBody, GroupedRequest, TenantId};
-use callboard_readmodel::ReadModel;
+use callboard_readmodel::{Miss, Read, ReadModel};
 use callboard_store::LiveQuery;
 
 use crate::error::ApiError;
@@ -43,20 +43,33 @@ impl AppState {
         bypass_cache: bool,
     ) -> Result<(GroupedBody, CacheOutcome), ApiError> {
         let started = Instant::now();
-        if !bypass_cache {
+        let reason = if bypass_cache {
+            "bypass"
+        } else {
             match self.cache.grouped(tenant, request).await {
-                Ok(Some(response)) => {
+                Ok(Read::Hit(response)) => {
                     self.metrics.observe_grouped(CacheOutcome::Hit, started.elapsed());
                     return Ok((response, CacheOutcome::Hit));
                 }
-                Ok(None) => match self.cache.request_warm(tenant).await {
-                    Ok(Some(epoch)) => tracing::info!(tenant = %tenant, epoch, "tenant cold: warm queued"),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "could not queue a warm"),
-                },
-                Err(e) => tracing::warn!(error = %e, "read model unavailable; answering live"),
+                Ok(Read::Miss(miss)) => {
+                    if miss == Miss::Cold {
+                        match self.cache.request_warm(tenant).await {
+                            Ok(Some(epoch)) => tracing::info!(tenant = %tenant, epoch, "tenant cold: warm queued"),
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!(error = %e, "could not queue a warm"),
+                        }
+                    }
+                    miss.name()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "read model unavailable; answering live");
+                    "redis_error"
+                }
             }
-        }
+        };
+        tracing::debug!(tenant = %tenant, reason, "answering live");
+        tracing::Span::current().record("miss_reason", reason);
+        self.metrics.observe_miss(reason);
         let response = self.live.grouped(tenant, request).await?;
         self.metrics.observe_grouped(CacheOutcome::Miss, started.elapsed());
         Ok((response, CacheOutcome::Miss))

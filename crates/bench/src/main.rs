@@ -15,7 +15,6 @@ use anyhow::{bail, Context};
 use bson::{doc, DateTime, Document};
 use callboard_testkit::{free_port, Guarded, Services};
 use clap::Parser;
-use redis::AsyncCommands;
 
 use report::{LagResult, Report, ScenarioResult};
 
@@ -97,7 +96,7 @@ async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Resu
     let env: Vec<(String, String)> = vec![
         ("CALLBOARD_MONGODB_URI".into(), services.mongo.uri()),
         ("CALLBOARD_MONGODB_DB".into(), "bench".into()),
-        ("CALLBOARD_REDIS_URL".into(), services.redis.url()),
+        (services.redis.setting().0.into(), services.redis.setting().1),
         ("CALLBOARD_JWT_SECRET".into(), SECRET.into()),
         ("CALLBOARD_HTTP_ADDR".into(), format!("127.0.0.1:{port}")),
         ("CALLBOARD_LOG".into(), "warn".into()),
@@ -129,8 +128,8 @@ async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Resu
     let client = reqwest::Client::builder().timeout(Duration::from_secs(600)).build()?;
     wait_healthy(&client, &d.base).await?;
 
-    let mut redis = redis::Client::open(d.services.redis.url())?.get_multiplexed_async_connection().await?;
-    let used_before = used_memory(&mut redis).await?;
+    let nodes = node_urls(&d.services.redis);
+    let used_before = used_memory(&nodes).await?;
     let started = Instant::now();
     let job: serde_json::Value = client
         .post(format!("{}/admin/cache/warm", d.base))
@@ -158,13 +157,17 @@ async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let warm_s = started.elapsed().as_secs_f64();
-    let used_after = used_memory(&mut redis).await?;
-    let zsets: Vec<String> = redis.keys("cb:{t1}:z:*").await?;
-    let mut tenant_calls: u64 = 0;
-    for z in zsets {
-        let n: u64 = redis.zcard(z).await?;
-        tenant_calls += n;
-    }
+    let used_after = used_memory(&nodes).await?;
+    let tenant_calls: u64 = {
+        let (var, value) = d.services.redis.setting();
+        let redis = match var {
+            "CALLBOARD_REDIS_URL" => callboard_readmodel::Redis::single_url(&value, 2)?,
+            _ => callboard_readmodel::Redis::cluster(&value.split(',').map(str::to_string).collect::<Vec<_>>()).await?,
+        };
+        callboard_readmodel::ReadModel::new(redis, callboard_readmodel::Keys::new("cb"))
+            .tenant_calls(callboard_domain::TenantId::new(1)?)
+            .await?
+    };
     eprintln!("   warm of tenant 1 ({tenant_calls} calls) in {warm_s:.1}s");
     let cache = probe_cache(&client, &d, "limit=20&include_enrichment=true", false).await?;
     if cache != "hit" {
@@ -261,12 +264,29 @@ async fn drain(client: &reqwest::Client, d: &Deployment) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn used_memory(redis: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(redis).await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("used_memory in INFO")
+/// Every Redis node's URL (one, or each node of the cluster).
+fn node_urls(redis: &callboard_testkit::TestRedis) -> Vec<String> {
+    match redis {
+        callboard_testkit::TestRedis::Single(s) => vec![s.url()],
+        callboard_testkit::TestRedis::Cluster(c) => {
+            c.ports().iter().map(|p| format!("redis://127.0.0.1:{p}")).collect()
+        }
+    }
+}
+
+/// `used_memory` summed over `nodes`.
+async fn used_memory(nodes: &[String]) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for url in nodes {
+        let mut redis = redis::Client::open(url.as_str())?.get_multiplexed_async_connection().await?;
+        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut redis).await?;
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .context("used_memory in INFO")?;
+    }
+    Ok(total)
 }
 
 fn rss_kb(pid: u32) -> u64 {

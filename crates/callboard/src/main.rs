@@ -115,7 +115,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn projector(settings: &Settings, db: mongodb::Database) -> anyhow::Result<Projector> {
+async fn projector(settings: &Settings, db: mongodb::Database) -> anyhow::Result<Projector> {
     let config = ProjectorConfig {
         batch_max: settings.projector.batch_max,
         lease_ttl: Duration::from_millis(settings.projector.lease_ttl_ms),
@@ -127,7 +127,7 @@ fn projector(settings: &Settings, db: mongodb::Database) -> anyhow::Result<Proje
     };
     Ok(Projector::new(
         db,
-        settings.redis.pool()?,
+        settings.redis.connect().await?,
         Keys::new(&settings.redis.key_prefix),
         settings.query.user_fields()?,
         config,
@@ -136,7 +136,7 @@ fn projector(settings: &Settings, db: mongodb::Database) -> anyhow::Result<Proje
 
 async fn project(settings: Settings) -> anyhow::Result<()> {
     let db = settings.mongodb.database().await?;
-    let projector = projector(&settings, db)?;
+    let projector = projector(&settings, db).await?;
     projector.run(shutdown_signal()).await?;
     Ok(())
 }
@@ -147,7 +147,7 @@ async fn run_both(settings: Settings) -> anyhow::Result<()> {
     let app = Application::build(&settings).await?;
     tracing::info!(addr = %settings.http.addr, port = app.port(), "API listening");
     let handle = app.handle();
-    let projector = projector(&settings, settings.mongodb.database().await?)?;
+    let projector = projector(&settings, settings.mongodb.database().await?).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut projector_stop = stop_rx.clone();
     let projector_task = tokio::spawn(projector.run(async move {

@@ -77,7 +77,7 @@ fn env_of(app: &TestApp) -> Vec<(String, String)> {
     vec![
         ("CALLBOARD_MONGODB_URI".into(), app.services.mongo.uri()),
         ("CALLBOARD_MONGODB_DB".into(), app.db.name().to_string()),
-        ("CALLBOARD_REDIS_URL".into(), app.services.redis.url()),
+        (app.services.redis.setting().0.into(), app.services.redis.setting().1),
         ("CALLBOARD_JWT_SECRET".into(), callboard_tests::SECRET.into()),
         ("CALLBOARD_LOG".into(), "info".into()),
     ]
@@ -262,8 +262,7 @@ async fn random_workload_with_crashing_projectors_converges_to_the_live_answer()
             }
         }
     }
-    let mut redis =
-        redis::Client::open(app.services.redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut redis = app.redis().await;
     let refills: Option<i64> =
         redis::AsyncCommands::hget(&mut redis, "cb:{g}:progress", "window_refills_total").await.unwrap();
     eprintln!("document windows refilled: {refills:?}");
@@ -280,8 +279,7 @@ async fn a_standby_projector_takes_over_when_the_leader_dies() {
     app.grouped_as(&app.token(1), &[], false).await;
     let (hit, _, _) = app.wait_for_projection(1, &[], Duration::from_secs(20)).await;
     assert!(hit);
-    let mut redis =
-        redis::Client::open(app.services.redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut redis = app.redis().await;
     let leader: String = redis.get("cb:{g}:lease").await.unwrap();
     let pids: Vec<u32> = projectors.procs.iter().map(|p| p.as_ref().unwrap().pid()).collect();
     let slot =

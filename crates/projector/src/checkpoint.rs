@@ -5,10 +5,13 @@ use bson::doc;
 use mongodb::change_stream::event::ResumeToken;
 use redis::{AsyncCommands, Script};
 
-use callboard_readmodel::{Keys, ReadModelError};
+use callboard_readmodel::{Keys, ReadModelError, Redis};
+
+const SAVE: &str = include_str!("lua/checkpoint_save.lua");
+const CLEAR: &str = include_str!("lua/checkpoint_clear.lua");
 
 pub struct Checkpoint {
-    pool: deadpool_redis::Pool,
+    redis: Redis,
     keys: Keys,
 }
 
@@ -21,12 +24,12 @@ pub struct BatchStats {
 }
 
 impl Checkpoint {
-    pub fn new(pool: deadpool_redis::Pool, keys: Keys) -> Self {
-        Self { pool, keys }
+    pub fn new(redis: Redis, keys: Keys) -> Self {
+        Self { redis, keys }
     }
 
     pub async fn load(&self) -> Result<Option<ResumeToken>, ReadModelError> {
-        let mut c = self.pool.get().await?;
+        let mut c = self.redis.get().await?;
         let raw: Option<Vec<u8>> = c.get(self.keys.checkpoint()).await?;
         let Some(raw) = raw else { return Ok(None) };
         let token = bson::from_slice::<bson::Document>(&raw)
@@ -44,20 +47,10 @@ impl Checkpoint {
         let bytes = bson::to_bson(token).ok().and_then(|t| bson::to_vec(&doc! {"t": t}).ok()).ok_or_else(|| {
             ReadModelError::Corrupt { key: self.keys.checkpoint(), detail: "unserialisable token".into() }
         })?;
-        let mut c = self.pool.get().await?;
+        let mut c = self.redis.get().await?;
         let now = now_ms();
-        static SAVE: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
-        let script = SAVE.get_or_init(|| {
-            Script::new(
-                r#"if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-               redis.call('SET', KEYS[2], ARGV[2])
-               redis.call('HINCRBY', KEYS[3], 'events_applied', ARGV[3])
-               redis.call('HSET', KEYS[3], 'heartbeat_ms', ARGV[4])
-               if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], 'last_event_ms', ARGV[5]) end
-               if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], 'lag_ms', ARGV[6]) end
-               return 1"#,
-            )
-        });
+        static CELL: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+        let script = CELL.get_or_init(|| Script::new(SAVE));
         let saved: i64 = script
             .key(self.keys.lease())
             .key(self.keys.checkpoint())
@@ -73,15 +66,24 @@ impl Checkpoint {
         Ok(saved == 1)
     }
 
-    pub async fn clear(&self) -> Result<(), ReadModelError> {
-        let mut c = self.pool.get().await?;
-        let _: () = c.del(self.keys.checkpoint()).await?;
-        Ok(())
+    /// Clears the checkpoint if `owner` still holds the lease; `false`
+    /// otherwise.
+    pub async fn clear(&self, owner: &str) -> Result<bool, ReadModelError> {
+        static CELL: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+        let mut c = self.redis.get().await?;
+        let cleared: i64 = CELL
+            .get_or_init(|| Script::new(CLEAR))
+            .key(self.keys.lease())
+            .key(self.keys.checkpoint())
+            .arg(owner)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(cleared == 1)
     }
 
     /// Heartbeat and counters while idle or warming.
     pub async fn heartbeat(&self, extra: &[(&str, i64)]) -> Result<(), ReadModelError> {
-        let mut c = self.pool.get().await?;
+        let mut c = self.redis.get().await?;
         let mut pipe = redis::pipe();
         pipe.hset(self.keys.progress(), "heartbeat_ms", now_ms()).ignore();
         for (field, by) in extra {

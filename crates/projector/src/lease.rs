@@ -9,10 +9,14 @@ use std::time::{Duration, Instant};
 
 use redis::Script;
 
-use callboard_readmodel::{Keys, ReadModelError};
+use callboard_readmodel::{Keys, ReadModelError, Redis};
+
+const ACQUIRE: &str = include_str!("lua/lease_acquire.lua");
+const RENEW: &str = include_str!("lua/lease_renew.lua");
+const RELEASE: &str = include_str!("lua/lease_release.lua");
 
 pub struct Lease {
-    pool: deadpool_redis::Pool,
+    redis: Redis,
     key: String,
     pub id: String,
     ttl: Duration,
@@ -20,8 +24,8 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn new(pool: deadpool_redis::Pool, keys: &Keys, id: String, ttl: Duration) -> Self {
-        Self { pool, key: keys.lease(), id, ttl, valid_until: None }
+    pub fn new(redis: Redis, keys: &Keys, id: String, ttl: Duration) -> Self {
+        Self { redis, key: keys.lease(), id, ttl, valid_until: None }
     }
 
     /// Time that must be left on the lease to start a batch.
@@ -31,48 +35,31 @@ impl Lease {
 
     /// Takes the lease if it is free (or already ours).
     pub async fn acquire(&mut self) -> Result<bool, ReadModelError> {
-        static ACQUIRE: OnceLock<Script> = OnceLock::new();
-        let script = ACQUIRE.get_or_init(|| {
-            Script::new(
-                r#"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-                   if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-                   return 0"#,
-            )
-        });
-        self.extend(script).await
+        static CELL: OnceLock<Script> = OnceLock::new();
+        self.extend(CELL.get_or_init(|| Script::new(ACQUIRE))).await
     }
 
     /// Extends the lease; `false` when another projector holds it now.
     pub async fn renew(&mut self) -> Result<bool, ReadModelError> {
-        static RENEW: OnceLock<Script> = OnceLock::new();
-        let script = RENEW.get_or_init(|| {
-            Script::new(
-                r#"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-                   return 0"#,
-            )
-        });
-        self.extend(script).await
+        static CELL: OnceLock<Script> = OnceLock::new();
+        self.extend(CELL.get_or_init(|| Script::new(RENEW))).await
     }
 
     /// Runs a script that (re)sets the lease to this projector for a TTL
     /// and returns 1 when it did; the lease then runs from before the call.
     async fn extend(&mut self, script: &Script) -> Result<bool, ReadModelError> {
         let started = Instant::now();
-        let mut c = self.pool.get().await?;
+        let mut c = self.redis.get().await?;
         let ok: i64 = script.key(&self.key).arg(&self.id).arg(self.ttl.as_millis() as u64).invoke_async(&mut c).await?;
         self.valid_until = (ok == 1).then(|| started + self.ttl);
         Ok(ok == 1)
     }
 
     pub async fn release(&mut self) -> Result<(), ReadModelError> {
-        let mut c = self.pool.get().await?;
-        let _: i64 = Script::new(
-            r#"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"#,
-        )
-        .key(&self.key)
-        .arg(&self.id)
-        .invoke_async(&mut c)
-        .await?;
+        static CELL: OnceLock<Script> = OnceLock::new();
+        let mut c = self.redis.get().await?;
+        let _: i64 =
+            CELL.get_or_init(|| Script::new(RELEASE)).key(&self.key).arg(&self.id).invoke_async(&mut c).await?;
         self.valid_until = None;
         Ok(())
     }
@@ -100,7 +87,7 @@ impl Lease {
     pub fn keep_alive(&self) -> (Keeper, tokio::task::JoinHandle<()>) {
         let keeper = Keeper { valid_until: Arc::new(Mutex::new(self.valid_until)), margin: self.margin() };
         let mut lease = Lease {
-            pool: self.pool.clone(),
+            redis: self.redis.clone(),
             key: self.key.clone(),
             id: self.id.clone(),
             ttl: self.ttl,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use callboard_domain::render::UserFields;
 use callboard_domain::TenantId;
 use callboard_readmodel::write::{DocWindow, Guard, Writer};
-use callboard_readmodel::{Keys, ReadModelError, TenantState};
+use callboard_readmodel::{Command, Keys, ReadModelError, Redis, TenantState};
 use mongodb::Database;
 use redis::AsyncCommands;
 use tracing::{info, info_span, warn, Instrument};
@@ -46,12 +46,6 @@ impl From<ReadModelError> for ProjectorError {
             ReadModelError::Fenced => ProjectorError::LeaseLost,
             other => ProjectorError::ReadModel(other),
         }
-    }
-}
-
-impl From<deadpool_redis::PoolError> for ProjectorError {
-    fn from(e: deadpool_redis::PoolError) -> Self {
-        ProjectorError::ReadModel(e.into())
     }
 }
 
@@ -88,7 +82,7 @@ impl Default for ProjectorConfig {
 
 pub struct Projector {
     db: Database,
-    pool: deadpool_redis::Pool,
+    redis: Redis,
     keys: Keys,
     reader: callboard_readmodel::ReadModel,
     checkpoint: Checkpoint,
@@ -107,19 +101,13 @@ struct PendingWarm {
 }
 
 impl Projector {
-    pub fn new(
-        db: Database,
-        pool: deadpool_redis::Pool,
-        keys: Keys,
-        fields: UserFields,
-        config: ProjectorConfig,
-    ) -> Self {
+    pub fn new(db: Database, redis: Redis, keys: Keys, fields: UserFields, config: ProjectorConfig) -> Self {
         let id = format!("{}-{}-{:08x}", hostname(), std::process::id(), rand::random::<u32>());
         Self {
-            checkpoint: Checkpoint::new(pool.clone(), keys.clone()),
-            reader: callboard_readmodel::ReadModel::new(pool.clone(), keys.clone()),
+            checkpoint: Checkpoint::new(redis.clone(), keys.clone()),
+            reader: callboard_readmodel::ReadModel::new(redis.clone(), keys.clone()),
             db,
-            pool,
+            redis,
             keys,
             fields,
             config,
@@ -135,7 +123,7 @@ impl Projector {
     /// holds it, and goes back to waiting if it loses it or fails.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ProjectorError> {
         tokio::pin!(shutdown);
-        let mut lease = Lease::new(self.pool.clone(), &self.keys, self.id.clone(), self.config.lease_ttl);
+        let mut lease = Lease::new(self.redis.clone(), &self.keys, self.id.clone(), self.config.lease_ttl);
         info!(projector = %self.id, "projector started; waiting for the lease");
         loop {
             match lease.acquire().await {
@@ -175,13 +163,13 @@ impl Projector {
     async fn lead(&self, lease: &mut Lease) -> Result<(), ProjectorError> {
         let (keeper, renewer) = lease.keep_alive();
         let token: u64 = {
-            let mut c = self.pool.get().await?;
+            let mut c = self.redis.get().await?;
             c.incr(self.keys.fence_seq(), 1).await?
         };
-        // Every write of this leadership is fenced by `token` (tenants) and
-        // the lease (shared keys).
+        // Every write of this leadership is fenced by `token` (tenants and
+        // locator shards) and the lease (the shared `{g}` keys).
         let writer =
-            Writer::guarded(self.pool.clone(), self.keys.clone(), Guard::Leader { token, owner: lease.id.clone() })
+            Writer::guarded(self.redis.clone(), self.keys.clone(), Guard::Leader { token, owner: lease.id.clone() })
                 .with_window(self.config.doc_window);
         let result = self.lead_with(&keeper, &lease.id, &writer).await;
         renewer.abort();
@@ -189,7 +177,7 @@ impl Projector {
     }
 
     async fn lead_with(&self, keeper: &Keeper, owner: &str, writer: &Writer) -> Result<(), ProjectorError> {
-        let mut source = self.open_source(writer).await?;
+        let mut source = self.open_source(owner, writer).await?;
         let mut pending: HashMap<TenantId, PendingWarm> = HashMap::new();
         self.resume_warms(&mut pending, keeper, writer).await?;
         let mut last_resume = Instant::now();
@@ -212,7 +200,7 @@ impl Projector {
             let events = match source.next_batch(self.config.batch_max, self.config.batch_wait).await {
                 Ok(events) => events,
                 Err(e) if source::is_history_lost(&e) => {
-                    source = self.recover_history_lost(&e, writer).await?;
+                    source = self.recover_history_lost(&e, owner, writer).await?;
                     pending.clear();
                     continue;
                 }
@@ -221,7 +209,7 @@ impl Projector {
             if events.is_empty() {
                 // Caught up: every snapshot loaded so far is complete.
                 for (tenant, warm) in pending.drain() {
-                    self.finish_warm(tenant, warm).await?;
+                    self.finish_warm(tenant, warm, writer).await?;
                 }
                 // Keep the checkpoint moving on an idle stream (the
                 // server's post-batch token), so a long quiet spell cannot
@@ -251,33 +239,33 @@ impl Projector {
                 pending.iter().filter(|(_, w)| newest_ms > w.snapshot_done_ms + 1000).map(|(t, _)| *t).collect();
             for tenant in caught_up {
                 if let Some(warm) = pending.remove(&tenant) {
-                    self.finish_warm(tenant, warm).await?;
+                    self.finish_warm(tenant, warm, writer).await?;
                 }
             }
             if let Some(token) = reset {
                 warn!("a watched collection was dropped or renamed; rebuilding the read model");
-                source = self.rebuild(StartAt::StartAfter(token), writer).await?;
+                source = self.rebuild(StartAt::StartAfter(token), owner, writer).await?;
                 pending.clear();
             }
         }
     }
 
-    async fn open_source(&self, writer: &Writer) -> Result<Source, ProjectorError> {
+    async fn open_source(&self, owner: &str, writer: &Writer) -> Result<Source, ProjectorError> {
         let checkpoint = self.checkpoint.load().await?;
         let schema = writer.schema().await?;
         if checkpoint.is_some() && schema.as_deref() != Some(callboard_readmodel::keys::SCHEMA) {
             warn!(found = ?schema, wanted = callboard_readmodel::keys::SCHEMA, "read model in another format: rebuilding");
-            return self.restart_read_model(writer).await;
+            return self.restart_read_model(owner, writer).await;
         }
         match checkpoint {
             Some(token) => match Source::open(&self.db, StartAt::ResumeAfter(token)).await {
                 Ok(s) => Ok(s),
-                Err(e) if source::is_history_lost(&e) => self.recover_history_lost(&e, writer).await,
+                Err(e) if source::is_history_lost(&e) => self.recover_history_lost(&e, owner, writer).await,
                 Err(e) => Err(e.into()),
             },
             None => {
                 info!("no checkpoint: bootstrapping the read model");
-                self.rebuild(StartAt::Now, writer).await
+                self.rebuild(StartAt::Now, owner, writer).await
             }
         }
     }
@@ -288,20 +276,21 @@ impl Projector {
     async fn recover_history_lost(
         &self,
         cause: &mongodb::error::Error,
+        owner: &str,
         writer: &Writer,
     ) -> Result<Source, ProjectorError> {
         warn!(error = %cause, "change stream history lost; marking every tenant cold and re-warming");
         self.checkpoint.heartbeat(&[("history_lost_total", 1)]).await?;
-        self.restart_read_model(writer).await
+        self.restart_read_model(owner, writer).await
     }
 
     /// Empties and rebuilds the read model, and queues a warm of every
     /// tenant that was warm or warming.
-    async fn restart_read_model(&self, writer: &Writer) -> Result<Source, ProjectorError> {
+    async fn restart_read_model(&self, owner: &str, writer: &Writer) -> Result<Source, ProjectorError> {
         let reader = &self.reader;
         let warm: Vec<TenantId> =
             reader.tenant_states().await?.into_iter().filter(|(_, s)| s.is_maintained()).map(|(t, _)| t).collect();
-        let source = self.rebuild(StartAt::Now, writer).await?;
+        let source = self.rebuild(StartAt::Now, owner, writer).await?;
         for t in &warm {
             reader.request_warm(*t).await?;
         }
@@ -311,8 +300,10 @@ impl Projector {
 
     /// Empties the read model and reloads users and statuses, with the
     /// stream opened first so nothing committed meanwhile is missed.
-    async fn rebuild(&self, start: StartAt, writer: &Writer) -> Result<Source, ProjectorError> {
-        self.checkpoint.clear().await?;
+    async fn rebuild(&self, start: StartAt, owner: &str, writer: &Writer) -> Result<Source, ProjectorError> {
+        if !self.checkpoint.clear(owner).await? {
+            return Err(ProjectorError::LeaseLost);
+        }
         writer.purge_all().await?;
         let source = Source::open(&self.db, start).await?;
         let (users, statuses) = warm::bootstrap_globals(&self.db, writer, &self.fields).await?;
@@ -344,7 +335,7 @@ impl Projector {
             applied += 1;
         }
         let needs = transform::needs(&changes);
-        let view = writer.load_locators(&needs.calls, &needs.users, &needs.statuses).await?;
+        let view = writer.load_locators(&needs.calls, &needs.users, &needs.statuses, &needs.tenants).await?;
         let last = &events[applied.max(1) - 1];
         let event_ms = transform::event_ms(last).unwrap_or_else(now_ms);
         let plan = transform::plan(&changes, &view, event_ms);
@@ -377,32 +368,22 @@ impl Projector {
             if !keeper.is_safe() {
                 return Err(ProjectorError::LeaseLost);
             }
-            let mut c = self.pool.get().await?;
-            let cmd: Option<String> = c.lpop(self.keys.commands(), None).await?;
+            let mut c = self.redis.get().await?;
+            let raw: Option<String> = c.lpop(self.keys.commands(), None).await?;
             drop(c);
-            let Some(cmd) = cmd else { return Ok(()) };
-            let parts: Vec<&str> = cmd.split(' ').collect();
-            match parts.as_slice() {
-                ["warm", t, epoch, job] => {
-                    let (Some(tenant), Ok(epoch)) =
-                        (t.parse().ok().and_then(|t| TenantId::new(t).ok()), epoch.parse::<u64>())
-                    else {
-                        warn!(%cmd, "malformed command");
-                        continue;
-                    };
-                    let job = (*job != "-").then(|| job.to_string());
+            let Some(raw) = raw else { return Ok(()) };
+            match Command::parse(&raw) {
+                Some(Command::Warm { tenant, epoch, job }) => {
                     self.warm(tenant, epoch, job, pending, keeper, writer).await?;
                 }
-                ["purge", t] => {
-                    if let Some(tenant) = t.parse().ok().and_then(|t| TenantId::new(t).ok()) {
-                        if reader.tenant_state(tenant).await? == TenantState::Cold {
-                            let removed = writer.purge_tenant_calls(tenant).await?;
-                            pending.remove(&tenant);
-                            info!(tenant = %tenant, removed, "tenant invalidated");
-                        }
+                Some(Command::Purge { tenant }) => {
+                    if reader.tenant_state(tenant).await? == TenantState::Cold {
+                        let removed = writer.purge_tenant_calls(tenant).await?;
+                        pending.remove(&tenant);
+                        info!(tenant = %tenant, removed, "tenant invalidated");
                     }
                 }
-                _ => warn!(%cmd, "unknown command"),
+                None => warn!(command = %raw, "malformed command"),
             }
         }
         Ok(())
@@ -421,7 +402,7 @@ impl Projector {
     ) -> Result<(), ProjectorError> {
         let reader = &self.reader;
         if reader.tenant_state(tenant).await? != TenantState::Warming(epoch) {
-            return self.job_done(job.as_deref()).await;
+            return self.job_done(job.as_deref(), writer).await;
         }
         if pending.get(&tenant).is_some_and(|p| p.epoch == epoch) {
             return Ok(()); // already loaded, waiting to catch up
@@ -435,7 +416,7 @@ impl Projector {
         // Warm once the stream is past the snapshot's *end*: events from
         // during the read may be older than what it saw.
         if let Some(previous) = pending.insert(tenant, PendingWarm { epoch, job, snapshot_done_ms: done }) {
-            self.job_done(previous.job.as_deref()).await?;
+            self.job_done(previous.job.as_deref(), writer).await?;
         }
         Ok(())
     }
@@ -463,18 +444,17 @@ impl Projector {
         Ok(())
     }
 
-    async fn finish_warm(&self, tenant: TenantId, warm: PendingWarm) -> Result<(), ProjectorError> {
-        if Writer::new(self.pool.clone(), self.keys.clone()).mark_warm(tenant, warm.epoch).await? {
+    async fn finish_warm(&self, tenant: TenantId, warm: PendingWarm, writer: &Writer) -> Result<(), ProjectorError> {
+        if writer.mark_warm(tenant, warm.epoch).await? {
             info!(tenant = %tenant, epoch = warm.epoch, "tenant warm");
             self.checkpoint.heartbeat(&[("warms_total", 1)]).await?;
         }
-        self.job_done(warm.job.as_deref()).await
+        self.job_done(warm.job.as_deref(), writer).await
     }
 
-    async fn job_done(&self, job: Option<&str>) -> Result<(), ProjectorError> {
+    async fn job_done(&self, job: Option<&str>, writer: &Writer) -> Result<(), ProjectorError> {
         if let Some(job) = job {
-            let mut c = self.pool.get().await?;
-            let _: i64 = c.hincr(self.keys.job(job), "done", 1).await?;
+            writer.job_done(job).await?;
         }
         Ok(())
     }

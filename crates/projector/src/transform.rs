@@ -79,13 +79,22 @@ pub struct Needs {
     pub calls: Vec<DocKey>,
     pub users: Vec<DocKey>,
     pub statuses: Vec<DocKey>,
+    /// Tenants a call of the batch may be put in: their states decide
+    /// whether it is.
+    pub tenants: Vec<TenantId>,
 }
 
 pub fn needs(changes: &[Change]) -> Needs {
     let (mut calls, mut users, mut statuses) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    let mut tenants = BTreeSet::new();
     for c in changes {
         match c {
-            Change::Call { doc, .. } => calls.insert(doc.clone()),
+            Change::Call { doc, state } => {
+                if let Some(Some(entry)) = state {
+                    tenants.insert(entry.place.tenant);
+                }
+                calls.insert(doc.clone())
+            }
             Change::User { doc, .. } => users.insert(doc.clone()),
             Change::Status { doc, .. } => statuses.insert(doc.clone()),
             Change::Reset => false,
@@ -95,6 +104,7 @@ pub fn needs(changes: &[Change]) -> Needs {
         calls: calls.into_iter().collect(),
         users: users.into_iter().collect(),
         statuses: statuses.into_iter().collect(),
+        tenants: tenants.into_iter().collect(),
     }
 }
 

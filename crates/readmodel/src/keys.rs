@@ -1,6 +1,11 @@
-//! The Redis key schema. Every key of a tenant carries the hash tag `{tN}`,
-//! so one tenant's keys share a Redis Cluster slot and one tenant's change is
-//! one atomic MULTI; keys shared by every tenant carry `{g}`.
+//! The Redis key schema. Every key carries a hash tag, so that every
+//! script, MULTI and pipeline touches one Redis Cluster slot:
+//! - `{tN}`: one tenant's keys, so one tenant's change is one atomic script
+//!   and one tenant's read one MULTI;
+//! - `{lK}`: one of [`LOC_SHARDS`] shards of the call locators, spread over
+//!   the cluster's slots so that no node holds every locator;
+//! - `{g}`: keys shared by every tenant (users, global statuses, the
+//!   projector's lease and checkpoint, the command queue).
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -8,20 +13,22 @@
 //! | `P:{tN}:doc` | HASH | member -> `<owner>,<user>,<assignee>\|<call JSON without details>`, for the first ranks of each ZSET only |
 //! | `P:{tN}:dw` | HASH | status -> how many first ranks of its ZSET have their document |
 //! | `P:{tN}:ver` | STRING | bumped by every write to the tenant's calls (never reset) |
+//! | `P:{tN}:state` | STRING | [`crate::TenantState`] with the format mark: `<schema>:warming:<epoch>:<job>` or `<schema>:warm:<epoch>`; absent = cold |
 //! | `P:{tN}:st` | HASH | status `_id` -> the tenant's own status (JSON `StatusRecord`) |
 //! | `P:{tN}:meta` | HASH | `last_event_ms` |
 //! | `P:{tN}:stv` | STRING | a unique stamp, replaced whenever the tenant's statuses change |
 //! | `P:{tN}:fence` | STRING | the highest projector token that wrote the tenant |
+//! | `P:{lK}:cl:<bucket>` | HASH | call `_id` (binary) -> the places `<tenant>:<status>:<id>` (comma list) that may hold it; bucket `b` lives in shard `b % LOC_SHARDS` |
+//! | `P:{lK}:fence` | STRING | the highest projector token that wrote the shard |
 //! | `P:{g}:st` | HASH | status `_id` -> global status |
 //! | `P:{g}:users` | HASH | user id -> allowlisted user JSON |
 //! | `P:{g}:stv`, `P:{g}:uv` | STRING | unique stamps, replaced whenever a global status / a user changes |
 //! | `P:{g}:uloc` | HASH | user `_id` -> user id |
 //! | `P:{g}:sloc` | HASH | status `_id` -> `g` or tenant id |
-//! | `P:{g}:cl:<bucket>` | HASH | call `_id` (binary) -> the places `<tenant>:<status>:<id>` (comma list) that may hold it |
-//! | `P:{g}:tstate` | HASH | tenant -> `warming:<epoch>` or `warm:<epoch>`; absent = cold |
+//! | `P:{g}:tenants` | SET | tenants that may have a state (an index for listing; the state itself is `P:{tN}:state`) |
 //! | `P:{g}:epoch` | STRING | warm epoch counter |
-//! | `P:{g}:cmdq` | LIST | commands for the active projector (`warm`, `purge`) |
-//! | `P:{g}:job:<id>` | HASH | a warm job's progress |
+//! | `P:{g}:cmdq` | LIST | commands for the active projector ([`crate::Command`]) |
+//! | `P:{g}:job:<id>` | HASH | a warm job's progress ([`crate::job`] fields) |
 //! | `P:{g}:schema` | STRING | the format of all these keys ([`SCHEMA`]) |
 //! | `P:{g}:ckpt` | STRING | the resume token of the last applied batch (BSON) |
 //! | `P:{g}:lease` | STRING | the active projector's id, with a TTL |
@@ -33,12 +40,28 @@ use callboard_domain::{DocKey, StatusKey, TenantId};
 /// The format of the keys below. A projector finding another one (or none
 /// beside a checkpoint) rebuilds the read model; readers serve nothing from
 /// Redis until it matches. 2: binary members, document windows, place
-/// locators (ADR 0004).
-pub const SCHEMA: &str = "2";
+/// locators (ADR 0004). 3: tenant states in the tenant's slot with the
+/// format mark, locators in shards (ADR 0005).
+pub const SCHEMA: &str = "3";
 
 /// Buckets of the call locator (see [`Keys::call_loc`]). Changing it
 /// strands every locator: only with a rebuild (invalidate all).
 pub const CALL_LOC_BUCKETS: u64 = 16_384;
+
+/// Hash tags the call-locator buckets are spread over: on a cluster each
+/// is a slot of its own, so the locators spread over the masters.
+pub const LOC_SHARDS: u64 = 256;
+
+/// The hash tag of a key (what lies between its first `{` and the next
+/// `}`), which decides its Redis Cluster slot.
+pub fn tag_of(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let close = key[open + 1..].find('}')?;
+    Some(&key[open + 1..open + 1 + close]).filter(|t| !t.is_empty())
+}
+
+/// The hash tag of the shared keys.
+pub const GLOBAL_TAG: &str = "g";
 
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -50,12 +73,23 @@ impl Keys {
         Self { prefix: prefix.into() }
     }
 
+    /// The hash tag of `t`'s keys.
+    pub fn tenant_tag(&self, t: TenantId) -> String {
+        format!("t{}", t.get())
+    }
+
     fn tenant(&self, t: TenantId, suffix: &str) -> String {
-        format!("{}:{{t{}}}:{suffix}", self.prefix, t.get())
+        format!("{}:{{{}}}:{suffix}", self.prefix, self.tenant_tag(t))
     }
 
     fn global(&self, suffix: &str) -> String {
-        format!("{}:{{g}}:{suffix}", self.prefix)
+        format!("{}:{{{GLOBAL_TAG}}}:{suffix}", self.prefix)
+    }
+
+    /// The fence of the slot with hash tag `tag`: the highest projector
+    /// token that wrote there.
+    pub fn fence_of_tag(&self, tag: &str) -> String {
+        format!("{}:{{{tag}}}:fence", self.prefix)
     }
 
     pub fn zset(&self, t: TenantId, status: StatusKey) -> String {
@@ -89,17 +123,21 @@ impl Keys {
     pub fn fence(&self, t: TenantId) -> String {
         self.tenant(t, "fence")
     }
+    /// The tenant's state and format mark ([`crate::TenantState`]).
+    pub fn state(&self, t: TenantId) -> String {
+        self.tenant(t, "state")
+    }
     pub fn fence_seq(&self) -> String {
         self.global("fence_seq")
     }
-    /// A SCAN pattern for the call keys of `t` (not its statuses, which
-    /// the projector keeps for every tenant).
-    pub fn tenant_call_pattern(&self, t: TenantId) -> Vec<String> {
-        vec![self.tenant(t, "z:*"), self.docs(t), self.windows(t), self.meta(t)]
+    /// A SCAN pattern for the status ZSETs of `t`.
+    pub fn zset_pattern(&self, t: TenantId) -> String {
+        self.tenant(t, "z:*")
     }
-    /// A SCAN pattern matching every tenant key.
-    pub fn all_tenants_pattern(&self) -> String {
-        format!("{}:{{t*", self.prefix)
+    /// The keys of `t`'s calls besides its ZSETs (not its statuses, which
+    /// the projector keeps for every tenant).
+    pub fn tenant_call_keys(&self, t: TenantId) -> [String; 3] {
+        [self.docs(t), self.windows(t), self.meta(t)]
     }
 
     pub fn global_statuses(&self) -> String {
@@ -131,10 +169,12 @@ impl Keys {
             .as_str()
             .bytes()
             .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-        self.global(&format!("cl:{}", hash % CALL_LOC_BUCKETS))
+        let bucket = hash % CALL_LOC_BUCKETS;
+        format!("{}:{{l{}}}:cl:{bucket}", self.prefix, bucket % LOC_SHARDS)
     }
-    pub fn tenant_state(&self) -> String {
-        self.global("tstate")
+    /// Tenants that may have a state: an index for listing them.
+    pub fn tenants(&self) -> String {
+        self.global("tenants")
     }
     pub fn epoch(&self) -> String {
         self.global("epoch")
@@ -179,6 +219,24 @@ mod tests {
         assert!(k.users().starts_with("cb:{g}:"));
         let d = DocKey::from_stored("65f0a0a0a0a0a0a0a0a0a0a0".into());
         assert_eq!(k.call_loc(&d), k.call_loc(&d.clone()));
-        assert!(k.call_loc(&d).starts_with("cb:{g}:cl:"));
+        assert!(k.call_loc(&d).starts_with("cb:{l"));
+        assert_eq!(tag_of(&k.zset(t, StatusKey::new(1))), Some("t6"));
+        assert_eq!(tag_of(&k.users()), Some("g"));
+        assert_eq!(k.fence_of_tag("t6"), k.fence(t));
+        assert_eq!(tag_of("no tag"), None);
+        assert_eq!(tag_of("a{}b"), None);
+    }
+
+    #[test]
+    fn locators_spread_over_every_shard() {
+        let k = Keys::new("cb");
+        let mut shards = std::collections::BTreeMap::new();
+        for i in 0..100_000 {
+            let d = DocKey::from_stored(format!("{:024x}", i as u128 * 7_919));
+            *shards.entry(tag_of(&k.call_loc(&d)).unwrap().to_string()).or_insert(0u64) += 1;
+        }
+        assert_eq!(shards.len() as u64, LOC_SHARDS);
+        let (min, max) = (shards.values().min().unwrap(), shards.values().max().unwrap());
+        assert!(*max < *min * 2, "shards between {min} and {max} locators");
     }
 }

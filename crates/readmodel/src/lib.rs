@@ -4,38 +4,25 @@
 //!
 //! Per tenant, Redis holds each status's calls in response order (a ZSET)
 //! and the pre-rendered JSON of the first calls of each status (the
-//! document window). Users, global statuses and the call locators (which
-//! name each call's places, making every write idempotent) are shared by
-//! all tenants. docs/ARCHITECTURE.md explains the consistency argument.
+//! document window). Users and global statuses are shared by all tenants;
+//! the call locators (which name each call's places, making every write
+//! idempotent) are spread over shards. [`Redis`] hides whether this is one
+//! node or a Redis Cluster. docs/ARCHITECTURE.md explains the consistency argument.
 
 pub mod codec;
+pub mod conn;
 pub mod keys;
 mod local;
 mod read;
+pub mod state;
 pub mod write;
 
+pub use conn::{Conn, Redis};
 pub use keys::Keys;
-pub use read::{Counters, JobStatus, Progress, ReadModel, TenantState};
+pub use read::{Counters, JobStatus, Miss, Progress, Read, ReadModel};
+pub use state::{Command, TenantState};
 
 pub use redis;
-
-/// Every key matching `pattern` (SCAN, so Redis is never blocked).
-pub(crate) async fn scan<C: redis::aio::ConnectionLike>(
-    c: &mut C,
-    pattern: &str,
-) -> Result<Vec<String>, ReadModelError> {
-    let mut keys = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, chunk): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).query_async(c).await?;
-        keys.extend(chunk);
-        cursor = next;
-        if cursor == 0 {
-            return Ok(keys);
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadModelError {
@@ -45,6 +32,14 @@ pub enum ReadModelError {
     Pool(#[from] deadpool_redis::PoolError),
     #[error("a newer projector holds the lease")]
     Fenced,
+    #[error("Redis configuration: {0}")]
+    Config(String),
     #[error("corrupt read model value at {key}: {detail}")]
     Corrupt { key: String, detail: String },
+}
+
+impl From<redis::ParsingError> for ReadModelError {
+    fn from(e: redis::ParsingError) -> Self {
+        ReadModelError::Corrupt { key: "reply".into(), detail: e.to_string() }
+    }
 }

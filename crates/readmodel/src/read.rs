@@ -3,53 +3,14 @@ use std::sync::Arc;
 
 use callboard_domain::render::{self, GroupCalls};
 use callboard_domain::{GroupedBody, GroupedRequest, Status, StatusRecord, TenantId, UserId};
-use deadpool_redis::Pool;
-use redis::{AsyncCommands, Script};
+use redis::AsyncCommands;
 
 use crate::codec::{member_call_id, split_stored, user_json_for};
+use crate::conn::{Conn, Redis};
 use crate::local::{LocalCopies, Stamps, TenantStatuses};
-use crate::{scan, Keys, ReadModelError};
-
-/// Whether a tenant's calls are in Redis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TenantState {
-    Cold,
-    /// A snapshot is being loaded (or queued), generation `epoch`.
-    Warming(u64),
-    /// Snapshot loaded and the stream applied on top: reads are served.
-    Warm(u64),
-}
-
-impl TenantState {
-    /// `warm:<epoch>`, or `warming:<epoch>:<job>` (job `-` for none).
-    pub fn parse(raw: Option<&str>) -> Self {
-        let mut parts = raw.unwrap_or("").split(':');
-        let (kind, epoch) = (parts.next(), parts.next().and_then(|e| e.parse().ok()));
-        match (kind, epoch) {
-            (Some("warm"), Some(e)) => TenantState::Warm(e),
-            (Some("warming"), Some(e)) => TenantState::Warming(e),
-            _ => TenantState::Cold,
-        }
-    }
-
-    /// The warm job recorded with a `warming` state, if any.
-    pub fn job_of(raw: &str) -> Option<String> {
-        raw.strip_prefix("warming:")?.split_once(':').map(|(_, job)| job.to_string()).filter(|j| j != "-")
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            TenantState::Cold => "cold",
-            TenantState::Warming(_) => "warming",
-            TenantState::Warm(_) => "warm",
-        }
-    }
-
-    /// Whether the projector maintains this tenant's calls.
-    pub fn is_maintained(self) -> bool {
-        !matches!(self, TenantState::Cold)
-    }
-}
+use crate::state::{is_job_id, job, Command};
+use crate::write::script::{script, REQUEST_WARM};
+use crate::{Keys, ReadModelError, TenantState};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct JobStatus {
@@ -73,9 +34,8 @@ pub struct Progress {
 /// Reads served by Redis alone.
 #[derive(Clone)]
 pub struct ReadModel {
-    pool: Pool,
+    redis: Redis,
     keys: Keys,
-    request_warm: Script,
     local: LocalCopies,
     hot: Option<HotConnections>,
 }
@@ -112,35 +72,26 @@ impl HotConnections {
     }
 }
 
-/// Single-flight warm request: only the first caller for a cold tenant
-/// moves it to `warming` and queues the warm; ARGV[3] = "1" forces a new
-/// warm even when the tenant is warm or warming.
-/// KEYS: tstate, epoch, cmdq, job. ARGV: tenant, job id, force.
-const REQUEST_WARM: &str = r#"
-if ARGV[3] ~= '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
-  return 0
-end
-local epoch = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[1], ARGV[1], 'warming:' .. epoch .. ':' .. ARGV[2])
-redis.call('RPUSH', KEYS[3], 'warm ' .. ARGV[1] .. ' ' .. epoch .. ' ' .. ARGV[2])
-return epoch
-"#;
-
 impl ReadModel {
-    pub fn new(pool: Pool, keys: Keys) -> Self {
-        Self { pool, keys, request_warm: Script::new(REQUEST_WARM), local: LocalCopies::default(), hot: None }
+    pub fn new(redis: Redis, keys: Keys) -> Self {
+        Self { redis, keys, local: LocalCopies::default(), hot: None }
     }
 
     /// Serves grouped reads over per-thread multiplexed connections to
-    /// `client` instead of the pool.
+    /// `client` instead of the pool (single node only: the cluster
+    /// connection is multiplexed already).
     pub fn with_hot_client(mut self, client: redis::Client) -> Self {
         static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         self.hot = Some(HotConnections { client, id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) });
         self
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, ReadModelError> {
-        Ok(self.pool.get().await?)
+    async fn conn(&self) -> Result<Conn, ReadModelError> {
+        self.redis.get().await
+    }
+
+    pub fn redis(&self) -> &Redis {
+        &self.redis
     }
 
     pub async fn ping(&self) -> Result<(), ReadModelError> {
@@ -151,24 +102,45 @@ impl ReadModel {
 
     pub async fn tenant_state(&self, tenant: TenantId) -> Result<TenantState, ReadModelError> {
         let mut c = self.conn().await?;
-        let raw: Option<String> = c.hget(self.keys.tenant_state(), tenant.get()).await?;
+        let raw: Option<String> = c.get(self.keys.state(tenant)).await?;
         Ok(TenantState::parse(raw.as_deref()))
     }
 
-    pub async fn tenant_states(&self) -> Result<BTreeMap<TenantId, TenantState>, ReadModelError> {
+    /// Every tenant that is warm or warming, with its state as stored.
+    async fn raw_states(&self) -> Result<Vec<(TenantId, String)>, ReadModelError> {
         let mut c = self.conn().await?;
-        let all: HashMap<i64, String> = c.hgetall(self.keys.tenant_state()).await?;
-        Ok(all.into_iter().filter_map(|(t, s)| Some((TenantId::new(t).ok()?, TenantState::parse(Some(&s))))).collect())
+        let listed: Vec<i64> = c.smembers(self.keys.tenants()).await?;
+        let tenants: Vec<TenantId> = listed.into_iter().filter_map(|t| TenantId::new(t).ok()).collect();
+        let cmds = tenants.iter().map(|t| (self.keys.state(*t), redis::cmd("GET").arg(self.keys.state(*t)).clone()));
+        let replies = self.redis.query_by_tag(cmds.collect()).await?;
+        let mut out = Vec::new();
+        for (t, reply) in tenants.into_iter().zip(replies) {
+            if let Some(raw) = redis::from_redis_value::<Option<String>>(reply)? {
+                out.push((t, raw));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every tenant that is not cold.
+    pub async fn tenant_states(&self) -> Result<BTreeMap<TenantId, TenantState>, ReadModelError> {
+        Ok(self
+            .raw_states()
+            .await?
+            .into_iter()
+            .map(|(t, raw)| (t, TenantState::parse(Some(&raw))))
+            .filter(|(_, s)| s.is_maintained())
+            .collect())
     }
 
     /// Tenants whose warm is queued or under way: (tenant, epoch, job).
     pub async fn warming(&self) -> Result<Vec<(TenantId, u64, Option<String>)>, ReadModelError> {
-        let mut c = self.conn().await?;
-        let all: HashMap<i64, String> = c.hgetall(self.keys.tenant_state()).await?;
-        Ok(all
+        Ok(self
+            .raw_states()
+            .await?
             .into_iter()
             .filter_map(|(t, raw)| match TenantState::parse(Some(&raw)) {
-                TenantState::Warming(e) => Some((TenantId::new(t).ok()?, e, TenantState::job_of(&raw))),
+                TenantState::Warming(e) => Some((t, e, TenantState::job_of(&raw))),
                 _ => None,
             })
             .collect())
@@ -178,38 +150,44 @@ impl ReadModel {
     pub async fn is_queued(&self, tenant: TenantId, epoch: u64) -> Result<bool, ReadModelError> {
         let mut c = self.conn().await?;
         let queued: Vec<String> = c.lrange(self.keys.commands(), 0, -1).await?;
-        let prefix = format!("warm {} {epoch} ", tenant.get());
-        Ok(queued.iter().any(|q| q.starts_with(&prefix)))
+        Ok(queued
+            .iter()
+            .filter_map(|q| Command::parse(q))
+            .any(|q| matches!(q, Command::Warm { tenant: t, epoch: e, .. } if t == tenant && e == epoch)))
     }
 
-    /// The grouped response from Redis alone, or `None` when the tenant is
-    /// not warm.
+    /// The grouped response from Redis alone, or why it cannot be given.
     ///
-    /// One MULTI with the format mark, the tenant's state, the status and
-    /// user stamps, and each visible status's size and first members, the
-    /// statuses named from this process's copy of them; for enriched calls
-    /// a second trip reads the documents and checks the tenant's write
-    /// version. The answer is used only if the stamps still match the copy
-    /// and the version did not move; otherwise the read is repeated. Users
-    /// come from this process's copy when its stamp matches, else from one
-    /// `HMGET`.
-    pub async fn grouped(
-        &self,
-        tenant: TenantId,
-        request: &GroupedRequest,
-    ) -> Result<Option<GroupedBody>, ReadModelError> {
+    /// One MULTI on the tenant's slot with the tenant's state (and format
+    /// mark), its status stamp, and each visible status's size and first
+    /// members, the statuses named from this process's copy of them; for
+    /// enriched calls also the document windows and the tenant's write
+    /// version. The global status and user stamps are read in the same
+    /// MULTI on a single node, and at the same time from the `{g}` slot on
+    /// a cluster. For enriched calls a second trip reads the documents and
+    /// checks the tenant's write version. The answer is used only if the
+    /// stamps still match the copy and the version did not move; otherwise
+    /// the read is repeated. Users come from this process's copy when its
+    /// stamp matches, else from one `HMGET`.
+    pub async fn grouped(&self, tenant: TenantId, request: &GroupedRequest) -> Result<Read, ReadModelError> {
         match &self.hot {
-            Some(hot) => self.grouped_on(&mut hot.get().await?, tenant, request).await,
-            None => self.grouped_on(&mut self.conn().await?, tenant, request).await,
+            Some(hot) if !self.redis.is_cluster() => {
+                self.grouped_on(&mut hot.get().await?, None, tenant, request).await
+            }
+            _ => {
+                let side = if self.redis.is_cluster() { Some(self.conn().await?) } else { None };
+                self.grouped_on(&mut self.conn().await?, side, tenant, request).await
+            }
         }
     }
 
     async fn grouped_on<C: redis::aio::ConnectionLike + Send>(
         &self,
         c: &mut C,
+        mut side: Option<Conn>,
         tenant: TenantId,
         request: &GroupedRequest,
-    ) -> Result<Option<GroupedBody>, ReadModelError> {
+    ) -> Result<Read, ReadModelError> {
         let mode = match (request.include_calls, request.include_enrichment) {
             (false, _) => Mode::Counts,
             (true, false) => Mode::Ids,
@@ -222,7 +200,7 @@ impl ReadModel {
             if attempts > MAX_ATTEMPTS {
                 // Writes or status changes kept racing the read: let the
                 // live path answer this one.
-                return Ok(None);
+                return Ok(Read::Miss(Miss::Raced));
             }
             let Some(copy) = statuses.take() else {
                 statuses = Some(self.load_statuses(c, tenant).await?);
@@ -230,13 +208,14 @@ impl ReadModel {
             };
             // First round trip, one MULTI: state, stamps, the tenant's
             // version, the windows, and per status its size and members.
+            let mut global = redis::pipe();
+            global.get(self.keys.global_status_stamp()).get(self.keys.users_stamp());
             let mut pipe = redis::pipe();
-            pipe.atomic()
-                .get(self.keys.schema())
-                .hget(self.keys.tenant_state(), tenant.get())
-                .get(self.keys.global_status_stamp())
-                .get(self.keys.status_stamp(tenant))
-                .get(self.keys.users_stamp());
+            pipe.atomic();
+            if side.is_none() {
+                pipe.get(self.keys.global_status_stamp()).get(self.keys.users_stamp());
+            }
+            pipe.get(self.keys.state(tenant)).get(self.keys.status_stamp(tenant));
             let with_windows = mode == Mode::Enriched && !copy.visible.is_empty();
             if with_windows {
                 pipe.get(self.keys.version(tenant));
@@ -250,20 +229,27 @@ impl ReadModel {
                     pipe.zrevrange(zset, 0, request.limit.get() as isize - 1);
                 }
             }
-            let replies: Vec<redis::Value> = pipe.query_async(c).await?;
+            let replies: Vec<redis::Value> = match side.as_mut() {
+                None => pipe.query_async(c).await?,
+                Some(side) => {
+                    let (mut g, t): (Vec<redis::Value>, Vec<redis::Value>) =
+                        futures::try_join!(global.query_async(side), pipe.query_async(c))?;
+                    g.extend(t);
+                    g
+                }
+            };
             let mut replies = replies.into_iter();
             let mut next = || replies.next().unwrap_or(redis::Value::Nil);
-            let schema: Option<String> = parse(next())?;
+            let (global_statuses, users): (Option<String>, Option<String>) = (parse(next())?, parse(next())?);
             let state: Option<String> = parse(next())?;
             // Data in another format (before the projector's upgrade
-            // rebuild) is never served.
-            if schema.as_deref() != Some(crate::keys::SCHEMA)
-                || !matches!(TenantState::parse(state.as_deref()), TenantState::Warm(_))
-            {
-                return Ok(None);
+            // rebuild) is never served: its state does not parse.
+            match (state.as_deref(), TenantState::parse(state.as_deref())) {
+                (_, TenantState::Warm(_)) => {}
+                (None, _) | (Some(_), TenantState::Warming(_)) => return Ok(Read::Miss(Miss::Cold)),
+                (Some(_), TenantState::Cold) => return Ok(Read::Miss(Miss::Format)),
             }
-            let stamps =
-                Stamps { global_statuses: parse(next())?, tenant_statuses: parse(next())?, users: parse(next())? };
+            let stamps = Stamps { global_statuses, tenant_statuses: parse(next())?, users };
             if !copy.is_current(&stamps) {
                 continue;
             }
@@ -276,7 +262,7 @@ impl ReadModel {
                 // A document window shorter than asked for: a refill is
                 // under way; the live path answers meanwhile.
                 if mode == Mode::Enriched && windows.get(i).copied().flatten().unwrap_or(0) < members.len() as u64 {
-                    return Ok(None);
+                    return Ok(Read::Miss(Miss::ShortWindow));
                 }
                 groups.push((count, members, Vec::new()));
             }
@@ -356,7 +342,7 @@ impl ReadModel {
             };
             by_status.insert(status.key, GroupCalls { total: count, calls });
         }
-        Ok(Some(render::assemble(&statuses.visible, by_status, request)))
+        Ok(Read::Hit(render::assemble(&statuses.visible, by_status, request)))
     }
 
     /// Reads the tenant's statuses and their stamps atomically, and keeps
@@ -366,13 +352,18 @@ impl ReadModel {
         c: &mut C,
         tenant: TenantId,
     ) -> Result<Arc<TenantStatuses>, ReadModelError> {
-        type Raw = (Option<String>, Option<String>, HashMap<String, String>, HashMap<String, String>);
-        let (global_stamp, tenant_stamp, own, global): Raw = redis::pipe()
+        // Each slot's stamp with its data, atomically: the copy is
+        // labelled with stamps no older than what it holds.
+        let (global_stamp, global): (Option<String>, HashMap<String, String>) = redis::pipe()
             .atomic()
             .get(self.keys.global_status_stamp())
+            .hgetall(self.keys.global_statuses())
+            .query_async(c)
+            .await?;
+        let (tenant_stamp, own): (Option<String>, HashMap<String, String>) = redis::pipe()
+            .atomic()
             .get(self.keys.status_stamp(tenant))
             .hgetall(self.keys.statuses(tenant))
-            .hgetall(self.keys.global_statuses())
             .query_async(c)
             .await?;
         let records = own.values().chain(global.values()).map(|json| {
@@ -394,26 +385,40 @@ impl ReadModel {
         Ok(self.queue_warm(tenant, Some(job), true).await?.unwrap_or(0))
     }
 
+    /// Three steps, each in one slot: a new epoch (and the tenant listed),
+    /// the tenant's state (single flight: only the first caller for a cold
+    /// tenant sets it), then the command. A crash before the command leaves
+    /// a warming tenant with nothing queued, which the projector resumes.
     async fn queue_warm(
         &self,
         tenant: TenantId,
         job: Option<&str>,
         force: bool,
     ) -> Result<Option<u64>, ReadModelError> {
+        static CELL: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
         let mut c = self.conn().await?;
-        let job_key = self.keys.job(job.unwrap_or("-"));
-        let epoch: u64 = self
-            .request_warm
-            .key(self.keys.tenant_state())
-            .key(self.keys.epoch())
-            .key(self.keys.commands())
-            .key(job_key)
-            .arg(tenant.get())
-            .arg(job.unwrap_or("-"))
+        if !force && c.exists(self.keys.state(tenant)).await? {
+            return Ok(None);
+        }
+        let (epoch,): (u64,) = redis::pipe()
+            .atomic()
+            .incr(self.keys.epoch(), 1)
+            .sadd(self.keys.tenants(), tenant.get())
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        let set: i64 = script(&CELL, REQUEST_WARM)
+            .key(self.keys.state(tenant))
+            .arg(TenantState::encode_warming(epoch, job))
             .arg(if force { "1" } else { "0" })
             .invoke_async(&mut c)
             .await?;
-        Ok((epoch > 0).then_some(epoch))
+        if set != 1 {
+            return Ok(None);
+        }
+        let command = Command::Warm { tenant, epoch, job: job.map(str::to_string) };
+        let _: () = c.rpush(self.keys.commands(), command.encode()).await?;
+        Ok(Some(epoch))
     }
 
     /// Creates a warm job of `total` tenants and returns its id. The total
@@ -425,8 +430,8 @@ impl ReadModel {
         let id = format!("w{n}");
         let now = now_ms();
         let _: () = redis::pipe()
-            .hset_multiple(self.keys.job(&id), &[("total", total.to_string()), ("done", "0".to_string())])
-            .hset(self.keys.job(&id), "created_ms", now)
+            .hset_multiple(self.keys.job(&id), &[(job::TOTAL, total.to_string()), (job::DONE, "0".to_string())])
+            .hset(self.keys.job(&id), job::CREATED_MS, now)
             .expire(self.keys.job(&id), 7 * 24 * 3600)
             .query_async(&mut c)
             .await?;
@@ -434,7 +439,7 @@ impl ReadModel {
     }
 
     pub async fn job(&self, id: &str) -> Result<Option<JobStatus>, ReadModelError> {
-        if !id.starts_with('w') || !id[1..].bytes().all(|b| b.is_ascii_digit()) || id.len() < 2 {
+        if !is_job_id(id) {
             return Ok(None);
         }
         let mut c = self.conn().await?;
@@ -442,14 +447,14 @@ impl ReadModel {
         if h.is_empty() {
             return Ok(None);
         }
-        let total = h.get("total").copied().unwrap_or(0).max(0) as u64;
-        let done = h.get("done").copied().unwrap_or(0).max(0) as u64;
+        let total = h.get(job::TOTAL).copied().unwrap_or(0).max(0) as u64;
+        let done = h.get(job::DONE).copied().unwrap_or(0).max(0) as u64;
         Ok(Some(JobStatus {
             job_id: id.to_string(),
             state: if done >= total { "done" } else { "running" },
             total,
             done,
-            created_ms: h.get("created_ms").copied().unwrap_or(0),
+            created_ms: h.get(job::CREATED_MS).copied().unwrap_or(0),
         }))
     }
 
@@ -457,12 +462,8 @@ impl ReadModel {
     /// the removal of its calls for the projector.
     pub async fn invalidate(&self, tenant: TenantId) -> Result<(), ReadModelError> {
         let mut c = self.conn().await?;
-        let _: () = redis::pipe()
-            .atomic()
-            .hdel(self.keys.tenant_state(), tenant.get())
-            .rpush(self.keys.commands(), format!("purge {}", tenant.get()))
-            .query_async(&mut c)
-            .await?;
+        let _: () = c.del(self.keys.state(tenant)).await?;
+        let _: () = c.rpush(self.keys.commands(), Command::Purge { tenant }.encode()).await?;
         Ok(())
     }
 
@@ -477,8 +478,8 @@ impl ReadModel {
 
     /// Calls held for `tenant` (its ZSETs' sizes).
     pub async fn tenant_calls(&self, tenant: TenantId) -> Result<u64, ReadModelError> {
+        let zsets = self.redis.scan_tag(&self.keys.version(tenant), &self.keys.zset_pattern(tenant)).await?;
         let mut c = self.conn().await?;
-        let zsets = scan(&mut c, &self.keys.tenant_call_pattern(tenant)[0]).await?;
         let mut total = 0;
         for z in zsets {
             let n: u64 = c.zcard(z).await?;
@@ -530,6 +531,41 @@ impl ReadModel {
 fn parse<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, ReadModelError> {
     redis::from_redis_value(value)
         .map_err(|e| ReadModelError::Corrupt { key: "read reply".into(), detail: e.to_string() })
+}
+
+/// A grouped read's outcome.
+#[derive(Debug)]
+pub enum Read {
+    Hit(GroupedBody),
+    /// Redis cannot answer this one; the live path does.
+    Miss(Miss),
+}
+
+/// Why a grouped read was not answered from Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// The tenant is cold or still warming.
+    Cold,
+    /// The tenant's state is in another format (before the projector's
+    /// upgrade rebuild).
+    Format,
+    /// A document window is shorter than the limit asks for (a refill is
+    /// under way, or `projector.doc_window` is below the limit).
+    ShortWindow,
+    /// Writes kept landing between the read's round trips.
+    Raced,
+}
+
+impl Miss {
+    /// The reason as metrics and logs name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Miss::Cold => "cold",
+            Miss::Format => "format",
+            Miss::ShortWindow => "short_window",
+            Miss::Raced => "retries_exhausted",
+        }
+    }
 }
 
 /// What a grouped read returns per status.

@@ -24,13 +24,14 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("CALLBOARD_MONGODB_URI", "mongodb.uri"),
     ("CALLBOARD_MONGODB_DB", "mongodb.db"),
     ("CALLBOARD_REDIS_URL", "redis.url"),
+    ("CALLBOARD_REDIS_CLUSTER_NODES", "redis.cluster_nodes"),
     ("CALLBOARD_REDIS_KEY_PREFIX", "redis.key_prefix"),
     ("CALLBOARD_JWT_SECRET", "auth.jwt_secret"),
     ("CALLBOARD_USER_FIELDS", "query.user_fields"),
     ("CALLBOARD_LOG", "log.filter"),
     ("CALLBOARD_LOG_FORMAT", "log.format"),
 ];
-const LIST_KEYS: &[&str] = &["query.user_fields"];
+const LIST_KEYS: &[&str] = &["query.user_fields", "redis.cluster_nodes"];
 const INT_KEYS: &[&str] = &["http.workers"];
 
 /// `CALLBOARD_*` variables that are not settings: the config file's path,
@@ -121,7 +122,12 @@ pub struct MongoSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
-    pub url: Secret,
+    /// One node; [`RedisSettings::DEFAULT_URL`] when neither this nor
+    /// `cluster_nodes` is set. May carry a password, hence a secret.
+    pub url: Option<Secret>,
+    /// Seed nodes of a Redis Cluster.
+    #[serde(default)]
+    pub cluster_nodes: Vec<Secret>,
     pub pool_size: usize,
     pub key_prefix: String,
 }
@@ -209,9 +215,20 @@ impl Settings {
         if self.mongodb.db.is_empty() || self.mongodb.db.contains(['/', '\\', '.', ' ', '"', '$']) {
             return Err(invalid("mongodb.db", format!("{:?} is not a valid database name", self.mongodb.db)));
         }
-        let url = self.redis.url.expose();
+        if self.redis.url.is_some() && !self.redis.cluster_nodes.is_empty() {
+            return Err(invalid(
+                "redis.cluster_nodes",
+                "and redis.url (CALLBOARD_REDIS_URL) are both set: give one Redis node or a cluster's seed nodes, not both",
+            ));
+        }
+        let url = self.redis.url();
         if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
             return Err(invalid("redis.url", "must start with redis://, rediss:// or unix://"));
+        }
+        for node in &self.redis.cluster_nodes {
+            if !(node.expose().starts_with("redis://") || node.expose().starts_with("rediss://")) {
+                return Err(invalid("redis.cluster_nodes", "each node must start with redis:// or rediss://"));
+            }
         }
         if self.redis.pool_size == 0 {
             return Err(invalid("redis.pool_size", "must be positive"));
@@ -297,15 +314,33 @@ impl MongoSettings {
 }
 
 impl RedisSettings {
-    /// A client for connections outside the pool (the API's hot path).
-    pub fn client(&self) -> Result<deadpool_redis::redis::Client, SettingsError> {
-        deadpool_redis::redis::Client::open(self.url.expose()).map_err(|e| invalid("redis.url", e.to_string()))
+    pub const DEFAULT_URL: &'static str = "redis://127.0.0.1:6379";
+
+    /// The single node's URL.
+    pub fn url(&self) -> &str {
+        self.url.as_ref().map(Secret::expose).unwrap_or(Self::DEFAULT_URL)
     }
 
-    pub fn pool(&self) -> Result<deadpool_redis::Pool, SettingsError> {
-        let mut config = deadpool_redis::Config::from_url(self.url.expose());
-        config.pool = Some(deadpool_redis::PoolConfig::new(self.pool_size));
-        config.create_pool(Some(deadpool_redis::Runtime::Tokio1)).map_err(|e| invalid("redis.url", e.to_string()))
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
+    }
+
+    /// A client for connections outside the pool (the API's hot path on
+    /// a single node).
+    pub fn client(&self) -> Result<deadpool_redis::redis::Client, SettingsError> {
+        deadpool_redis::redis::Client::open(self.url()).map_err(|e| invalid("redis.url", e.to_string()))
+    }
+
+    /// The read model's Redis: a pool on one node, or the cluster client
+    /// (which connects now, so an unreachable cluster fails here).
+    pub async fn connect(&self) -> Result<callboard_readmodel::Redis, SettingsError> {
+        if self.is_cluster() {
+            let seeds: Vec<String> = self.cluster_nodes.iter().map(|n| n.expose().to_string()).collect();
+            callboard_readmodel::Redis::cluster(&seeds).await.map_err(|e| invalid("redis.cluster_nodes", e.to_string()))
+        } else {
+            callboard_readmodel::Redis::single_url(self.url(), self.pool_size)
+                .map_err(|e| invalid("redis.url", e.to_string()))
+        }
     }
 }
 
@@ -378,11 +413,16 @@ mod tests {
         .unwrap();
         assert_eq!(s.mongodb.uri.expose(), "mongodb://db:27017");
         assert_eq!(s.mongodb.db, "other");
-        assert_eq!(s.redis.url.expose(), "redis://r:6380");
+        assert_eq!(s.redis.url(), "redis://r:6380");
+        assert!(!s.redis.is_cluster());
         assert_eq!(s.http.socket_addr().unwrap().port(), 9000);
         assert_eq!(s.jwt_secret().unwrap().expose().len(), 32);
         assert_eq!(s.log.filter, "debug");
         assert_eq!(s.query.user_fields().unwrap().names(), ["id", "name"]);
+        let s = load(&[("CALLBOARD_REDIS_CLUSTER_NODES", "redis://a:7000, redis://b:7001")]).unwrap();
+        assert!(s.redis.is_cluster());
+        assert_eq!(s.redis.cluster_nodes, [Secret::new("redis://a:7000"), Secret::new("redis://b:7001")]);
+        assert_eq!(load(&[]).unwrap().redis.url(), RedisSettings::DEFAULT_URL);
     }
 
     #[test]
@@ -396,11 +436,21 @@ mod tests {
             ("CALLBOARD_USER_FIELDS", "_id,name", "query.user_fields (CALLBOARD_USER_FIELDS)"),
             ("CALLBOARD_HTTP_WORKERS", "-2", "http.workers (CALLBOARD_HTTP_WORKERS)"),
             ("CALLBOARD_MONGO_URI", "mongodb://x", "CALLBOARD_MONGO_URI"),
+            ("CALLBOARD_REDIS_CLUSTER_NODES", "localhost:7000", "redis.cluster_nodes (CALLBOARD_REDIS_CLUSTER_NODES)"),
         ];
         for (var, value, expected) in cases {
             let err = load(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(expected), "{var}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn a_node_and_a_cluster_together_fail_naming_both() {
+        let err =
+            load(&[("CALLBOARD_REDIS_URL", "redis://r:6380"), ("CALLBOARD_REDIS_CLUSTER_NODES", "redis://a:7000")])
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("CALLBOARD_REDIS_CLUSTER_NODES") && err.contains("CALLBOARD_REDIS_URL"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,12 @@
 //! Paths, overridable by the environment:
 //! - `CALLBOARD_STANDIN_PYTHON`: the venv's python (`<workspace>/.venv/bin/python`);
 //! - `CALLBOARD_STANDIN_SCRIPT`: the launcher (`<workspace>/../shared/standin/nx_standin.py`);
-//! - `CALLBOARD_TEST_REDIS_SERVER`: the redis-server binary (`redis-server`).
+//! - `CALLBOARD_TEST_REDIS_SERVER`: the redis-server binary (`redis-server`);
+//! - `CALLBOARD_TEST_REDIS_CLI`: the redis-cli binary (`redis-cli`).
+//!
+//! `CALLBOARD_TEST_REDIS_TOPOLOGY=cluster` makes [`Services`] start a real
+//! Redis Cluster (three masters on loopback, `--cluster-enabled yes` and
+//! `redis-cli --cluster create`) instead of one `redis-server`.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -190,6 +195,185 @@ impl RedisServer {
     }
 }
 
+/// A real Redis Cluster on loopback: `masters` masters, each with
+/// `replicas` replicas, created with `redis-cli --cluster create`.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<ClusterNode>,
+    dir: PathBuf,
+}
+
+#[derive(Debug)]
+struct ClusterNode {
+    port: u16,
+    bus: u16,
+    child: Option<Guarded>,
+}
+
+fn redis_cli() -> String {
+    std::env::var("CALLBOARD_TEST_REDIS_CLI").unwrap_or_else(|_| "redis-cli".into())
+}
+
+impl RedisCluster {
+    pub fn start(dir: &Path, masters: usize, replicas: usize) -> Result<Self, TestkitError> {
+        let dir = dir.join(format!("cluster-{}", free_port()?));
+        std::fs::create_dir_all(&dir)?;
+        let mut nodes = Vec::new();
+        for _ in 0..masters * (1 + replicas) {
+            let mut node = ClusterNode { port: 0, bus: 0, child: None };
+            let mut last = None;
+            for _ in 0..5 {
+                (node.port, node.bus) = (free_port()?, free_port()?);
+                match Self::launch(&dir, &mut node) {
+                    Ok(()) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(e) = last {
+                return Err(e);
+            }
+            nodes.push(node);
+        }
+        let mut create = Command::new(redis_cli());
+        create.arg("--cluster").arg("create");
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        create.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
+        let out =
+            create.output().map_err(|source| TestkitError::Spawn { what: "redis-cli --cluster create", source })?;
+        if !out.status.success() {
+            return Err(TestkitError::NotReady {
+                what: "redis cluster",
+                port: nodes[0].port,
+                secs: 0,
+                log: String::from_utf8_lossy(&out.stdout).lines().rev().take(5).collect::<Vec<_>>().join(" | "),
+            });
+        }
+        let cluster = Self { nodes, dir };
+        cluster.wait_until_ok()?;
+        Ok(cluster)
+    }
+
+    fn launch(dir: &Path, node: &mut ClusterNode) -> Result<(), TestkitError> {
+        let bin = std::env::var("CALLBOARD_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let mut cmd = Command::new(&bin);
+        let port = node.port.to_string();
+        cmd.args(["--port", &port, "--cluster-port", &node.bus.to_string(), "--bind", "127.0.0.1"]);
+        cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000", "--appendonly", "no", "--save", ""]);
+        cmd.arg("--cluster-config-file").arg(format!("nodes-{port}.conf"));
+        cmd.arg("--dbfilename").arg(format!("dump-{port}.rdb"));
+        cmd.arg("--dir").arg(dir);
+        let log = dir.join(format!("redis-{port}.log"));
+        let mut child = spawn_guarded(cmd, "redis-server (apt-get install redis-server, or `make test`)", &log)?;
+        wait_for_port(&mut child, "redis-server", node.port, &log)?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// Polls every running node until it reports `cluster_state:ok` and
+    /// agrees on the slot map.
+    pub fn wait_until_ok(&self) -> Result<(), TestkitError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                Command::new(redis_cli())
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .output()
+                    .map(|o| {
+                        let text = String::from_utf8_lossy(&o.stdout);
+                        text.contains("cluster_state:ok") && text.contains("cluster_slots_ok:16384")
+                    })
+                    .unwrap_or(false)
+            });
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(TestkitError::NotReady {
+                    what: "redis cluster",
+                    port: self.nodes[0].port,
+                    secs: READY_TIMEOUT.as_secs(),
+                    log: "cluster_state never became ok".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The seed nodes, as `CALLBOARD_REDIS_CLUSTER_NODES` takes them.
+    pub fn seeds(&self) -> String {
+        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// Runs `redis-cli -p port args...` and returns its output.
+    pub fn cli(&self, port: u16, args: &[&str]) -> Result<String, TestkitError> {
+        let out = Command::new(redis_cli()).arg("-p").arg(port.to_string()).args(args).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// SIGKILLs the node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {
+            n.child = None;
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// The Redis a test runs against.
+#[derive(Debug)]
+pub enum TestRedis {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl TestRedis {
+    /// One server, or with `CALLBOARD_TEST_REDIS_TOPOLOGY=cluster` a
+    /// three-master cluster.
+    pub fn start(dir: &Path) -> Result<Self, TestkitError> {
+        if Self::cluster_wanted() {
+            Ok(TestRedis::Cluster(RedisCluster::start(dir, 3, 0)?))
+        } else {
+            Ok(TestRedis::Single(RedisServer::start(dir)?))
+        }
+    }
+
+    pub fn cluster_wanted() -> bool {
+        std::env::var("CALLBOARD_TEST_REDIS_TOPOLOGY").is_ok_and(|t| t == "cluster")
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, TestRedis::Cluster(_))
+    }
+
+    /// The setting that points callboard at this Redis: variable, value.
+    pub fn setting(&self) -> (&'static str, String) {
+        match self {
+            TestRedis::Single(s) => ("CALLBOARD_REDIS_URL", s.url()),
+            TestRedis::Cluster(c) => ("CALLBOARD_REDIS_CLUSTER_NODES", c.seeds()),
+        }
+    }
+
+    /// The single server, for tests of one node's faults.
+    pub fn single(&mut self) -> Option<&mut RedisServer> {
+        match self {
+            TestRedis::Single(s) => Some(s),
+            TestRedis::Cluster(_) => None,
+        }
+    }
+}
+
 /// Where the stand-in keeps its data.
 #[derive(Debug, Clone)]
 pub enum StandinStorage {
@@ -317,10 +501,10 @@ impl Mongo {
     }
 }
 
-/// A test's servers: one Redis, one MongoDB, one scratch folder.
+/// A test's servers: one Redis (or cluster), one MongoDB, one scratch folder.
 #[derive(Debug)]
 pub struct Services {
-    pub redis: RedisServer,
+    pub redis: TestRedis,
     pub mongo: Mongo,
     pub dir: tempfile::TempDir,
 }
@@ -334,7 +518,7 @@ impl Services {
 
     pub fn start_with(storage: StandinStorage) -> Result<Self, TestkitError> {
         let dir = tempfile::Builder::new().prefix("callboard-test-").tempdir()?;
-        let redis = RedisServer::start(dir.path())?;
+        let redis = TestRedis::start(dir.path())?;
         let mongo = match std::env::var("CALLBOARD_TEST_MONGODB_URI") {
             Ok(uri) if !uri.is_empty() => Mongo::External(uri),
             _ => {

@@ -1,0 +1,82 @@
+-- Applies a closed set of operations in one slot, after guard.lua.
+-- ARGV[3] window size W, ARGV[4] window floor F, ARGV[5] '1' for a tenant
+-- script, whose KEYS[2] is the tenant's version, KEYS[3] its documents and
+-- KEYS[4] its windows. Then operations: a name, then ARITY[name] arguments;
+-- a key argument is an index into KEYS. Built by write::script::Batch.
+--
+-- In a tenant script, CPUT, CREM and DEL bump the version.
+-- CPUT and CREM keep the document window: the first d ranks of a ZSET,
+-- and only they, have a document. Returns the statuses whose window is
+-- below min(F, size) after the operations.
+local ARITY = {CPUT = 5, CREM = 3, HSET = 3, HDEL = 2, SET = 2, DEL = 1, HINCRBY = 3}
+local W = tonumber(ARGV[3])
+local F = tonumber(ARGV[4])
+local tenant = ARGV[5] == '1'
+local VER, DOCS, DW = KEYS[2], KEYS[3], KEYS[4]
+local touched = {}
+local changed = false
+local function window(status)
+  return tonumber(redis.call('HGET', DW, status) or '0')
+end
+local function crem(z, status, member)
+  local r = redis.call('ZREVRANK', z, member)
+  if r then
+    redis.call('ZREM', z, member)
+    redis.call('HDEL', DOCS, member)
+    local d = window(status)
+    if r < d then redis.call('HSET', DW, status, d - 1) end
+  end
+end
+local function cput(z, status, score, member, stored)
+  crem(z, status, member)
+  redis.call('ZADD', z, score, member)
+  local r = redis.call('ZREVRANK', z, member)
+  local d = window(status)
+  if r < d or (r == d and d < W) then
+    redis.call('HSET', DOCS, member, stored)
+    d = d + 1
+    if d > W then
+      for _, out in ipairs(redis.call('ZREVRANGE', z, W, d - 1)) do redis.call('HDEL', DOCS, out) end
+      d = W
+    end
+    redis.call('HSET', DW, status, d)
+  end
+end
+local i = 6
+while i <= #ARGV do
+  local op = ARGV[i]
+  local n = ARITY[op]
+  if not n or i + n > #ARGV then return redis.error_reply('BADOP ' .. tostring(op) .. ' at ' .. i) end
+  local k = KEYS[tonumber(ARGV[i + 1])]
+  if (op == 'CPUT' or op == 'CREM') and not tenant then return redis.error_reply('BADOP ' .. op .. ' outside a tenant') end
+  if op == 'CPUT' then
+    cput(k, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5])
+    touched[k] = ARGV[i + 2]
+  elseif op == 'CREM' then
+    crem(k, ARGV[i + 2], ARGV[i + 3])
+    touched[k] = ARGV[i + 2]
+  elseif op == 'HSET' then
+    redis.call('HSET', k, ARGV[i + 2], ARGV[i + 3])
+  elseif op == 'HDEL' then
+    redis.call('HDEL', k, ARGV[i + 2])
+  elseif op == 'SET' then
+    redis.call('SET', k, ARGV[i + 2])
+  elseif op == 'DEL' then
+    redis.call('DEL', k)
+    changed = true
+  else
+    redis.call('HINCRBY', k, ARGV[i + 2], ARGV[i + 3])
+  end
+  i = i + 1 + n
+end
+local needy = {}
+if tenant and (changed or next(touched) ~= nil) then redis.call('INCR', VER) end
+for z, status in pairs(touched) do
+  local size = redis.call('ZCARD', z)
+  if size == 0 then
+    redis.call('HDEL', DW, status)
+  elseif window(status) < math.min(F, size) then
+    table.insert(needy, status)
+  end
+end
+return needy

@@ -1,0 +1,148 @@
+//! Typed values that cross Redis besides calls, users and statuses: a
+//! tenant's state (with the format mark), the projector's commands, and
+//! warm jobs' field names. Each has one encoding and one parser.
+
+use callboard_domain::TenantId;
+
+use crate::keys::SCHEMA;
+
+/// Whether a tenant's calls are in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantState {
+    Cold,
+    /// A snapshot is being loaded (or queued), generation `epoch`.
+    Warming(u64),
+    /// Snapshot loaded and the stream applied on top: reads are served.
+    Warm(u64),
+}
+
+impl TenantState {
+    /// `<schema>:warm:<epoch>`, or `<schema>:warming:<epoch>:<job>` (job `-`
+    /// for none). A state written in another format, or none, is cold: a
+    /// reader never serves data of another format.
+    pub fn parse(raw: Option<&str>) -> Self {
+        let Some(rest) = raw.and_then(|r| r.strip_prefix(SCHEMA)).and_then(|r| r.strip_prefix(':')) else {
+            return TenantState::Cold;
+        };
+        let mut parts = rest.split(':');
+        let (kind, epoch) = (parts.next(), parts.next().and_then(|e| e.parse().ok()));
+        match (kind, epoch) {
+            (Some("warm"), Some(e)) => TenantState::Warm(e),
+            (Some("warming"), Some(e)) => TenantState::Warming(e),
+            _ => TenantState::Cold,
+        }
+    }
+
+    /// The warm job recorded with a `warming` state, if any.
+    pub fn job_of(raw: &str) -> Option<String> {
+        let rest = raw.strip_prefix(SCHEMA)?.strip_prefix(":warming:")?;
+        rest.split_once(':').map(|(_, job)| job.to_string()).filter(|j| j != "-")
+    }
+
+    /// A `warming` state of `epoch` for `job`.
+    pub fn encode_warming(epoch: u64, job: Option<&str>) -> String {
+        format!("{}{}", Self::warming_prefix(epoch), job.unwrap_or("-"))
+    }
+
+    /// What every `warming` state of `epoch` starts with.
+    pub fn warming_prefix(epoch: u64) -> String {
+        format!("{SCHEMA}:warming:{epoch}:")
+    }
+
+    pub fn encode_warm(epoch: u64) -> String {
+        format!("{SCHEMA}:warm:{epoch}")
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TenantState::Cold => "cold",
+            TenantState::Warming(_) => "warming",
+            TenantState::Warm(_) => "warm",
+        }
+    }
+
+    /// Whether the projector maintains this tenant's calls.
+    pub fn is_maintained(self) -> bool {
+        !matches!(self, TenantState::Cold)
+    }
+}
+
+/// A command for the active projector, queued in `P:{g}:cmdq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Load a snapshot of `tenant` for warm generation `epoch`.
+    Warm { tenant: TenantId, epoch: u64, job: Option<String> },
+    /// Remove the calls of `tenant`, if it is still cold.
+    Purge { tenant: TenantId },
+}
+
+impl Command {
+    /// `warm <tenant> <epoch> <job or ->` or `purge <tenant>`.
+    pub fn encode(&self) -> String {
+        match self {
+            Command::Warm { tenant, epoch, job } => {
+                format!("warm {} {epoch} {}", tenant.get(), job.as_deref().unwrap_or("-"))
+            }
+            Command::Purge { tenant } => format!("purge {}", tenant.get()),
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        let tenant = |t: &str| t.parse().ok().and_then(|t| TenantId::new(t).ok());
+        match raw.split(' ').collect::<Vec<_>>().as_slice() {
+            ["warm", t, epoch, job] => Some(Command::Warm {
+                tenant: tenant(t)?,
+                epoch: epoch.parse().ok()?,
+                job: (*job != "-").then(|| job.to_string()).filter(|j| is_job_id(j)),
+            }),
+            ["purge", t] => Some(Command::Purge { tenant: tenant(t)? }),
+            _ => None,
+        }
+    }
+}
+
+/// Field names of a warm job's hash (`P:{g}:job:<id>`).
+pub mod job {
+    pub const TOTAL: &str = "total";
+    pub const DONE: &str = "done";
+    pub const CREATED_MS: &str = "created_ms";
+}
+
+/// Whether `id` is a warm job id (`w` and digits).
+pub fn is_job_id(id: &str) -> bool {
+    id.len() >= 2 && id.starts_with('w') && id[1..].bytes().all(|b| b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_and_other_formats_are_cold() {
+        assert_eq!(TenantState::parse(Some(&TenantState::encode_warm(7))), TenantState::Warm(7));
+        let warming = TenantState::encode_warming(8, Some("w3"));
+        assert_eq!(TenantState::parse(Some(&warming)), TenantState::Warming(8));
+        assert_eq!(TenantState::job_of(&warming), Some("w3".into()));
+        assert_eq!(TenantState::job_of(&TenantState::encode_warming(8, None)), None);
+        assert!(warming.starts_with(&TenantState::warming_prefix(8)));
+        for other in ["warm:7", "2:warm:7", "", "3:warm:x"] {
+            assert_eq!(TenantState::parse(Some(other)), TenantState::Cold, "{other}");
+        }
+        assert_eq!(TenantState::parse(None), TenantState::Cold);
+    }
+
+    #[test]
+    fn commands_round_trip() {
+        let t = TenantId::new(6).unwrap();
+        for c in [
+            Command::Warm { tenant: t, epoch: 3, job: None },
+            Command::Warm { tenant: t, epoch: 3, job: Some("w12".into()) },
+            Command::Purge { tenant: t },
+        ] {
+            assert_eq!(Command::parse(&c.encode()), Some(c));
+        }
+        for bad in ["warm 6 x -", "purge -1", "warm 6 3", "drop 6", ""] {
+            assert_eq!(Command::parse(bad), None, "{bad}");
+        }
+    }
+}

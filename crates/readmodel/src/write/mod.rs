@@ -1,0 +1,355 @@
+//! The write side: the state the projector reads before planning a batch
+//! ([`StateView`]), the operations it plans ([`ops`]), and their
+//! application through [`Writer`].
+//!
+//! A plan is applied in three steps, each made of atomic Lua scripts that
+//! each touch one slot: the *intents* (every locator widened to the old and
+//! the new places), one script per tenant (all of a tenant's keys share a
+//! slot), then the shared keys (final locators, users, global statuses). On
+//! a single node the shared keys of a step are one script; on a cluster,
+//! one script per hash tag (the `{g}` keys, and each locator shard),
+//! run at once. A crash between scripts leaves each document's locator
+//! naming every place it may be in, so the replay finds and cleans them
+//! all, whatever the documents look like by then.
+//!
+//! Every script is guarded ([`Guard`]): scripts on a tenant or a locator
+//! shard check and raise that slot's fence token; scripts on the `{g}`
+//! keys check the lease. A projector that lost its lease cannot write over
+//! a newer leader's work.
+//!
+//! Every operation sets a value rather than adjusting one (no count is
+//! ever incremented; the window lengths move only with the ZSET changes
+//! they describe, and the tenant's write version only tells readers that
+//! something changed), so applying a plan twice leaves the same state.
+//!
+//! Modules: [`ops`] (the plan), `script` (the Lua scripts and their typed
+//! builder), `snapshot` (warms), `purge` (tenant and full purges), `window`
+//! (document-window refills).
+
+pub mod ops;
+mod purge;
+pub(crate) mod script;
+mod snapshot;
+mod window;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use callboard_domain::{DocKey, StatusKey, TenantId, UserId};
+use futures::future::try_join_all;
+use redis::AsyncCommands;
+
+pub use ops::{status_place, GlobalOp, Locator, Plan, StateView, StatusPlace, TenantOp};
+
+use crate::codec::Place;
+use crate::conn::{Conn, Redis};
+use crate::keys::{tag_of, GLOBAL_TAG};
+use crate::state::job;
+use crate::{Keys, ReadModelError, TenantState};
+use script::{fenced, script, Batch, Check, Op, MARK_WARM};
+
+/// Who may write: checked inside every write script.
+#[derive(Debug, Clone)]
+pub enum Guard {
+    /// Tests and tools: no check.
+    None,
+    /// The projector: scripts on a tenant or a locator shard require the
+    /// slot's fence to be at most `token` (and raise it); scripts on the
+    /// shared `{g}` keys require `owner` to hold the lease.
+    Leader { token: u64, owner: String },
+}
+
+/// How many first ranks of each status's ZSET keep their documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DocWindow {
+    /// Documents kept per status at most.
+    pub size: u64,
+    /// Below this many (or the status's size, if smaller) a window is
+    /// refilled: the largest `limit` a read may ask for.
+    pub floor: u64,
+}
+
+impl Default for DocWindow {
+    fn default() -> Self {
+        Self { size: 1200, floor: 1000 }
+    }
+}
+
+/// The projector's access to Redis.
+#[derive(Clone)]
+pub struct Writer {
+    redis: Redis,
+    keys: Keys,
+    guard: Guard,
+    window: DocWindow,
+}
+
+impl Writer {
+    pub fn new(redis: Redis, keys: Keys) -> Self {
+        Self::guarded(redis, keys, Guard::None)
+    }
+
+    /// A writer whose every write checks `guard`.
+    pub fn guarded(redis: Redis, keys: Keys, guard: Guard) -> Self {
+        Self { redis, keys, guard, window: DocWindow::default() }
+    }
+
+    /// The same writer with another document window.
+    pub fn with_window(mut self, window: DocWindow) -> Self {
+        self.window = window;
+        self
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    pub async fn conn(&self) -> Result<Conn, ReadModelError> {
+        self.redis.get().await
+    }
+
+    /// The check of a script on the slot with hash tag `tag`.
+    fn check(&self, tag: &str) -> Check {
+        match &self.guard {
+            Guard::None => Check { key: self.keys.fence_of_tag(tag), mode: "none", value: String::new() },
+            Guard::Leader { owner, .. } if tag == GLOBAL_TAG => {
+                Check { key: self.keys.lease(), mode: "lease", value: owner.clone() }
+            }
+            Guard::Leader { token, .. } => {
+                Check { key: self.keys.fence_of_tag(tag), mode: "fence", value: token.to_string() }
+            }
+        }
+    }
+
+    fn tenant_batch(&self, t: TenantId) -> Batch {
+        Batch::tenant(
+            self.check(&self.keys.tenant_tag(t)),
+            self.keys.version(t),
+            self.keys.docs(t),
+            self.keys.windows(t),
+        )
+    }
+
+    /// Runs shared-key operations: one batch on a single node (checked as
+    /// the `{g}` keys are), else one per hash tag, all at once.
+    async fn run_shared(&self, ops: Vec<Op>) -> Result<(), ReadModelError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut batches: BTreeMap<String, Batch> = BTreeMap::new();
+        for op in ops {
+            let tag = if self.redis.is_cluster() { tag_of(op.key()).unwrap_or(GLOBAL_TAG) } else { GLOBAL_TAG };
+            batches.entry(tag.to_string()).or_insert_with(|| Batch::shared(self.check(tag))).push(op);
+        }
+        try_join_all(batches.into_values().map(|b| async move {
+            let mut c = self.conn().await?;
+            b.run(&mut c, self.window).await
+        }))
+        .await?;
+        Ok(())
+    }
+
+    async fn run_global(&self, ops: &[GlobalOp]) -> Result<(), ReadModelError> {
+        self.run_shared(ops.iter().flat_map(|op| self.global_ops(op)).collect()).await
+    }
+
+    /// Locators of the given documents, and the states of `tenants`.
+    pub async fn load_locators(
+        &self,
+        calls: &[DocKey],
+        users: &[DocKey],
+        statuses: &[DocKey],
+        tenants: &[TenantId],
+    ) -> Result<StateView, ReadModelError> {
+        let mut cmds = Vec::with_capacity(calls.len() + users.len() + statuses.len() + tenants.len());
+        for doc in calls {
+            let key = self.keys.call_loc(doc);
+            cmds.push((key.clone(), redis::cmd("HGET").arg(key).arg(doc.to_bytes()).clone()));
+        }
+        for (doc, key) in
+            users.iter().map(|d| (d, self.keys.user_loc())).chain(statuses.iter().map(|d| (d, self.keys.status_loc())))
+        {
+            cmds.push((key.clone(), redis::cmd("HGET").arg(key).arg(doc.as_str()).clone()));
+        }
+        for t in tenants {
+            let key = self.keys.state(*t);
+            cmds.push((key.clone(), redis::cmd("GET").arg(key).clone()));
+        }
+        let mut replies = self.redis.query_by_tag(cmds).await?.into_iter();
+        let mut next = || -> Result<Option<String>, ReadModelError> {
+            Ok(redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))?)
+        };
+        let mut view = StateView::default();
+        for doc in calls {
+            let Some(places) = next()? else { continue };
+            let set = Place::decode_all(&places).ok_or_else(|| ReadModelError::Corrupt {
+                key: self.keys.call_loc(doc),
+                detail: format!("{doc}: {places}"),
+            })?;
+            if !set.is_empty() {
+                view.call_loc.insert(doc.clone(), set);
+            }
+        }
+        for doc in users {
+            let set: BTreeSet<UserId> = split(&next()?).filter_map(|p| p.parse().ok().map(UserId::new)).collect();
+            if !set.is_empty() {
+                view.user_loc.insert(doc.clone(), set);
+            }
+        }
+        for doc in statuses {
+            let set: BTreeSet<StatusPlace> = split(&next()?).map(str::to_string).collect();
+            if !set.is_empty() {
+                view.status_loc.insert(doc.clone(), set);
+            }
+        }
+        for t in tenants {
+            view.tenants.insert(*t, TenantState::parse(next()?.as_deref()));
+        }
+        Ok(view)
+    }
+
+    /// Applies a plan: intents, then each tenant, then the shared keys,
+    /// each step guarded atomic scripts. Returns the (tenant, status)
+    /// pairs whose document window needs a refill.
+    pub async fn apply(&self, plan: &Plan) -> Result<Vec<(TenantId, StatusKey)>, ReadModelError> {
+        self.run_global(&plan.intents).await?;
+        let mut needy = Vec::new();
+        let mut c = self.conn().await?;
+        for (tenant, ops) in &plan.tenants {
+            let mut batch = self.tenant_batch(*tenant);
+            for op in ops {
+                self.tenant_op(&mut batch, *tenant, op);
+            }
+            let short = batch.run(&mut c, self.window).await?;
+            needy.extend(short.into_iter().map(|s| (*tenant, s)));
+        }
+        drop(c);
+        self.run_global(&plan.global).await?;
+        Ok(needy)
+    }
+
+    fn tenant_op(&self, batch: &mut Batch, t: TenantId, op: &TenantOp) {
+        let k = &self.keys;
+        match op {
+            TenantOp::Put(e) => batch.push(Op::CPut {
+                zset: k.zset(t, e.place.status),
+                status: e.place.status,
+                score: e.score(),
+                member: e.member(),
+                stored: e.stored.clone().into_bytes(),
+            }),
+            TenantOp::Remove { doc, place } => batch.push(Op::CRem {
+                zset: k.zset(t, place.status),
+                status: place.status,
+                member: crate::codec::member(place.id, doc),
+            }),
+            TenantOp::PutStatus { doc, json } => {
+                batch.push(Op::HSet {
+                    key: k.statuses(t),
+                    field: doc.to_string().into_bytes(),
+                    value: json.clone().into_bytes(),
+                });
+                batch.push(Op::Set { key: k.status_stamp(t), value: stamp().into_bytes() });
+            }
+            TenantOp::DelStatus { doc } => {
+                batch.push(Op::HDel { key: k.statuses(t), field: doc.to_string().into_bytes() });
+                batch.push(Op::Set { key: k.status_stamp(t), value: stamp().into_bytes() });
+            }
+            TenantOp::Touch { last_event_ms } => batch.push(Op::HSet {
+                key: k.meta(t),
+                field: b"last_event_ms".to_vec(),
+                value: last_event_ms.to_string().into_bytes(),
+            }),
+        }
+    }
+
+    /// A locator's hash and field.
+    fn locator(&self, which: Locator, doc: &DocKey) -> (String, Vec<u8>) {
+        match which {
+            Locator::Call => (self.keys.call_loc(doc), doc.to_bytes()),
+            Locator::User => (self.keys.user_loc(), doc.as_str().as_bytes().to_vec()),
+            Locator::Status => (self.keys.status_loc(), doc.as_str().as_bytes().to_vec()),
+        }
+    }
+
+    fn global_ops(&self, op: &GlobalOp) -> Vec<Op> {
+        let k = &self.keys;
+        let stamped = |key: String, field: String, value: Option<&String>, stamp_key: String| {
+            let field = field.into_bytes();
+            let change = match value {
+                Some(v) => Op::HSet { key, field, value: v.clone().into_bytes() },
+                None => Op::HDel { key, field },
+            };
+            vec![change, Op::Set { key: stamp_key, value: stamp().into_bytes() }]
+        };
+        match op {
+            GlobalOp::PutLoc(which, d, places) => {
+                let (key, field) = self.locator(*which, d);
+                vec![Op::HSet { key, field, value: places.clone().into_bytes() }]
+            }
+            GlobalOp::DelLoc(which, d) => {
+                let (key, field) = self.locator(*which, d);
+                vec![Op::HDel { key, field }]
+            }
+            GlobalOp::PutUser(u, json) => stamped(k.users(), u.get().to_string(), Some(json), k.users_stamp()),
+            GlobalOp::DelUser(u) => stamped(k.users(), u.get().to_string(), None, k.users_stamp()),
+            GlobalOp::PutGlobalStatus(d, json) => {
+                stamped(k.global_statuses(), d.to_string(), Some(json), k.global_status_stamp())
+            }
+            GlobalOp::DelGlobalStatus(d) => stamped(k.global_statuses(), d.to_string(), None, k.global_status_stamp()),
+        }
+    }
+
+    /// The read model's format, as the projector that built it recorded.
+    pub async fn schema(&self) -> Result<Option<String>, ReadModelError> {
+        let mut c = self.conn().await?;
+        Ok(c.get(self.keys.schema()).await?)
+    }
+
+    /// Records that the read model is in this version's format (guarded).
+    pub async fn set_schema(&self) -> Result<(), ReadModelError> {
+        self.run_shared(vec![Op::Set { key: self.keys.schema(), value: crate::keys::SCHEMA.as_bytes().to_vec() }]).await
+    }
+
+    /// Counts one tenant of a warm job as done (guarded).
+    pub async fn job_done(&self, job_id: &str) -> Result<(), ReadModelError> {
+        self.run_shared(vec![Op::HIncrBy { key: self.keys.job(job_id), field: job::DONE.as_bytes().to_vec(), by: 1 }])
+            .await
+    }
+
+    /// Sets a warming tenant warm (guarded by the tenant's fence), unless
+    /// its state changed meanwhile (invalidated, or a newer warm queued).
+    pub async fn mark_warm(&self, tenant: TenantId, epoch: u64) -> Result<bool, ReadModelError> {
+        static CELL: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let check = self.check(&self.keys.tenant_tag(tenant));
+        let mut c = self.conn().await?;
+        let done: i64 = script(&CELL, MARK_WARM)
+            .key(&check.key)
+            .key(self.keys.state(tenant))
+            .arg(check.mode)
+            .arg(&check.value)
+            .arg(TenantState::warming_prefix(epoch))
+            .arg(TenantState::encode_warm(epoch))
+            .invoke_async(&mut c)
+            .await
+            .map_err(fenced)?;
+        Ok(done == 1)
+    }
+}
+
+/// A value no other write ever produced (time, process, sequence): readers
+/// cache statuses and users under it, so it must never come back after a
+/// purge, as a counter's would.
+fn stamp() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{nanos:x}.{:x}.{:x}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+fn split(places: &Option<String>) -> impl Iterator<Item = &str> {
+    places.as_deref().unwrap_or("").split(',').filter(|p| !p.is_empty())
+}
