@@ -37,12 +37,19 @@ $(VENV_STAMP): deploy/standin/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r deploy/standin/requirements.txt
 	@touch $(VENV_STAMP)
 
+# The integration tests run twice: on one Redis, then on a three-master
+# Redis Cluster with the tenants over three projector partitions.
+CLUSTER_ENV := CALLBOARD_TEST_REDIS_TOPOLOGY=cluster CALLBOARD_TEST_PARTITIONS=3
+
 .PHONY: test
-test: deps ## Run the whole test suite against real Redis and the MongoDB stand-in
+test: deps ## Run the whole suite against real Redis and the MongoDB stand-in, then the integration tests on a Redis Cluster
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --workspace --no-fail-fast; \
+		$(CARGO) nextest run --workspace --no-fail-fast && \
+		echo "== again on a Redis Cluster (3 masters), 3 projector partitions ==" && \
+		$(CLUSTER_ENV) $(CARGO) nextest run -p callboard-tests -p callboard --no-fail-fast; \
 	else \
-		$(CARGO) test --workspace --no-fail-fast; \
+		$(CARGO) test --workspace --no-fail-fast && \
+		$(CLUSTER_ENV) $(CARGO) test -p callboard-tests -p callboard --no-fail-fast; \
 	fi
 
 .PHONY: fmt

@@ -123,6 +123,9 @@ impl TestApp {
             batch_wait: Duration::from_millis(50),
             idle_checkpoint: Duration::from_millis(200),
             doc_window: window,
+            // `CALLBOARD_TEST_PARTITIONS` runs the suite with the tenants
+            // spread over that many partitions (one process leads them all).
+            partitions: std::env::var("CALLBOARD_TEST_PARTITIONS").ok().and_then(|p| p.parse().ok()).unwrap_or(1),
             ..Default::default()
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

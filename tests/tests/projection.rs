@@ -341,7 +341,7 @@ async fn lost_change_stream_history_marks_cold_and_rewarms() {
     // A checkpoint MongoDB cannot resume from.
     let bogus = bson::to_vec(&doc! {"t": {"_data": "826000000000000000000000000000000000000000"}}).unwrap();
     let mut r = redis(&app).await;
-    let _: () = r.set("cb:{g}:ckpt", bogus).await.unwrap();
+    let _: () = r.set("cb:{g}:ckpt:0", bogus).await.unwrap();
     app.db
         .collection::<Document>(CALLS)
         .insert_one(doc! {"id": 77_777, "tenant_id": 3, "status_id": 1, "subject": "while down"})
@@ -369,7 +369,7 @@ async fn a_read_model_in_another_format_is_rebuilt_not_served() {
     // What an older version leaves: no format mark, a state of another
     // format, text members, its keys.
     let mut r = redis(&app).await;
-    let _: () = r.del("cb:{g}:schema").await.unwrap();
+    let _: () = r.del("cb:{g}:schema:0").await.unwrap();
     let _: () = r.set("cb:{t2}:state", "2:warm:1").await.unwrap();
     let _: () = r.hset("cb:{g}:tstate", 2, "warm:1").await.unwrap();
     let _: () = r.zadd("cb:{t2}:z:1", "8000000000000063:legacy-member", 1.9e12).await.unwrap();
@@ -409,7 +409,7 @@ async fn idle_checkpoints_resume_cleanly() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     app.stop_projector().await;
     let mut r = redis(&app).await;
-    let saved: Option<Vec<u8>> = r.get("cb:{g}:ckpt").await.unwrap();
+    let saved: Option<Vec<u8>> = r.get("cb:{g}:ckpt:0").await.unwrap();
     assert!(saved.is_some_and(|c| !c.is_empty()), "no checkpoint after idling");
     // Writes while no projector runs are applied from the checkpoint.
     app.db

@@ -119,6 +119,7 @@ async fn projector(settings: &Settings, db: mongodb::Database) -> anyhow::Result
     let config = ProjectorConfig {
         batch_max: settings.projector.batch_max,
         lease_ttl: Duration::from_millis(settings.projector.lease_ttl_ms),
+        partitions: settings.projector.partitions,
         doc_window: DocWindow {
             size: settings.projector.doc_window,
             floor: settings.projector.doc_window.min(u64::from(settings.query.max_limit()?)),

@@ -280,7 +280,7 @@ async fn a_standby_projector_takes_over_when_the_leader_dies() {
     let (hit, _, _) = app.wait_for_projection(1, &[], Duration::from_secs(20)).await;
     assert!(hit);
     let mut redis = app.redis().await;
-    let leader: String = redis.get("cb:{g}:lease").await.unwrap();
+    let leader: String = redis.get("cb:{g}:lease:0").await.unwrap();
     let pids: Vec<u32> = projectors.procs.iter().map(|p| p.as_ref().unwrap().pid()).collect();
     let slot =
         pids.iter().position(|pid| leader.contains(&format!("-{pid}-"))).expect("the lease names a running projector");
@@ -296,7 +296,7 @@ async fn a_standby_projector_takes_over_when_the_leader_dies() {
     assert!(hit && cached.to_string().contains("after the crash"), "the standby never applied the write");
     assert_same(&cached, &live, "after takeover");
     assert!(took < Duration::from_secs(8), "takeover took {took:?}");
-    let new_leader: String = redis.get("cb:{g}:lease").await.unwrap();
+    let new_leader: String = redis.get("cb:{g}:lease:0").await.unwrap();
     assert!(new_leader.contains(&format!("-{}-", pids[1 - slot])), "{new_leader}");
     eprintln!("takeover: write visible {took:?} after the leader was killed (lease TTL 1.5 s)");
     projectors.kill(1 - slot);

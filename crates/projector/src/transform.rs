@@ -133,6 +133,8 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
                 }
                 slot.0 = entry;
             }
+            // Users belong to partition 0's scope.
+            Change::User { .. } if !view.scope.owns_globals() => {}
             Change::User { doc, state } => {
                 let slot = users
                     .entry(doc.clone())
@@ -146,10 +148,13 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
                 let slot = statuses
                     .entry(doc.clone())
                     .or_insert_with(|| (None, view.status_loc.get(doc).cloned().unwrap_or_default()));
-                if let Some(r) = state {
+                // A status whose place another partition owns is, for
+                // this one, gone.
+                let state = state.clone().filter(|r| view.scope.owns_status_place(&status_place(r.tenant)));
+                if let Some(r) = &state {
                     slot.1.insert(status_place(r.tenant));
                 }
-                slot.0 = state.clone();
+                slot.0 = state;
             }
             Change::Reset => break,
         }

@@ -26,30 +26,24 @@ use crate::ProjectorError;
 
 const CHUNK: usize = 1000;
 
-/// Loads every user and status into the read model.
+/// Loads the users and statuses of the writer's partition into the read
+/// model: the users and global statuses for partition 0, the tenants'
+/// own statuses for the partition that owns each tenant.
 pub async fn bootstrap_globals(
     db: &Database,
     writer: &Writer,
     fields: &UserFields,
 ) -> Result<(usize, usize), ProjectorError> {
-    let mut users = db.collection::<Document>(USERS).find(doc! {}).batch_size(CHUNK as u32).await?;
+    let scope = writer.scope();
     let mut plan = Plan::default();
-    let mut n_users = 0;
-    while let Some(user) = users.try_next().await? {
-        let Some(key) = user.get("_id").map(callboard_domain::DocKey::from_bson) else { continue };
-        if let Some((id, json)) = user_entry(&user, fields) {
-            plan.global.push(GlobalOp::PutUser(id, json));
-            plan.global.push(GlobalOp::user_loc(key, [id]));
-            n_users += 1;
-        }
-        if plan.global.len() >= 2 * CHUNK {
-            writer.apply(&std::mem::take(&mut plan)).await?;
-        }
-    }
+    let n_users = if scope.owns_globals() { load_users(db, writer, fields, &mut plan).await? } else { 0 };
     let mut statuses = db.collection::<Document>(CALL_STATUS).find(doc! {}).batch_size(CHUNK as u32).await?;
     let mut n_statuses = 0;
     while let Some(status) = statuses.try_next().await? {
         let Some(record) = StatusRecord::from_document(&status) else { continue };
+        if !scope.owns_status_place(&status_place(record.tenant)) {
+            continue;
+        }
         let json = serde_json::to_string(&record).unwrap_or_default();
         plan.global.push(GlobalOp::status_loc(record.doc.clone(), [&status_place(record.tenant)]));
         match record.tenant {
@@ -60,6 +54,29 @@ pub async fn bootstrap_globals(
     }
     writer.apply(&plan).await?;
     Ok((n_users, n_statuses))
+}
+
+/// Every user, into `plan` (applied every 1,000 users).
+async fn load_users(
+    db: &Database,
+    writer: &Writer,
+    fields: &UserFields,
+    plan: &mut Plan,
+) -> Result<usize, ProjectorError> {
+    let mut users = db.collection::<Document>(USERS).find(doc! {}).batch_size(CHUNK as u32).await?;
+    let mut n_users = 0;
+    while let Some(user) = users.try_next().await? {
+        let Some(key) = user.get("_id").map(callboard_domain::DocKey::from_bson) else { continue };
+        if let Some((id, json)) = user_entry(&user, fields) {
+            plan.global.push(GlobalOp::PutUser(id, json));
+            plan.global.push(GlobalOp::user_loc(key, [id]));
+            n_users += 1;
+        }
+        if plan.global.len() >= 2 * CHUNK {
+            writer.apply(&std::mem::take(plan)).await?;
+        }
+    }
+    Ok(n_users)
 }
 
 /// Replaces `tenant`'s calls with MongoDB's current ones. Returns how many.

@@ -18,20 +18,21 @@
 //! | `P:{tN}:meta` | HASH | `last_event_ms` |
 //! | `P:{tN}:stv` | STRING | a unique stamp, replaced whenever the tenant's statuses change |
 //! | `P:{tN}:fence` | STRING | the highest projector token that wrote the tenant |
-//! | `P:{lK}:cl:<bucket>` | HASH | call `_id` (binary) -> the places `<tenant>:<status>:<id>` (comma list) that may hold it; bucket `b` lives in shard `b % LOC_SHARDS` |
-//! | `P:{lK}:fence` | STRING | the highest projector token that wrote the shard |
+//! | `P:{lK}:cl:<p>:<bucket>` | HASH | partition `p`'s call locators: call `_id` (binary) -> the places `<tenant>:<status>:<id>` (comma list) of `p`'s tenants that may hold it; bucket `b` lives in shard `b % LOC_SHARDS` |
+//! | `P:{lK}:fence:<p>` | STRING | the highest token of partition `p`'s leaders that wrote the shard |
 //! | `P:{g}:st` | HASH | status `_id` -> global status |
 //! | `P:{g}:users` | HASH | user id -> allowlisted user JSON |
 //! | `P:{g}:stv`, `P:{g}:uv` | STRING | unique stamps, replaced whenever a global status / a user changes |
 //! | `P:{g}:uloc` | HASH | user `_id` -> user id |
-//! | `P:{g}:sloc` | HASH | status `_id` -> `g` or tenant id |
+//! | `P:{g}:sloc:<p>` | HASH | partition `p`'s status locators: status `_id` -> `g` or tenant id |
 //! | `P:{g}:tenants` | SET | tenants that may have a state (an index for listing; the state itself is `P:{tN}:state`) |
 //! | `P:{g}:epoch` | STRING | warm epoch counter |
 //! | `P:{g}:cmdq` | LIST | commands for the active projector ([`crate::Command`]) |
 //! | `P:{g}:job:<id>` | HASH | a warm job's progress ([`crate::job`] fields) |
-//! | `P:{g}:schema` | STRING | the format of all these keys ([`SCHEMA`]) |
-//! | `P:{g}:ckpt` | STRING | the resume token of the last applied batch (BSON) |
-//! | `P:{g}:lease` | STRING | the active projector's id, with a TTL |
+//! | `P:{g}:schema:<p>` | STRING | the format partition `p` built its keys in ([`SCHEMA`] and the partition count) |
+//! | `P:{g}:ckpt:<p>` | STRING | partition `p`'s resume token of its last applied batch (BSON) |
+//! | `P:{g}:lease:<p>` | STRING | the id of partition `p`'s active projector, with a TTL |
+//! | `P:{g}:members` | ZSET | projector processes, scored by their last heartbeat (ms) |
 //! | `P:{g}:fence_seq` | STRING | counter handing each new leader a higher token |
 //! | `P:{g}:progress` | HASH | projector heartbeat, last event time, lag |
 
@@ -63,14 +64,62 @@ pub fn tag_of(key: &str) -> Option<&str> {
 /// The hash tag of the shared keys.
 pub const GLOBAL_TAG: &str = "g";
 
+/// How tenants are spread over projector partitions: by a stable hash of
+/// the tenant id (FNV-1a of its decimal form), so every process agrees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Partitioning {
+    count: u32,
+}
+
+impl Partitioning {
+    /// `count` partitions (at least one).
+    pub fn new(count: u32) -> Self {
+        Self { count: count.max(1) }
+    }
+
+    pub fn count(self) -> u32 {
+        self.count
+    }
+
+    /// The partition that projects `tenant`.
+    pub fn of(self, tenant: TenantId) -> u32 {
+        (fnv1a(tenant.get().to_string().as_bytes()) % u64::from(self.count)) as u32
+    }
+
+    /// Partition 0 also projects what no tenant owns: users and global
+    /// statuses.
+    pub fn owns_globals(partition: u32) -> bool {
+        partition == 0
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    // Stable across processes and versions.
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Key names. The keys a projector partition keeps for itself (its lease,
+/// checkpoint, format mark, call and status locators, and its fences on the
+/// locator shards) are those of [`Keys::partition`]; every other key is
+/// the same for all partitions.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    partition: u32,
 }
 
 impl Keys {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self { prefix: prefix.into(), partition: 0 }
+    }
+
+    /// The same keys, with partition `p`'s own.
+    pub fn in_partition(&self, p: u32) -> Self {
+        Self { prefix: self.prefix.clone(), partition: p }
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.partition
     }
 
     /// The hash tag of `t`'s keys.
@@ -87,9 +136,15 @@ impl Keys {
     }
 
     /// The fence of the slot with hash tag `tag`: the highest projector
-    /// token that wrote there.
+    /// token that wrote there. A tenant belongs to one partition, so its
+    /// fence is the tenant's; every partition writes the locator shards,
+    /// so each has its own fence there.
     pub fn fence_of_tag(&self, tag: &str) -> String {
-        format!("{}:{{{tag}}}:fence", self.prefix)
+        if tag.starts_with('t') {
+            format!("{}:{{{tag}}}:fence", self.prefix)
+        } else {
+            format!("{}:{{{tag}}}:fence:{}", self.prefix, self.partition)
+        }
     }
 
     pub fn zset(&self, t: TenantId, status: StatusKey) -> String {
@@ -158,19 +213,14 @@ impl Keys {
         self.global("uloc")
     }
     pub fn status_loc(&self) -> String {
-        self.global("sloc")
+        self.global(&format!("sloc:{}", self.partition))
     }
     /// The bucket holding a call's locator: one of [`CALL_LOC_BUCKETS`]
     /// small hashes, so that Redis keeps each one compact (listpack) up to
     /// a few million calls in all. The field is [`DocKey::to_bytes`].
     pub fn call_loc(&self, doc: &DocKey) -> String {
-        // FNV-1a: stable across processes and versions.
-        let hash = doc
-            .as_str()
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-        let bucket = hash % CALL_LOC_BUCKETS;
-        format!("{}:{{l{}}}:cl:{bucket}", self.prefix, bucket % LOC_SHARDS)
+        let bucket = fnv1a(doc.as_str().as_bytes()) % CALL_LOC_BUCKETS;
+        format!("{}:{{l{}}}:cl:{}:{bucket}", self.prefix, bucket % LOC_SHARDS, self.partition)
     }
     /// Tenants that may have a state: an index for listing them.
     pub fn tenants(&self) -> String {
@@ -187,13 +237,21 @@ impl Keys {
     }
     /// The read model's format ([`SCHEMA`]), set when the projector builds it.
     pub fn schema(&self) -> String {
-        self.global("schema")
+        self.global(&format!("schema:{}", self.partition))
     }
     pub fn checkpoint(&self) -> String {
-        self.global("ckpt")
+        self.global(&format!("ckpt:{}", self.partition))
     }
     pub fn lease(&self) -> String {
-        self.global("lease")
+        self.global(&format!("lease:{}", self.partition))
+    }
+    /// A SCAN pattern for every partition's lease.
+    pub fn leases_pattern(&self) -> String {
+        self.global("lease:*")
+    }
+    /// Projector processes, by the time of their last heartbeat (ms).
+    pub fn members(&self) -> String {
+        self.global("members")
     }
     pub fn progress(&self) -> String {
         self.global("progress")
@@ -220,11 +278,29 @@ mod tests {
         let d = DocKey::from_stored("65f0a0a0a0a0a0a0a0a0a0a0".into());
         assert_eq!(k.call_loc(&d), k.call_loc(&d.clone()));
         assert!(k.call_loc(&d).starts_with("cb:{l"));
+        assert_ne!(k.call_loc(&d), k.in_partition(1).call_loc(&d));
+        assert_eq!(tag_of(&k.call_loc(&d)), tag_of(&k.in_partition(1).call_loc(&d)));
+        assert_ne!(k.fence_of_tag("l3"), k.in_partition(1).fence_of_tag("l3"));
+        assert_eq!(k.fence_of_tag("t6"), k.in_partition(1).fence_of_tag("t6"));
         assert_eq!(tag_of(&k.zset(t, StatusKey::new(1))), Some("t6"));
         assert_eq!(tag_of(&k.users()), Some("g"));
         assert_eq!(k.fence_of_tag("t6"), k.fence(t));
         assert_eq!(tag_of("no tag"), None);
         assert_eq!(tag_of("a{}b"), None);
+    }
+
+    #[test]
+    fn tenants_spread_over_partitions_stably() {
+        let p = Partitioning::new(4);
+        let mut counts = [0u32; 4];
+        for t in 1..=1000 {
+            let t = TenantId::new(t).unwrap();
+            assert_eq!(p.of(t), p.of(t));
+            counts[p.of(t) as usize] += 1;
+        }
+        assert!(counts.iter().all(|c| (150..350).contains(c)), "{counts:?}");
+        assert_eq!(Partitioning::new(1).of(TenantId::new(77).unwrap()), 0);
+        assert_eq!(Partitioning::new(0).count(), 1);
     }
 
     #[test]

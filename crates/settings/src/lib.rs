@@ -28,11 +28,12 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("CALLBOARD_REDIS_KEY_PREFIX", "redis.key_prefix"),
     ("CALLBOARD_JWT_SECRET", "auth.jwt_secret"),
     ("CALLBOARD_USER_FIELDS", "query.user_fields"),
+    ("CALLBOARD_PROJECTOR_PARTITIONS", "projector.partitions"),
     ("CALLBOARD_LOG", "log.filter"),
     ("CALLBOARD_LOG_FORMAT", "log.format"),
 ];
 const LIST_KEYS: &[&str] = &["query.user_fields", "redis.cluster_nodes"];
-const INT_KEYS: &[&str] = &["http.workers"];
+const INT_KEYS: &[&str] = &["http.workers", "projector.partitions"];
 
 /// `CALLBOARD_*` variables that are not settings: the config file's path,
 /// and the test harness's own.
@@ -100,6 +101,9 @@ pub struct ProjectorSettings {
     /// Documents kept per status (the first ranks); at least `query.max_limit`
     /// for every read to be served from Redis.
     pub doc_window: u64,
+    /// Partitions the tenants are spread over; every projector process of
+    /// a deployment must have the same count.
+    pub partitions: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -244,6 +248,9 @@ impl Settings {
         }
         if self.projector.lease_ttl_ms < 1000 {
             return Err(invalid("projector.lease_ttl_ms", "must be at least 1000"));
+        }
+        if self.projector.partitions == 0 || self.projector.partitions > 1024 {
+            return Err(invalid("projector.partitions", "must be between 1 and 1024"));
         }
         if self.projector.doc_window == 0 || self.projector.doc_window > 100_000 {
             return Err(invalid("projector.doc_window", "must be between 1 and 100000"));
@@ -435,6 +442,7 @@ mod tests {
             ("CALLBOARD_JWT_SECRET", "short", "auth.jwt_secret (CALLBOARD_JWT_SECRET)"),
             ("CALLBOARD_USER_FIELDS", "_id,name", "query.user_fields (CALLBOARD_USER_FIELDS)"),
             ("CALLBOARD_HTTP_WORKERS", "-2", "http.workers (CALLBOARD_HTTP_WORKERS)"),
+            ("CALLBOARD_PROJECTOR_PARTITIONS", "0", "projector.partitions (CALLBOARD_PROJECTOR_PARTITIONS)"),
             ("CALLBOARD_MONGO_URI", "mongodb://x", "CALLBOARD_MONGO_URI"),
             ("CALLBOARD_REDIS_CLUSTER_NODES", "localhost:7000", "redis.cluster_nodes (CALLBOARD_REDIS_CLUSTER_NODES)"),
         ];

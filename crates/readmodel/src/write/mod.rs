@@ -38,7 +38,7 @@ use callboard_domain::{DocKey, StatusKey, TenantId, UserId};
 use futures::future::try_join_all;
 use redis::AsyncCommands;
 
-pub use ops::{status_place, GlobalOp, Locator, Plan, StateView, StatusPlace, TenantOp};
+pub use ops::{status_place, GlobalOp, Locator, Plan, Scope, StateView, StatusPlace, TenantOp};
 
 use crate::codec::Place;
 use crate::conn::{Conn, Redis};
@@ -78,9 +78,11 @@ impl Default for DocWindow {
 #[derive(Clone)]
 pub struct Writer {
     redis: Redis,
+    /// With the partition's own keys ([`Keys::in_partition`]).
     keys: Keys,
     guard: Guard,
     window: DocWindow,
+    scope: Scope,
 }
 
 impl Writer {
@@ -90,7 +92,19 @@ impl Writer {
 
     /// A writer whose every write checks `guard`.
     pub fn guarded(redis: Redis, keys: Keys, guard: Guard) -> Self {
-        Self { redis, keys, guard, window: DocWindow::default() }
+        Self { redis, keys, guard, window: DocWindow::default(), scope: Scope::default() }
+    }
+
+    /// The same writer for one partition of `partitioning`: its keys, and
+    /// plans limited to its scope.
+    pub fn for_partition(mut self, partition: u32, partitioning: crate::keys::Partitioning) -> Self {
+        self.keys = self.keys.in_partition(partition);
+        self.scope = Scope { partition, partitioning };
+        self
+    }
+
+    pub fn scope(&self) -> Scope {
+        self.scope
     }
 
     /// The same writer with another document window.
@@ -174,7 +188,8 @@ impl Writer {
         {
             cmds.push((key.clone(), redis::cmd("HGET").arg(key).arg(doc.as_str()).clone()));
         }
-        for t in tenants {
+        let tenants: Vec<TenantId> = tenants.iter().copied().filter(|t| self.scope.owns_tenant(*t)).collect();
+        for t in &tenants {
             let key = self.keys.state(*t);
             cmds.push((key.clone(), redis::cmd("GET").arg(key).clone()));
         }
@@ -182,7 +197,7 @@ impl Writer {
         let mut next = || -> Result<Option<String>, ReadModelError> {
             Ok(redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))?)
         };
-        let mut view = StateView::default();
+        let mut view = StateView { scope: self.scope, ..StateView::default() };
         for doc in calls {
             let Some(places) = next()? else { continue };
             let set = Place::decode_all(&places).ok_or_else(|| ReadModelError::Corrupt {
@@ -206,7 +221,7 @@ impl Writer {
             }
         }
         for t in tenants {
-            view.tenants.insert(*t, TenantState::parse(next()?.as_deref()));
+            view.tenants.insert(t, TenantState::parse(next()?.as_deref()));
         }
         Ok(view)
     }
@@ -309,9 +324,16 @@ impl Writer {
         Ok(c.get(self.keys.schema()).await?)
     }
 
-    /// Records that the read model is in this version's format (guarded).
+    /// The format mark of this version and partition count:
+    /// `<schema>/<partitions>`.
+    pub fn schema_mark(&self) -> String {
+        format!("{}/{}", crate::keys::SCHEMA, self.scope.partitioning.count())
+    }
+
+    /// Records that the partition's read model is in this version's format
+    /// (guarded).
     pub async fn set_schema(&self) -> Result<(), ReadModelError> {
-        self.run_shared(vec![Op::Set { key: self.keys.schema(), value: crate::keys::SCHEMA.as_bytes().to_vec() }]).await
+        self.run_shared(vec![Op::Set { key: self.keys.schema(), value: self.schema_mark().into_bytes() }]).await
     }
 
     /// Counts one tenant of a warm job as done (guarded).

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use callboard_domain::{DocKey, TenantId, UserId};
 
 use crate::codec::{CallEntry, Place};
+use crate::keys::Partitioning;
 use crate::TenantState;
 
 /// Where a status document lives: `g` (global) or a tenant id.
@@ -24,11 +25,52 @@ pub struct StateView {
     pub status_loc: HashMap<DocKey, BTreeSet<StatusPlace>>,
     /// The states of the tenants the batch may put calls in.
     pub tenants: HashMap<TenantId, TenantState>,
+    /// What the planning projector partition owns.
+    pub scope: Scope,
 }
 
 impl StateView {
+    /// A tenant's state, as far as this partition goes: a tenant another
+    /// partition projects is cold here.
     pub fn tenant_state(&self, t: TenantId) -> TenantState {
+        if !self.scope.owns_tenant(t) {
+            return TenantState::Cold;
+        }
         self.tenants.get(&t).copied().unwrap_or(TenantState::Cold)
+    }
+}
+
+/// The tenants (and, for partition 0, the users and global statuses) one
+/// projector partition projects. Every partition reads every event and
+/// applies what falls in its scope, with locators of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scope {
+    pub partition: u32,
+    pub partitioning: Partitioning,
+}
+
+impl Default for Scope {
+    /// Everything: one partition.
+    fn default() -> Self {
+        Self { partition: 0, partitioning: Partitioning::new(1) }
+    }
+}
+
+impl Scope {
+    pub fn owns_tenant(&self, t: TenantId) -> bool {
+        self.partitioning.of(t) == self.partition
+    }
+
+    /// Users and global statuses.
+    pub fn owns_globals(&self) -> bool {
+        Partitioning::owns_globals(self.partition)
+    }
+
+    pub fn owns_status_place(&self, place: &StatusPlace) -> bool {
+        match place.parse::<i64>().ok().and_then(|t| TenantId::new(t).ok()) {
+            Some(t) => self.owns_tenant(t),
+            None => self.owns_globals(),
+        }
     }
 }
 

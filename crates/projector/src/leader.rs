@@ -1,0 +1,336 @@
+//! One partition's leadership: the loop that follows the change stream and
+//! applies what falls in the partition's scope, with its commands, warms
+//! and rebuilds. Every write goes through the partition's guarded
+//! [`Writer`]; [`Keeper`] says whether the lease leaves time to start one.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use callboard_domain::TenantId;
+use callboard_readmodel::write::{Scope, Writer};
+use callboard_readmodel::{Command, TenantState};
+use redis::AsyncCommands;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::checkpoint::{now_ms, BatchStats, Checkpoint};
+use crate::lease::Keeper;
+use crate::source::{self, Source, StartAt};
+use crate::transform::{self, Change};
+use crate::{warm, Projector, ProjectorError};
+
+/// A warm whose snapshot is loaded, waiting for the stream to catch up.
+struct PendingWarm {
+    epoch: u64,
+    job: Option<String>,
+    /// When the snapshot read ended (ms): events committed after it were
+    /// not in it.
+    snapshot_done_ms: i64,
+}
+
+/// What one partition's leader works with.
+pub(crate) struct Leader<'a> {
+    pub p: &'a Projector,
+    pub scope: Scope,
+    pub writer: Writer,
+    pub checkpoint: Checkpoint,
+    pub keeper: Keeper,
+    /// The lease holder's id.
+    pub owner: String,
+}
+
+impl Leader<'_> {
+    /// Leads the partition: opens the stream at the checkpoint
+    /// (bootstrapping when there is none, or when MongoDB no longer has it)
+    /// and applies batches until the lease is lost or something fails.
+    pub(crate) async fn run(&self) -> Result<(), ProjectorError> {
+        let mut source = self.open_source().await?;
+        let mut pending: HashMap<TenantId, PendingWarm> = HashMap::new();
+        self.resume_warms(&mut pending).await?;
+        let mut last_resume = Instant::now();
+        let mut last_beat = Instant::now();
+        let mut last_idle_checkpoint = Instant::now();
+        loop {
+            if !self.keeper.is_safe() {
+                return Err(ProjectorError::LeaseLost);
+            }
+            if last_beat.elapsed() >= Duration::from_secs(1) {
+                self.checkpoint.heartbeat(&[]).await?;
+                last_beat = Instant::now();
+            }
+            if last_resume.elapsed() >= Duration::from_secs(5) {
+                // Warms whose command a fenced-out leader took and lost.
+                self.resume_warms(&mut pending).await?;
+                last_resume = Instant::now();
+            }
+            self.run_commands(&mut pending).await?;
+            let events = match source.next_batch(self.p.config.batch_max, self.p.config.batch_wait).await {
+                Ok(events) => events,
+                Err(e) if source::is_history_lost(&e) => {
+                    source = self.recover_history_lost(&e).await?;
+                    pending.clear();
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if events.is_empty() {
+                // Caught up: every snapshot loaded so far is complete.
+                for (tenant, warm) in pending.drain() {
+                    self.finish_warm(tenant, warm).await?;
+                }
+                // Keep the checkpoint moving on an idle stream (the
+                // server's post-batch token), so a long quiet spell cannot
+                // outlive the oplog window.
+                if last_idle_checkpoint.elapsed() >= self.p.config.idle_checkpoint {
+                    if let Some(token) = source.resume_token() {
+                        if !self.checkpoint.save(&self.owner, &token, BatchStats::default()).await? {
+                            return Err(ProjectorError::LeaseLost);
+                        }
+                    }
+                    last_idle_checkpoint = Instant::now();
+                }
+                continue;
+            }
+            let span = info_span!(
+                "projector_batch",
+                events = events.len(),
+                tenants = tracing::field::Empty,
+                lag_ms = tracing::field::Empty
+            );
+            if !self.keeper.is_safe() {
+                return Err(ProjectorError::LeaseLost);
+            }
+            let reset = self.apply_batch(&events).instrument(span).await?;
+            let newest_ms = events.iter().filter_map(transform::event_ms).max().unwrap_or(0);
+            let caught_up: Vec<TenantId> =
+                pending.iter().filter(|(_, w)| newest_ms > w.snapshot_done_ms + 1000).map(|(t, _)| *t).collect();
+            for tenant in caught_up {
+                if let Some(warm) = pending.remove(&tenant) {
+                    self.finish_warm(tenant, warm).await?;
+                }
+            }
+            if let Some(token) = reset {
+                warn!("a watched collection was dropped or renamed; rebuilding the read model");
+                source = self.rebuild(StartAt::StartAfter(token)).await?;
+                pending.clear();
+            }
+        }
+    }
+
+    async fn open_source(&self) -> Result<Source, ProjectorError> {
+        let checkpoint = self.checkpoint.load().await?;
+        let schema = self.writer.schema().await?;
+        let wanted = self.writer.schema_mark();
+        if checkpoint.is_some() && schema.as_deref() != Some(wanted.as_str()) {
+            warn!(found = ?schema, %wanted, "read model in another format (or partition count): rebuilding the partition");
+            return self.restart_read_model().await;
+        }
+        match checkpoint {
+            Some(token) => match Source::open(&self.p.db, StartAt::ResumeAfter(token)).await {
+                Ok(s) => Ok(s),
+                Err(e) if source::is_history_lost(&e) => self.recover_history_lost(&e).await,
+                Err(e) => Err(e.into()),
+            },
+            None => {
+                info!("no checkpoint: bootstrapping the read model");
+                self.rebuild(StartAt::Now).await
+            }
+        }
+    }
+
+    /// MongoDB no longer holds the checkpoint's history: every tenant goes
+    /// cold, the read model is rebuilt, and the tenants that were warm are
+    /// warmed again.
+    async fn recover_history_lost(&self, cause: &mongodb::error::Error) -> Result<Source, ProjectorError> {
+        warn!(error = %cause, "change stream history lost; marking every tenant cold and re-warming");
+        self.checkpoint.heartbeat(&[("history_lost_total", 1)]).await?;
+        self.restart_read_model().await
+    }
+
+    /// Empties and rebuilds the read model, and queues a warm of every
+    /// tenant that was warm or warming.
+    async fn restart_read_model(&self) -> Result<Source, ProjectorError> {
+        let reader = &self.p.reader;
+        let warm: Vec<TenantId> = reader
+            .tenant_states()
+            .await?
+            .into_iter()
+            .filter(|(t, s)| s.is_maintained() && self.scope.owns_tenant(*t))
+            .map(|(t, _)| t)
+            .collect();
+        let source = self.rebuild(StartAt::Now).await?;
+        for t in &warm {
+            reader.request_warm(*t).await?;
+        }
+        info!(tenants = warm.len(), "re-warm queued");
+        Ok(source)
+    }
+
+    /// Empties the read model and reloads users and statuses, with the
+    /// stream opened first so nothing committed meanwhile is missed.
+    async fn rebuild(&self, start: StartAt) -> Result<Source, ProjectorError> {
+        if !self.checkpoint.clear(&self.owner).await? {
+            return Err(ProjectorError::LeaseLost);
+        }
+        self.writer.purge_all().await?;
+        let source = Source::open(&self.p.db, start).await?;
+        let (users, statuses) = warm::bootstrap_globals(&self.p.db, &self.writer, &self.p.fields).await?;
+        self.writer.set_schema().await?;
+        info!(users, statuses, "users and statuses loaded");
+        Ok(source)
+    }
+
+    /// Applies one batch; returns the token after a reset event if the
+    /// batch holds one (events after it are not applied).
+    async fn apply_batch(
+        &self,
+        events: &[mongodb::change_stream::event::ChangeStreamEvent<bson::Document>],
+    ) -> Result<Option<mongodb::change_stream::event::ResumeToken>, ProjectorError> {
+        let mut changes = Vec::with_capacity(events.len());
+        let mut applied = 0;
+        let mut reset = None;
+        for event in events {
+            match transform::change_of(event, &self.p.fields) {
+                Some(Change::Reset) => {
+                    reset = Some(event.id.clone());
+                    break;
+                }
+                Some(change) => changes.push(change),
+                None => {}
+            }
+            applied += 1;
+        }
+        let needs = transform::needs(&changes);
+        let view = self.writer.load_locators(&needs.calls, &needs.users, &needs.statuses, &needs.tenants).await?;
+        let last = &events[applied.max(1) - 1];
+        let event_ms = transform::event_ms(last).unwrap_or_else(now_ms);
+        let plan = transform::plan(&changes, &view, event_ms);
+        tracing::Span::current().record("tenants", plan.tenants.len());
+        let needy = self.writer.apply(&plan).await?;
+        let refilled = warm::refill_windows(&self.p.db, &self.writer, &needy).await?;
+        if refilled > 0 {
+            self.checkpoint.heartbeat(&[("window_refills_total", refilled)]).await?;
+        }
+        let lag_ms = now_ms() - event_ms;
+        tracing::Span::current().record("lag_ms", lag_ms);
+        let stats = BatchStats { events: applied as u64, last_event_ms: Some(event_ms), lag_ms: Some(lag_ms) };
+        let token = reset.clone().unwrap_or_else(|| last.id.clone());
+        if !self.checkpoint.save(&self.owner, &token, stats).await? {
+            return Err(ProjectorError::LeaseLost);
+        }
+        Ok(reset)
+    }
+
+    /// The first queued command for a tenant of this partition, taken off
+    /// the queue (`LREM` of exactly it: if another leader took it first,
+    /// the next one is tried). Commands are few; a partition looks at the
+    /// first 256.
+    async fn take_command(&self) -> Result<Option<String>, ProjectorError> {
+        let mut c = self.p.redis.get().await?;
+        let queue = self.p.keys.commands();
+        let queued: Vec<String> = c.lrange(&queue, 0, 255).await?;
+        for raw in queued {
+            let mine = match Command::parse(&raw) {
+                Some(Command::Warm { tenant, .. } | Command::Purge { tenant }) => self.scope.owns_tenant(tenant),
+                // Partition 0 drops what nobody can run.
+                None => self.scope.owns_globals(),
+            };
+            if mine && c.lrem::<_, _, i64>(&queue, 1, &raw).await? == 1 {
+                return Ok(Some(raw));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs queued commands: warms (a snapshot per tenant) and purges.
+    async fn run_commands(&self, pending: &mut HashMap<TenantId, PendingWarm>) -> Result<(), ProjectorError> {
+        let reader = &self.p.reader;
+        for _ in 0..16 {
+            // Never take a command this projector might not finish.
+            if !self.keeper.is_safe() {
+                return Err(ProjectorError::LeaseLost);
+            }
+            let Some(raw) = self.take_command().await? else { return Ok(()) };
+            match Command::parse(&raw) {
+                Some(Command::Warm { tenant, epoch, job }) => {
+                    self.warm(tenant, epoch, job, pending).await?;
+                }
+                Some(Command::Purge { tenant }) => {
+                    if reader.tenant_state(tenant).await? == TenantState::Cold {
+                        let removed = self.writer.purge_tenant_calls(tenant).await?;
+                        pending.remove(&tenant);
+                        info!(tenant = %tenant, removed, "tenant invalidated");
+                    }
+                }
+                None => warn!(command = %raw, "malformed command"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads `tenant`'s snapshot unless its state moved on (invalidated,
+    /// or a newer warm queued); it turns warm once the stream catches up.
+    async fn warm(
+        &self,
+        tenant: TenantId,
+        epoch: u64,
+        job: Option<String>,
+        pending: &mut HashMap<TenantId, PendingWarm>,
+    ) -> Result<(), ProjectorError> {
+        let reader = &self.p.reader;
+        if reader.tenant_state(tenant).await? != TenantState::Warming(epoch) {
+            return self.job_done(job.as_deref()).await;
+        }
+        if pending.get(&tenant).is_some_and(|p| p.epoch == epoch) {
+            return Ok(()); // already loaded, waiting to catch up
+        }
+        let started = now_ms();
+        let span = info_span!("warm", tenant = %tenant, epoch, calls = tracing::field::Empty);
+        let calls =
+            warm::snapshot_tenant(&self.p.db, &self.writer, tenant, &self.keeper).instrument(span.clone()).await?;
+        span.record("calls", calls);
+        let done = now_ms();
+        info!(tenant = %tenant, calls, ms = done - started, "snapshot loaded");
+        // Warm once the stream is past the snapshot's *end*: events from
+        // during the read may be older than what it saw.
+        if let Some(previous) = pending.insert(tenant, PendingWarm { epoch, job, snapshot_done_ms: done }) {
+            self.job_done(previous.job.as_deref()).await?;
+        }
+        Ok(())
+    }
+
+    /// Warms a previous leader left unfinished (its progress was in its
+    /// memory): they are redone from their snapshot.
+    async fn resume_warms(&self, pending: &mut HashMap<TenantId, PendingWarm>) -> Result<(), ProjectorError> {
+        let reader = &self.p.reader;
+        for (tenant, epoch, job) in reader.warming().await? {
+            if !self.scope.owns_tenant(tenant) {
+                continue;
+            }
+            if pending.get(&tenant).is_some_and(|p| p.epoch == epoch) {
+                continue;
+            }
+            // Queued warms not yet taken are left to the queue.
+            if reader.is_queued(tenant, epoch).await? {
+                continue;
+            }
+            info!(tenant = %tenant, epoch, "resuming an unfinished warm");
+            self.warm(tenant, epoch, job, pending).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish_warm(&self, tenant: TenantId, warm: PendingWarm) -> Result<(), ProjectorError> {
+        if self.writer.mark_warm(tenant, warm.epoch).await? {
+            info!(tenant = %tenant, epoch = warm.epoch, "tenant warm");
+            self.checkpoint.heartbeat(&[("warms_total", 1)]).await?;
+        }
+        self.job_done(warm.job.as_deref()).await
+    }
+
+    async fn job_done(&self, job: Option<&str>) -> Result<(), ProjectorError> {
+        if let Some(job) = job {
+            self.writer.job_done(job).await?;
+        }
+        Ok(())
+    }
+}
