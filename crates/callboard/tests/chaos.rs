@@ -46,13 +46,57 @@ impl Projectors {
             p.kill();
         }
     }
+
+    /// SIGSTOP (`stop`) or SIGCONT a running projector.
+    fn signal(&self, slot: usize, stop: bool) {
+        match &self.procs[slot] {
+            Some(p) if stop => p.pause(),
+            Some(p) => p.resume(),
+            None => {}
+        }
+    }
+
+    fn running(&self) -> Vec<usize> {
+        (0..self.procs.len()).filter(|s| self.procs[*s].is_some()).collect()
+    }
+
+    fn kill_all(&mut self) {
+        for slot in 0..self.procs.len() {
+            self.signal(slot, false);
+            self.kill(slot);
+        }
+    }
 }
 
-/// An API with seeded data and two `callboard project` processes.
+/// The faults a workload step injects into the projector processes.
+trait Faults {
+    /// Called before each operation `i`; returns how many processes it
+    /// killed.
+    fn step(&mut self, i: usize, projectors: &mut Projectors, rng: &mut ChaCha8Rng) -> usize;
+}
+
+/// SIGKILL and restart one of the processes, 3% of the steps.
+struct Kills;
+
+impl Faults for Kills {
+    fn step(&mut self, _: usize, projectors: &mut Projectors, rng: &mut ChaCha8Rng) -> usize {
+        if rng.gen_bool(0.03) {
+            let slot = rng.gen_range(0..projectors.procs.len());
+            projectors.kill(slot);
+            projectors.start(slot);
+            return 1;
+        }
+        0
+    }
+}
+
+/// An API with seeded data and `running` of `slots` `callboard project`
+/// processes.
 async fn deploy(
     seed: u64,
     calls: usize,
     projector_config: &str,
+    (running, slots): (usize, usize),
 ) -> (TestApp, callboard_tests::dataset::Dataset, Projectors) {
     let app = spawn_app().await;
     let ds = generate(seed, calls);
@@ -62,14 +106,15 @@ async fn deploy(
     let config = app.services.dir.path().join("projector.toml");
     std::fs::write(&config, format!("[projector]\n{projector_config}\n")).unwrap();
     let mut projectors = Projectors {
-        procs: vec![None, None],
+        procs: (0..slots).map(|_| None).collect(),
         config,
         app_env: env_of(&app),
         log_dir: app.services.dir.path().to_path_buf(),
         started: 0,
     };
-    projectors.start(0);
-    projectors.start(1);
+    for slot in 0..running {
+        projectors.start(slot);
+    }
     (app, ds, projectors)
 }
 
@@ -87,13 +132,103 @@ fn env_of(app: &TestApp) -> Vec<(String, String)> {
 async fn random_workload_with_crashing_projectors_converges_to_the_live_answer() {
     // A document window of 8 calls per status, so that removals near the
     // top make the projectors refill windows from MongoDB while they die.
-    let (app, ds, mut projectors) =
-        deploy(seed(), 150, &format!("lease_ttl_ms = 1500\nbatch_max = 50\ndoc_window = {WINDOW}")).await;
+    let (app, ds, projectors) =
+        deploy(seed(), 150, &format!("lease_ttl_ms = 1500\nbatch_max = 50\ndoc_window = {WINDOW}"), (2, 2)).await;
+    let (kills, mut projectors) = workload(&app, &ds, projectors, seed(), &mut Kills).await;
+    assert!(kills >= 3, "the seed must exercise crashes ({kills})");
+    projectors.kill_all();
+    app.stop().await;
+}
+
+/// Three processes share four partitions; owners are SIGKILLed and
+/// restarted, one is frozen (SIGSTOP) past its lease and then resumed, and
+/// a fourth process joins mid-run.
+struct Rebalancing {
+    frozen: Option<(usize, Instant)>,
+    froze: usize,
+    /// The first step at which the next freeze may start.
+    next_freeze: usize,
+    joined: bool,
+}
+
+impl Faults for Rebalancing {
+    fn step(&mut self, i: usize, projectors: &mut Projectors, rng: &mut ChaCha8Rng) -> usize {
+        if let Some((slot, since)) = self.frozen {
+            // Frozen for twice the lease: its partitions move on meanwhile.
+            if since.elapsed() > Duration::from_millis(3_000) {
+                projectors.signal(slot, false);
+                self.frozen = None;
+                self.next_freeze = i + 20;
+            }
+        } else if i >= self.next_freeze {
+            let running = projectors.running();
+            let slot = running[rng.gen_range(0..running.len())];
+            projectors.signal(slot, true);
+            self.frozen = Some((slot, Instant::now()));
+            self.froze += 1;
+        }
+        if i == OPERATIONS / 2 && !self.joined {
+            projectors.start(3);
+            self.joined = true;
+        }
+        if rng.gen_bool(0.03) {
+            let frozen = self.frozen.map(|(s, _)| s);
+            let candidates: Vec<usize> = projectors.running().into_iter().filter(|s| Some(*s) != frozen).collect();
+            if let Some(&slot) = candidates.get(rng.gen_range(0..candidates.len().max(1))) {
+                projectors.kill(slot);
+                projectors.start(slot);
+                return 1;
+            }
+        }
+        0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_survive_kills_freezes_and_a_joining_process() {
+    let config = format!("lease_ttl_ms = 1500\nbatch_max = 50\ndoc_window = {WINDOW}\npartitions = 4");
+    let (app, ds, projectors) = deploy(seed() + 2, 150, &config, (3, 4)).await;
+    let mut faults = Rebalancing { frozen: None, froze: 0, next_freeze: 20, joined: false };
+    let (kills, mut projectors) = workload(&app, &ds, projectors, seed() + 2, &mut faults).await;
+    eprintln!("{kills} kills, {} freezes past the lease, a fourth process joined: {}", faults.froze, faults.joined);
+    assert!(kills >= 3 && faults.froze >= 2 && faults.joined, "the seed must exercise the faults");
+    // Four processes, four partitions: each ends up leading one.
+    let mut redis = app.redis().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let owners = loop {
+        let mut owners = std::collections::BTreeSet::new();
+        for p in 0..4 {
+            let owner: Option<String> =
+                redis::AsyncCommands::get(&mut redis, format!("cb:{{g}}:lease:{p}")).await.unwrap();
+            owners.extend(owner.and_then(|o| o.split('-').nth(1).map(str::to_string)));
+        }
+        if owners.len() == 4 || Instant::now() > deadline {
+            break owners;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let pids: std::collections::BTreeSet<String> =
+        projectors.procs.iter().flatten().map(|p| p.pid().to_string()).collect();
+    assert_eq!(owners, pids, "every process leads one partition");
+    projectors.kill_all();
+    app.stop().await;
+}
+
+/// A seeded random workload with `faults`; then, for every tenant, limits
+/// 1/7/100 in both modes, cached equals live byte for byte. Returns the
+/// number of kills, and the processes.
+async fn workload(
+    app: &TestApp,
+    ds: &callboard_tests::dataset::Dataset,
+    mut projectors: Projectors,
+    seed: u64,
+    faults: &mut dyn Faults,
+) -> (usize, Projectors) {
     for &t in &ds.tenants {
         app.grouped_as(&app.token(t), &[], false).await;
     }
 
-    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let calls = app.db.collection::<Document>(CALLS);
     let users = app.db.collection::<Document>(USERS);
     let statuses = app.db.collection::<Document>(CALL_STATUS);
@@ -101,7 +236,8 @@ async fn random_workload_with_crashing_projectors_converges_to_the_live_answer()
     let mut next_id = 1_000_000_i64;
     let (mut kills, mut warms, mut invalidations) = (0, 0, 0);
     let started = Instant::now();
-    for _ in 0..OPERATIONS {
+    for i in 0..OPERATIONS {
+        kills += faults.step(i, &mut projectors, &mut rng);
         let id = ds.calls[rng.gen_range(0..ds.calls.len())].get_i64("id").unwrap();
         let tenant = rng.gen_range(1..=3_i64);
         match rng.gen_range(0..12) {
@@ -190,12 +326,7 @@ async fn random_workload_with_crashing_projectors_converges_to_the_live_answer()
             }
         }
         let roll: f64 = rng.gen();
-        if roll < 0.03 {
-            let slot = rng.gen_range(0..2);
-            projectors.kill(slot);
-            projectors.start(slot);
-            kills += 1;
-        } else if roll < 0.05 {
+        if roll < 0.02 {
             let r = app
                 .client
                 .post(format!("{}/admin/cache/warm", app.address))
@@ -206,7 +337,7 @@ async fn random_workload_with_crashing_projectors_converges_to_the_live_answer()
                 .unwrap();
             assert_eq!(r.status(), 202);
             warms += 1;
-        } else if roll < 0.06 {
+        } else if roll < 0.03 {
             let r = app
                 .client
                 .post(format!("{}/admin/cache/invalidate", app.address))
@@ -224,8 +355,11 @@ async fn random_workload_with_crashing_projectors_converges_to_the_live_answer()
         }
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..15))).await;
     }
-    eprintln!("seed {}: {OPERATIONS} operations, {kills} projector kills, {warms} warms, {invalidations} invalidations in {:?}", seed(), started.elapsed());
-    assert!(kills >= 3, "the seed must exercise crashes ({kills})");
+    eprintln!("seed {seed}: {OPERATIONS} operations, {kills} projector kills, {warms} warms, {invalidations} invalidations in {:?}", started.elapsed());
+    // Whatever is still frozen wakes up before the checks.
+    for slot in projectors.running() {
+        projectors.signal(slot, false);
+    }
 
     for &tenant in &ds.tenants {
         for limit in ["1", "7", "100"] {
@@ -267,15 +401,13 @@ async fn random_workload_with_crashing_projectors_converges_to_the_live_answer()
         redis::AsyncCommands::hget(&mut redis, "cb:{g}:progress", "window_refills_total").await.unwrap();
     eprintln!("document windows refilled: {refills:?}");
     assert!(refills > Some(0), "the workload must make the projectors refill document windows");
-    projectors.kill(0);
-    projectors.kill(1);
-    app.stop().await;
+    (kills, projectors)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_projector_takes_over_when_the_leader_dies() {
     use redis::AsyncCommands;
-    let (app, _, mut projectors) = deploy(seed() + 1, 60, "lease_ttl_ms = 1500").await;
+    let (app, _, mut projectors) = deploy(seed() + 1, 60, "lease_ttl_ms = 1500", (2, 2)).await;
     app.grouped_as(&app.token(1), &[], false).await;
     let (hit, _, _) = app.wait_for_projection(1, &[], Duration::from_secs(20)).await;
     assert!(hit);

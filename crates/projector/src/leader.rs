@@ -43,6 +43,7 @@ impl Leader<'_> {
     /// (bootstrapping when there is none, or when MongoDB no longer has it)
     /// and applies batches until the lease is lost or something fails.
     pub(crate) async fn run(&self) -> Result<(), ProjectorError> {
+        self.writer.claim_shards().await?;
         let mut source = self.open_source().await?;
         let mut pending: HashMap<TenantId, PendingWarm> = HashMap::new();
         self.resume_warms(&mut pending).await?;

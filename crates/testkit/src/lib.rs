@@ -74,6 +74,22 @@ impl Guarded {
         let _ = self.0.wait();
     }
 
+    /// SIGSTOP: the process freezes, as in a long pause or a VM stall.
+    pub fn pause(&self) {
+        // SAFETY: a signal to our own child's pid.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT: a paused process carries on.
+    pub fn resume(&self) {
+        // SAFETY: a signal to our own child's pid.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGCONT);
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.0.try_wait(), Ok(None))
     }

@@ -324,6 +324,25 @@ impl Writer {
         Ok(c.get(self.keys.schema()).await?)
     }
 
+    /// Raises this leadership's fence on every locator shard. On a cluster
+    /// the shared writes of a batch are per shard, fenced there rather than
+    /// by the lease: a previous leader that froze between two of its
+    /// scripts must find every shard closed to it before this leader reads
+    /// any locator, or it could widen a locator this leader has already
+    /// read and then write the tenant the widening named. On a single node
+    /// the shared writes check the lease, which already does this.
+    pub async fn claim_shards(&self) -> Result<(), ReadModelError> {
+        if !self.redis.is_cluster() {
+            return Ok(());
+        }
+        try_join_all((0..crate::keys::LOC_SHARDS).map(|k| async move {
+            let batch = Batch::shared(self.check(&format!("l{k}")));
+            batch.run(&mut self.conn().await?, self.window).await
+        }))
+        .await?;
+        Ok(())
+    }
+
     /// The format mark of this version and partition count:
     /// `<schema>/<partitions>`.
     pub fn schema_mark(&self) -> String {
