@@ -43,8 +43,12 @@ pub fn test_settings(services: &Services, db_name: &str) -> Settings {
 }
 
 pub async fn spawn_app() -> TestApp {
+    spawn_app_on(Services::start().expect("start Redis and MongoDB")).await
+}
+
+/// [`spawn_app`] on servers the test started itself.
+pub async fn spawn_app_on(services: Services) -> TestApp {
     callboard_telemetry::init_for_tests();
-    let services = Services::start().expect("start Redis and MongoDB");
     let settings = test_settings(&services, &unique_db_name("cbtest"));
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     let app = Application::with_listener(&settings, listener).await.expect("build the app");

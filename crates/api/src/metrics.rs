@@ -21,6 +21,7 @@ pub mod names {
     pub const WINDOW_REFILLS: &str = "callboard_window_refills";
     pub const TENANTS: &str = "callboard_tenants";
     pub const MISSES: &str = "callboard_cache_misses";
+    pub const WRITES_LOST: &str = "callboard_redis_writes_lost";
 }
 
 #[derive(Clone)]
@@ -32,6 +33,7 @@ pub struct Metrics {
     warms: IntGauge,
     history_lost: IntGauge,
     window_refills: IntGauge,
+    writes_lost: IntGauge,
     tenants: IntGaugeVec,
     misses: IntCounterVec,
 }
@@ -53,9 +55,13 @@ impl Metrics {
         let history_lost = gauge(names::HISTORY_LOST, "times the change stream history was lost (total)");
         let window_refills =
             gauge(names::WINDOW_REFILLS, "document windows refilled from MongoDB by the projectors (total)");
+        let writes_lost = gauge(
+            names::WRITES_LOST,
+            "times a Redis master held less than a projector checkpoint claimed, and the partition was rebuilt (total)",
+        );
         let tenants =
             IntGaugeVec::new(Opts::new(names::TENANTS, "tenants by read-model state"), &["state"]).expect("valid");
-        for c in [&events_applied, &lag_ms, &warms, &history_lost, &window_refills] {
+        for c in [&events_applied, &lag_ms, &warms, &history_lost, &window_refills, &writes_lost] {
             registry.register(Box::new(c.clone())).expect("unique metric");
         }
         registry.register(Box::new(grouped.clone())).expect("unique metric");
@@ -69,7 +75,18 @@ impl Metrics {
         )
         .expect("valid counter");
         registry.register(Box::new(misses.clone())).expect("unique metric");
-        Self { registry, grouped, events_applied, lag_ms, warms, history_lost, window_refills, tenants, misses }
+        Self {
+            registry,
+            grouped,
+            events_applied,
+            lag_ms,
+            warms,
+            history_lost,
+            window_refills,
+            writes_lost,
+            tenants,
+            misses,
+        }
     }
 
     pub fn observe_miss(&self, reason: &str) {
@@ -90,6 +107,7 @@ impl Metrics {
             self.warms.set(counters.warms);
             self.history_lost.set(counters.history_lost);
             self.window_refills.set(counters.window_refills);
+            self.writes_lost.set(counters.writes_lost);
         }
         if let Ok(states) = cache.tenant_states().await {
             for state in ["warming", "warm"] {

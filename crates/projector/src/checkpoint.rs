@@ -15,6 +15,15 @@ pub struct Checkpoint {
     keys: Keys,
 }
 
+/// A saved checkpoint: the resume token, and the sequence number of the
+/// batch it closed (see [`crate::leader`]: markers on every master carry the
+/// same number).
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub token: ResumeToken,
+    pub seq: u64,
+}
+
 /// Progress figures written with each checkpoint.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct BatchStats {
@@ -28,25 +37,33 @@ impl Checkpoint {
         Self { redis, keys }
     }
 
-    pub async fn load(&self) -> Result<Option<ResumeToken>, ReadModelError> {
+    /// The checkpoint: BSON `{t: <resume token>, s: <sequence>}`.
+    pub async fn load(&self) -> Result<Option<Saved>, ReadModelError> {
         let mut c = self.redis.get().await?;
         let raw: Option<Vec<u8>> = c.get(self.keys.checkpoint()).await?;
         let Some(raw) = raw else { return Ok(None) };
-        let token = bson::from_slice::<bson::Document>(&raw)
-            .ok()
-            .and_then(|d| d.get("t").cloned())
-            .and_then(|t| bson::from_bson::<ResumeToken>(t).ok());
+        let doc = bson::from_slice::<bson::Document>(&raw).ok();
+        let token = doc.as_ref().and_then(|d| d.get("t").cloned()).and_then(|t| bson::from_bson::<ResumeToken>(t).ok());
+        let seq = doc.as_ref().and_then(|d| d.get_i64("s").ok()).unwrap_or(0).max(0) as u64;
         match token {
-            Some(t) => Ok(Some(t)),
+            Some(token) => Ok(Some(Saved { token, seq })),
             None => Err(ReadModelError::Corrupt { key: self.keys.checkpoint(), detail: "not a resume token".into() }),
         }
     }
 
-    /// Saves `token` if `owner` still holds the lease; `false` otherwise.
-    pub async fn save(&self, owner: &str, token: &ResumeToken, stats: BatchStats) -> Result<bool, ReadModelError> {
-        let bytes = bson::to_bson(token).ok().and_then(|t| bson::to_vec(&doc! {"t": t}).ok()).ok_or_else(|| {
-            ReadModelError::Corrupt { key: self.keys.checkpoint(), detail: "unserialisable token".into() }
-        })?;
+    /// Saves `token` as the end of batch `seq` if `owner` still holds the
+    /// lease; `false` otherwise.
+    pub async fn save(
+        &self,
+        owner: &str,
+        token: &ResumeToken,
+        seq: u64,
+        stats: BatchStats,
+    ) -> Result<bool, ReadModelError> {
+        let bytes =
+            bson::to_bson(token).ok().and_then(|t| bson::to_vec(&doc! {"t": t, "s": seq as i64}).ok()).ok_or_else(
+                || ReadModelError::Corrupt { key: self.keys.checkpoint(), detail: "unserialisable token".into() },
+            )?;
         let mut c = self.redis.get().await?;
         let now = now_ms();
         static CELL: std::sync::OnceLock<Script> = std::sync::OnceLock::new();

@@ -2,8 +2,21 @@
 //! applies what falls in the partition's scope, with its commands, warms
 //! and rebuilds. Every write goes through the partition's guarded
 //! [`Writer`]; [`Keeper`] says whether the lease leaves time to start one.
+//!
+//! Redis losing its last writes: every checkpoint carries the sequence of
+//! its batch (`token << 32 | batches`, so it only grows, across leaders and
+//! rebuilds), and on a cluster a marker with the same sequence is written on
+//! every master after the batch's data and before the checkpoint. On every
+//! lead and every second the leader compares: a checkpoint older than the
+//! one it saved itself (Redis came back from an older snapshot) makes it
+//! resume from the checkpoint Redis has, whose data it matches; a master
+//! whose marker is older than the checkpoint (an async replica promoted
+//! behind) holds less than the checkpoint claims, so the partition is
+//! rebuilt and its warm tenants warmed again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use callboard_domain::TenantId;
@@ -36,6 +49,22 @@ pub(crate) struct Leader<'a> {
     pub keeper: Keeper,
     /// The lease holder's id.
     pub owner: String,
+    /// This leadership's fence token: the high half of batch sequences.
+    pub token: u64,
+    /// Batches checkpointed by this leadership.
+    pub batches: AtomicU64,
+    /// The sequence of the last checkpoint this leadership saved (0: none).
+    pub saved: AtomicU64,
+    /// The markers' hash tags, one per master (refreshed every check).
+    pub marker_tags: Mutex<Vec<String>>,
+}
+
+/// What a durability check found.
+#[derive(Debug, PartialEq, Eq)]
+enum Durability {
+    Intact,
+    /// A master holds less than the checkpoint says was written.
+    MasterBehind,
 }
 
 impl Leader<'_> {
@@ -44,7 +73,10 @@ impl Leader<'_> {
     /// and applies batches until the lease is lost or something fails.
     pub(crate) async fn run(&self) -> Result<(), ProjectorError> {
         self.writer.claim_shards().await?;
-        let mut source = self.open_source().await?;
+        let mut source = match self.check_durability().await? {
+            Durability::Intact => self.open_source().await?,
+            Durability::MasterBehind => self.restart_read_model().await?,
+        };
         let mut pending: HashMap<TenantId, PendingWarm> = HashMap::new();
         self.resume_warms(&mut pending).await?;
         let mut last_resume = Instant::now();
@@ -56,6 +88,10 @@ impl Leader<'_> {
             }
             if last_beat.elapsed() >= Duration::from_secs(1) {
                 self.checkpoint.heartbeat(&[]).await?;
+                if self.check_durability().await? == Durability::MasterBehind {
+                    source = self.restart_read_model().await?;
+                    pending.clear();
+                }
                 last_beat = Instant::now();
             }
             if last_resume.elapsed() >= Duration::from_secs(5) {
@@ -83,9 +119,7 @@ impl Leader<'_> {
                 // outlive the oplog window.
                 if last_idle_checkpoint.elapsed() >= self.p.config.idle_checkpoint {
                     if let Some(token) = source.resume_token() {
-                        if !self.checkpoint.save(&self.owner, &token, BatchStats::default()).await? {
-                            return Err(ProjectorError::LeaseLost);
-                        }
+                        self.save_checkpoint(&token, BatchStats::default()).await?;
                     }
                     last_idle_checkpoint = Instant::now();
                 }
@@ -118,7 +152,7 @@ impl Leader<'_> {
     }
 
     async fn open_source(&self) -> Result<Source, ProjectorError> {
-        let checkpoint = self.checkpoint.load().await?;
+        let checkpoint = self.checkpoint.load().await?.map(|c| c.token);
         let schema = self.writer.schema().await?;
         let wanted = self.writer.schema_mark();
         if checkpoint.is_some() && schema.as_deref() != Some(wanted.as_str()) {
@@ -215,10 +249,49 @@ impl Leader<'_> {
         tracing::Span::current().record("lag_ms", lag_ms);
         let stats = BatchStats { events: applied as u64, last_event_ms: Some(event_ms), lag_ms: Some(lag_ms) };
         let token = reset.clone().unwrap_or_else(|| last.id.clone());
-        if !self.checkpoint.save(&self.owner, &token, stats).await? {
+        self.save_checkpoint(&token, stats).await?;
+        Ok(reset)
+    }
+
+    /// Marks every master with the next sequence, then saves the
+    /// checkpoint with it (if the lease still holds).
+    async fn save_checkpoint(
+        &self,
+        token: &mongodb::change_stream::event::ResumeToken,
+        stats: BatchStats,
+    ) -> Result<(), ProjectorError> {
+        let seq = (self.token << 32) | (self.batches.fetch_add(1, Ordering::Relaxed) + 1);
+        let tags = self.marker_tags.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.writer.mark(&tags, seq).await?;
+        if !self.checkpoint.save(&self.owner, token, seq, stats).await? {
             return Err(ProjectorError::LeaseLost);
         }
-        Ok(reset)
+        self.saved.store(seq, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Compares what Redis holds with what this leader wrote (see the
+    /// module's documentation). A checkpoint older than the one saved here
+    /// ends the leadership, so that the next one resumes from it.
+    async fn check_durability(&self) -> Result<Durability, ProjectorError> {
+        let checkpoint = self.checkpoint.load().await?.map(|c| c.seq).unwrap_or(0);
+        let saved = self.saved.load(Ordering::Relaxed);
+        if checkpoint < saved {
+            warn!(checkpoint, saved, "Redis holds an older checkpoint than this projector saved: resuming from it");
+            return Err(ProjectorError::StateRegressed);
+        }
+        let tags = self.writer.marker_tags().await?;
+        *self.marker_tags.lock().unwrap_or_else(|e| e.into_inner()) = tags.clone();
+        if checkpoint == 0 {
+            return Ok(Durability::Intact);
+        }
+        let markers = self.writer.markers(&tags).await?;
+        if let Some((tag, marker)) = tags.iter().zip(&markers).find(|(_, m)| m.unwrap_or(0) < checkpoint) {
+            warn!(%tag, ?marker, checkpoint, "a Redis master holds less than the checkpoint says: rebuilding the partition");
+            self.checkpoint.heartbeat(&[("writes_lost_total", 1)]).await?;
+            return Ok(Durability::MasterBehind);
+        }
+        Ok(Durability::Intact)
     }
 
     /// The first queued command for a tenant of this partition, taken off

@@ -43,6 +43,8 @@ pub enum ProjectorError {
     ReadModel(ReadModelError),
     #[error("lost the lease to another projector")]
     LeaseLost,
+    #[error("Redis holds an older checkpoint than this projector saved (restored from an older state)")]
+    StateRegressed,
 }
 
 impl From<ReadModelError> for ProjectorError {
@@ -210,15 +212,18 @@ impl Projector {
         let now = checkpoint::now_ms();
         let ttl = self.config.lease_ttl.as_millis() as i64;
         let mut c = self.redis.get().await?;
-        let (members,): (Vec<String>,) = redis::pipe()
-            .atomic()
-            .zadd(self.keys.members(), &self.id, now)
-            .ignore()
-            .zrembyscore(self.keys.members(), "-inf", now - ttl)
-            .ignore()
-            .zrangebyscore(self.keys.members(), now - ttl, "+inf")
-            .query_async(&mut c)
-            .await?;
+        let (members,): (Vec<String>,) = callboard_readmodel::conn::transaction(
+            &mut c,
+            redis::pipe()
+                .atomic()
+                .zadd(self.keys.members(), &self.id, now)
+                .ignore()
+                .zrembyscore(self.keys.members(), "-inf", now - ttl)
+                .ignore()
+                .zrangebyscore(self.keys.members(), now - ttl, "+inf"),
+            &self.keys.members(),
+        )
+        .await?;
         let mut members = members;
         members.sort();
         let rank = members.iter().position(|m| *m == self.id).unwrap_or(0);
@@ -258,6 +263,10 @@ impl Projector {
             writer,
             keeper,
             owner: lease.id.clone(),
+            token,
+            batches: Default::default(),
+            saved: Default::default(),
+            marker_tags: Default::default(),
         };
         let span = tracing::info_span!("partition", partition);
         let result = tracing::Instrument::instrument(leader.run(), span).await;

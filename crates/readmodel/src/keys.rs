@@ -33,6 +33,7 @@
 //! | `P:{g}:ckpt:<p>` | STRING | partition `p`'s resume token of its last applied batch (BSON) |
 //! | `P:{g}:lease:<p>` | STRING | the id of partition `p`'s active projector, with a TTL |
 //! | `P:{g}:members` | ZSET | projector processes, scored by their last heartbeat (ms) |
+//! | `P:{mI}:seq:<p>` | STRING | on a cluster, one per master: the sequence of partition `p`'s last batch written before its checkpoint (durability marker) |
 //! | `P:{g}:fence_seq` | STRING | counter handing each new leader a higher token |
 //! | `P:{g}:progress` | HASH | projector heartbeat, last event time, lag |
 
@@ -248,6 +249,11 @@ impl Keys {
     /// A SCAN pattern for every partition's lease.
     pub fn leases_pattern(&self) -> String {
         self.global("lease:*")
+    }
+    /// The durability marker of this partition under hash tag `tag` (one
+    /// per master): the sequence of the last batch whose writes preceded it.
+    pub fn marker(&self, tag: &str) -> String {
+        format!("{}:{{{tag}}}:seq:{}", self.prefix, self.partition)
     }
     /// Projector processes, by the time of their last heartbeat (ms).
     pub fn members(&self) -> String {

@@ -6,7 +6,7 @@ use callboard_domain::{GroupedBody, GroupedRequest, Status, StatusRecord, Tenant
 use redis::AsyncCommands;
 
 use crate::codec::{member_call_id, split_stored, user_json_for};
-use crate::conn::{Conn, Redis};
+use crate::conn::{transaction, Conn, Redis};
 use crate::local::{LocalCopies, Stamps, TenantStatuses};
 use crate::state::{is_job_id, job, Command};
 use crate::write::script::{script, REQUEST_WARM};
@@ -229,11 +229,14 @@ impl ReadModel {
                     pipe.zrevrange(zset, 0, request.limit.get() as isize - 1);
                 }
             }
+            let (state_key, users_stamp) = (self.keys.state(tenant), self.keys.users_stamp());
             let replies: Vec<redis::Value> = match side.as_mut() {
-                None => pipe.query_async(c).await?,
+                None => transaction(c, &pipe, &state_key).await?,
                 Some(side) => {
-                    let (mut g, t): (Vec<redis::Value>, Vec<redis::Value>) =
-                        futures::try_join!(global.query_async(side), pipe.query_async(c))?;
+                    let (mut g, t): (Vec<redis::Value>, Vec<redis::Value>) = futures::try_join!(
+                        transaction(side, &global, &users_stamp),
+                        transaction(c, &pipe, &state_key)
+                    )?;
                     g.extend(t);
                     g
                 }
@@ -273,13 +276,16 @@ impl ReadModel {
                 // between the two trips: one consistent moment.
                 let members: Vec<&[u8]> = groups.iter().flat_map(|g| g.1.iter().map(Vec::as_slice)).collect();
                 if !members.is_empty() {
-                    let (docs, again): (Vec<Option<String>>, Option<String>) = redis::pipe()
-                        .cmd("HMGET")
-                        .arg(self.keys.docs(tenant))
-                        .arg(members)
-                        .get(self.keys.version(tenant))
-                        .query_async(c)
-                        .await?;
+                    let (docs, again): (Vec<Option<String>>, Option<String>) = transaction(
+                        c,
+                        redis::pipe()
+                            .cmd("HMGET")
+                            .arg(self.keys.docs(tenant))
+                            .arg(members)
+                            .get(self.keys.version(tenant)),
+                        &self.keys.version(tenant),
+                    )
+                    .await?;
                     if again != version {
                         statuses = Some(copy);
                         continue;
@@ -354,18 +360,18 @@ impl ReadModel {
     ) -> Result<Arc<TenantStatuses>, ReadModelError> {
         // Each slot's stamp with its data, atomically: the copy is
         // labelled with stamps no older than what it holds.
-        let (global_stamp, global): (Option<String>, HashMap<String, String>) = redis::pipe()
-            .atomic()
-            .get(self.keys.global_status_stamp())
-            .hgetall(self.keys.global_statuses())
-            .query_async(c)
-            .await?;
-        let (tenant_stamp, own): (Option<String>, HashMap<String, String>) = redis::pipe()
-            .atomic()
-            .get(self.keys.status_stamp(tenant))
-            .hgetall(self.keys.statuses(tenant))
-            .query_async(c)
-            .await?;
+        let (global_stamp, global): (Option<String>, HashMap<String, String>) = transaction(
+            c,
+            redis::pipe().atomic().get(self.keys.global_status_stamp()).hgetall(self.keys.global_statuses()),
+            &self.keys.global_statuses(),
+        )
+        .await?;
+        let (tenant_stamp, own): (Option<String>, HashMap<String, String>) = transaction(
+            c,
+            redis::pipe().atomic().get(self.keys.status_stamp(tenant)).hgetall(self.keys.statuses(tenant)),
+            &self.keys.statuses(tenant),
+        )
+        .await?;
         let records = own.values().chain(global.values()).map(|json| {
             serde_json::from_str::<StatusRecord>(json)
                 .map_err(|e| ReadModelError::Corrupt { key: "statuses".into(), detail: e.to_string() })
@@ -400,13 +406,12 @@ impl ReadModel {
         if !force && c.exists(self.keys.state(tenant)).await? {
             return Ok(None);
         }
-        let (epoch,): (u64,) = redis::pipe()
-            .atomic()
-            .incr(self.keys.epoch(), 1)
-            .sadd(self.keys.tenants(), tenant.get())
-            .ignore()
-            .query_async(&mut c)
-            .await?;
+        let (epoch,): (u64,) = transaction(
+            &mut c,
+            redis::pipe().atomic().incr(self.keys.epoch(), 1).sadd(self.keys.tenants(), tenant.get()).ignore(),
+            &self.keys.epoch(),
+        )
+        .await?;
         let set: i64 = script(&CELL, REQUEST_WARM)
             .key(self.keys.state(tenant))
             .arg(TenantState::encode_warming(epoch, job))
@@ -513,18 +518,25 @@ pub struct Counters {
     pub warms: i64,
     pub history_lost: i64,
     pub window_refills: i64,
+    pub writes_lost: i64,
 }
 
 impl ReadModel {
     pub async fn progress_counters(&self) -> Result<Counters, ReadModelError> {
         let mut c = self.conn().await?;
-        let (w, h, r): (Option<i64>, Option<i64>, Option<i64>) = redis::pipe()
+        let (w, h, r, l): (Option<i64>, Option<i64>, Option<i64>, Option<i64>) = redis::pipe()
             .hget(self.keys.progress(), "warms_total")
             .hget(self.keys.progress(), "history_lost_total")
             .hget(self.keys.progress(), "window_refills_total")
+            .hget(self.keys.progress(), "writes_lost_total")
             .query_async(&mut c)
             .await?;
-        Ok(Counters { warms: w.unwrap_or(0), history_lost: h.unwrap_or(0), window_refills: r.unwrap_or(0) })
+        Ok(Counters {
+            warms: w.unwrap_or(0),
+            history_lost: h.unwrap_or(0),
+            window_refills: r.unwrap_or(0),
+            writes_lost: l.unwrap_or(0),
+        })
     }
 }
 

@@ -280,6 +280,10 @@ impl RedisCluster {
         let port = node.port.to_string();
         cmd.args(["--port", &port, "--cluster-port", &node.bus.to_string(), "--bind", "127.0.0.1"]);
         cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000", "--appendonly", "no", "--save", ""]);
+        // A replica may take over however long it lagged: the tests make it.
+        cmd.args(["--cluster-replica-validity-factor", "0"]);
+        // Replicas sync at once (not after the default 5 s delay).
+        cmd.args(["--repl-diskless-sync-delay", "0"]);
         cmd.arg("--cluster-config-file").arg(format!("nodes-{port}.conf"));
         cmd.arg("--dbfilename").arg(format!("dump-{port}.rdb"));
         cmd.arg("--dir").arg(dir);
@@ -291,19 +295,19 @@ impl RedisCluster {
     }
 
     /// Polls every running node until it reports `cluster_state:ok` and
-    /// agrees on the slot map.
+    /// agrees on the slot map, and every running replica is in sync.
     pub fn wait_until_ok(&self) -> Result<(), TestkitError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
-                Command::new(redis_cli())
-                    .args(["-p", &n.port.to_string(), "cluster", "info"])
-                    .output()
-                    .map(|o| {
-                        let text = String::from_utf8_lossy(&o.stdout);
-                        text.contains("cluster_state:ok") && text.contains("cluster_slots_ok:16384")
-                    })
-                    .unwrap_or(false)
+                let (Ok(info), Ok(replication)) =
+                    (self.cli(n.port, &["cluster", "info"]), self.cli(n.port, &["info", "replication"]))
+                else {
+                    return false;
+                };
+                info.contains("cluster_state:ok")
+                    && info.contains("cluster_slots_ok:16384")
+                    && (replication.contains("role:master") || replication.contains("master_link_status:up"))
             });
             if ok {
                 return Ok(());
@@ -342,8 +346,98 @@ impl RedisCluster {
         }
     }
 
+    /// Starts the node on `port` again (after [`RedisCluster::kill`]), with
+    /// its cluster configuration and whatever RDB snapshot it last saved.
+    pub fn restart(&mut self, port: u16) -> Result<(), TestkitError> {
+        let dir = self.dir.clone();
+        let node = self.nodes.iter_mut().find(|n| n.port == port).ok_or(TestkitError::NotReady {
+            what: "redis cluster node",
+            port,
+            secs: 0,
+            log: "no such node".into(),
+        })?;
+        node.child = None;
+        Self::launch(&dir, node)
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT the node on `port`.
+    pub fn pause(&self, port: u16, stop: bool) {
+        if let Some(child) = self.nodes.iter().find(|n| n.port == port).and_then(|n| n.child.as_ref()) {
+            if stop {
+                child.pause()
+            } else {
+                child.resume()
+            }
+        }
+    }
+
+    /// The cluster as a running node sees it (`CLUSTER NODES`).
+    pub fn topology(&self) -> Result<Vec<ClusterNodeInfo>, TestkitError> {
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let text = self.cli(n.port, &["cluster", "nodes"])?;
+            let nodes: Vec<ClusterNodeInfo> = text.lines().filter_map(ClusterNodeInfo::parse).collect();
+            if !nodes.is_empty() {
+                return Ok(nodes);
+            }
+        }
+        Err(TestkitError::NotReady { what: "redis cluster", port: 0, secs: 0, log: "no node answers".into() })
+    }
+
+    /// The master serving `slot`, and its replicas, as ports.
+    pub fn owners_of(&self, slot: u16) -> Result<(u16, Vec<u16>), TestkitError> {
+        let nodes = self.topology()?;
+        let master = nodes
+            .iter()
+            .find(|n| n.master && n.slots.iter().any(|(lo, hi)| (*lo..=*hi).contains(&slot)))
+            .ok_or(TestkitError::NotReady {
+                what: "redis cluster",
+                port: 0,
+                secs: 0,
+                log: format!("slot {slot} unserved"),
+            })?;
+        let replicas = nodes.iter().filter(|n| n.master_id.as_deref() == Some(&master.id)).map(|n| n.port).collect();
+        Ok((master.port, replicas))
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+pub struct ClusterNodeInfo {
+    pub id: String,
+    pub port: u16,
+    pub master: bool,
+    /// Up: not flagged `fail` or `fail?`.
+    pub up: bool,
+    pub master_id: Option<String>,
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl ClusterNodeInfo {
+    fn parse(line: &str) -> Option<Self> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let port = f.get(1)?.split('@').next()?.rsplit(':').next()?.parse().ok()?;
+        let flags = f.get(2)?;
+        let slots = f
+            .iter()
+            .skip(8)
+            .filter(|s| !s.starts_with('['))
+            .filter_map(|s| match s.split_once('-') {
+                Some((lo, hi)) => Some((lo.parse().ok()?, hi.parse().ok()?)),
+                None => s.parse().ok().map(|x| (x, x)),
+            })
+            .collect();
+        Some(Self {
+            id: f[0].to_string(),
+            port,
+            master: flags.contains("master"),
+            up: !flags.contains("fail"),
+            master_id: f.get(3).filter(|m| **m != "-").map(|m| m.to_string()),
+            slots,
+        })
     }
 }
 
@@ -533,8 +627,23 @@ impl Services {
     }
 
     pub fn start_with(storage: StandinStorage) -> Result<Self, TestkitError> {
+        Self::start_on(storage, TestRedis::start)
+    }
+
+    /// The stand-in in memory, and a Redis Cluster of `masters` masters
+    /// with `replicas` replicas each, whatever the environment says.
+    pub fn start_cluster(masters: usize, replicas: usize) -> Result<Self, TestkitError> {
+        Self::start_on(StandinStorage::Memory, |dir| {
+            Ok(TestRedis::Cluster(RedisCluster::start(dir, masters, replicas)?))
+        })
+    }
+
+    fn start_on(
+        storage: StandinStorage,
+        redis: impl FnOnce(&Path) -> Result<TestRedis, TestkitError>,
+    ) -> Result<Self, TestkitError> {
         let dir = tempfile::Builder::new().prefix("callboard-test-").tempdir()?;
-        let redis = TestRedis::start(dir.path())?;
+        let redis = redis(dir.path())?;
         let mongo = match std::env::var("CALLBOARD_TEST_MONGODB_URI") {
             Ok(uri) if !uri.is_empty() => Mongo::External(uri),
             _ => {

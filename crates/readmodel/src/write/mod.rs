@@ -343,6 +343,28 @@ impl Writer {
         Ok(())
     }
 
+    /// The hash tags of the durability markers: one per master (none on a
+    /// single node, where the checkpoint and the data share one node).
+    pub async fn marker_tags(&self) -> Result<Vec<String>, ReadModelError> {
+        self.redis.tag_per_master("m").await
+    }
+
+    /// Writes `seq` into the marker under each of `tags` (guarded, one
+    /// script per master, at once). Written after a batch's data and before
+    /// its checkpoint: a master whose marker is older than the checkpoint
+    /// has lost writes, since replication keeps a master's writes in order.
+    pub async fn mark(&self, tags: &[String], seq: u64) -> Result<(), ReadModelError> {
+        let ops = tags.iter().map(|t| Op::Set { key: self.keys.marker(t), value: seq.to_string().into_bytes() });
+        self.run_shared(ops.collect()).await
+    }
+
+    /// The markers under `tags`, in order (`None`: never written there).
+    pub async fn markers(&self, tags: &[String]) -> Result<Vec<Option<u64>>, ReadModelError> {
+        let cmds = tags.iter().map(|t| (self.keys.marker(t), redis::cmd("GET").arg(self.keys.marker(t)).clone()));
+        let replies = self.redis.query_by_tag(cmds.collect()).await?;
+        replies.into_iter().map(|v| Ok(redis::from_redis_value::<Option<u64>>(v)?)).collect()
+    }
+
     /// The format mark of this version and partition count:
     /// `<schema>/<partitions>`.
     pub fn schema_mark(&self) -> String {
