@@ -369,7 +369,9 @@ async fn a_read_model_in_another_format_is_rebuilt_not_served() {
     // What an older version leaves: no format mark, a state of another
     // format, text members, its keys.
     let mut r = redis(&app).await;
-    let _: () = r.del("cb:{g}:schema:0").await.unwrap();
+    for p in 0..8 {
+        let _: () = r.del(format!("cb:{{g}}:schema:{p}")).await.unwrap();
+    }
     let _: () = r.set("cb:{t2}:state", "2:warm:1").await.unwrap();
     let _: () = r.hset("cb:{g}:tstate", 2, "warm:1").await.unwrap();
     let _: () = r.zadd("cb:{t2}:z:1", "8000000000000063:legacy-member", 1.9e12).await.unwrap();

@@ -52,7 +52,8 @@ impl AppState {
                     return Ok((response, CacheOutcome::Hit));
                 }
                 Ok(Read::Miss(miss)) => {
-                    if miss == Miss::Cold {
+                    // A state of another format is replaced by a warm too.
+                    if matches!(miss, Miss::Cold | Miss::Format) {
                         match self.cache.request_warm(tenant).await {
                             Ok(Some(epoch)) => tracing::info!(tenant = %tenant, epoch, "tenant cold: warm queued"),
                             Ok(None) => {}

@@ -5,6 +5,7 @@
 //! measures with `wrk` over loopback. Writes BENCHMARKS.md and a chart.
 
 mod report;
+mod scale;
 mod wrk;
 
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use report::{LagResult, Report, ScenarioResult};
 
 #[derive(Parser)]
 #[command(about = "Benchmarks callboard's cache against the live aggregation")]
-struct Args {
+pub(crate) struct Args {
     /// Only the 10K-call dataset, shorter runs (under two minutes).
     #[arg(long)]
     quick: bool,
@@ -33,6 +34,13 @@ struct Args {
     /// Only the scenarios whose name contains this (e.g. "1M calls, 1 tenant").
     #[arg(long)]
     only: Option<String>,
+    /// The scale-out figures instead (cluster hits, projection rate with
+    /// 1/2/4 processes, memory per master), written into their section.
+    #[arg(long)]
+    scale: bool,
+    /// Calls (over 1,000 tenants) for the memory-per-master figure.
+    #[arg(long, default_value_t = 1_000_000)]
+    scale_memory_calls: u64,
 }
 
 pub struct Scenario {
@@ -49,7 +57,7 @@ pub const KINDS: [(&str, &str); 4] = [
     ("limit 100 enriched", "limit=100&include_enrichment=true"),
 ];
 
-const SECRET: &str = "bench-secret-0123456789abcdef-0123456789";
+pub(crate) const SECRET: &str = "bench-secret-0123456789abcdef-0123456789";
 
 struct Deployment {
     services: Services,
@@ -65,6 +73,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !args.bin.exists() {
         bail!("{} not found: run `cargo build --release -p callboard` (make bench does)", args.bin.display());
+    }
+    if args.scale {
+        scale::run(&args, args.scale_memory_calls).await?;
+        eprintln!("wrote the scale-out section of {}", args.out.display());
+        return Ok(());
     }
     let scenarios: Vec<Scenario> = if args.quick {
         vec![Scenario { name: "10K calls, 1 tenant", calls: 10_000, tenants: 1 }]
@@ -230,7 +243,7 @@ async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Resu
     ))
 }
 
-async fn wait_healthy(client: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_healthy(client: &reqwest::Client, base: &str) -> anyhow::Result<()> {
     for _ in 0..200 {
         if client.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
             return Ok(());
@@ -265,7 +278,7 @@ async fn drain(client: &reqwest::Client, d: &Deployment) -> anyhow::Result<()> {
 }
 
 /// Every Redis node's URL (one, or each node of the cluster).
-fn node_urls(redis: &callboard_testkit::TestRedis) -> Vec<String> {
+pub(crate) fn node_urls(redis: &callboard_testkit::TestRedis) -> Vec<String> {
     match redis {
         callboard_testkit::TestRedis::Single(s) => vec![s.url()],
         callboard_testkit::TestRedis::Cluster(c) => {
@@ -275,7 +288,7 @@ fn node_urls(redis: &callboard_testkit::TestRedis) -> Vec<String> {
 }
 
 /// `used_memory` summed over `nodes`.
-async fn used_memory(nodes: &[String]) -> anyhow::Result<u64> {
+pub(crate) async fn used_memory(nodes: &[String]) -> anyhow::Result<u64> {
     let mut total = 0;
     for url in nodes {
         let mut redis = redis::Client::open(url.as_str())?.get_multiplexed_async_connection().await?;

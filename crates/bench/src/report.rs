@@ -210,6 +210,13 @@ impl Report {
         }
         std::fs::create_dir_all(chart.parent().unwrap_or(Path::new(".")))?;
         std::fs::write(&chart, self.svg())?;
+        // The scale-out section (`--scale`) is another run's: kept.
+        let existing = std::fs::read_to_string(out).unwrap_or_default();
+        if let (Some(a), Some(b)) = (existing.find("<!-- scale:begin -->"), existing.find("<!-- scale:end -->")) {
+            if a < b {
+                md.push_str(&format!("\n{}\n", &existing[a..b + "<!-- scale:end -->".len()]));
+            }
+        }
         std::fs::write(out, md)?;
         Ok(())
     }

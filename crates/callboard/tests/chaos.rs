@@ -200,7 +200,8 @@ async fn partitions_survive_kills_freezes_and_a_joining_process() {
         for p in 0..4 {
             let owner: Option<String> =
                 redis::AsyncCommands::get(&mut redis, format!("cb:{{g}}:lease:{p}")).await.unwrap();
-            owners.extend(owner.and_then(|o| o.split('-').nth(1).map(str::to_string)));
+            // `<host>-<pid>-<random>`: the pid is second from the end.
+            owners.extend(owner.and_then(|o| o.rsplit('-').nth(1).map(str::to_string)));
         }
         if owners.len() == 4 || Instant::now() > deadline {
             break owners;

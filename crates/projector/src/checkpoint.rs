@@ -22,6 +22,8 @@ pub struct Checkpoint {
 pub struct Saved {
     pub token: ResumeToken,
     pub seq: u64,
+    /// The hash tags of the markers written with it (one per master).
+    pub markers: Vec<String>,
 }
 
 /// Progress figures written with each checkpoint.
@@ -37,7 +39,7 @@ impl Checkpoint {
         Self { redis, keys }
     }
 
-    /// The checkpoint: BSON `{t: <resume token>, s: <sequence>}`.
+    /// The checkpoint: BSON `{t: <resume token>, s: <sequence>, m: [<marker tags>]}`.
     pub async fn load(&self) -> Result<Option<Saved>, ReadModelError> {
         let mut c = self.redis.get().await?;
         let raw: Option<Vec<u8>> = c.get(self.keys.checkpoint()).await?;
@@ -45,8 +47,13 @@ impl Checkpoint {
         let doc = bson::from_slice::<bson::Document>(&raw).ok();
         let token = doc.as_ref().and_then(|d| d.get("t").cloned()).and_then(|t| bson::from_bson::<ResumeToken>(t).ok());
         let seq = doc.as_ref().and_then(|d| d.get_i64("s").ok()).unwrap_or(0).max(0) as u64;
+        let markers = doc
+            .as_ref()
+            .and_then(|d| d.get_array("m").ok())
+            .map(|m| m.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
         match token {
-            Some(token) => Ok(Some(Saved { token, seq })),
+            Some(token) => Ok(Some(Saved { token, seq, markers })),
             None => Err(ReadModelError::Corrupt { key: self.keys.checkpoint(), detail: "not a resume token".into() }),
         }
     }
@@ -58,12 +65,16 @@ impl Checkpoint {
         owner: &str,
         token: &ResumeToken,
         seq: u64,
+        markers: &[String],
         stats: BatchStats,
     ) -> Result<bool, ReadModelError> {
-        let bytes =
-            bson::to_bson(token).ok().and_then(|t| bson::to_vec(&doc! {"t": t, "s": seq as i64}).ok()).ok_or_else(
-                || ReadModelError::Corrupt { key: self.keys.checkpoint(), detail: "unserialisable token".into() },
-            )?;
+        let bytes = bson::to_bson(token)
+            .ok()
+            .and_then(|t| bson::to_vec(&doc! {"t": t, "s": seq as i64, "m": markers.to_vec()}).ok())
+            .ok_or_else(|| ReadModelError::Corrupt {
+                key: self.keys.checkpoint(),
+                detail: "unserialisable token".into(),
+            })?;
         let mut c = self.redis.get().await?;
         let now = now_ms();
         static CELL: std::sync::OnceLock<Script> = std::sync::OnceLock::new();

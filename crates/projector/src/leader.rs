@@ -166,8 +166,11 @@ impl Leader<'_> {
                 Err(e) => Err(e.into()),
             },
             None => {
+                // A partition with no checkpoint may still have warm
+                // tenants: after the partition count changed, or another
+                // partition's rebuild left them. They are warmed again.
                 info!("no checkpoint: bootstrapping the read model");
-                self.rebuild(StartAt::Now).await
+                self.restart_read_model().await
             }
         }
     }
@@ -206,6 +209,8 @@ impl Leader<'_> {
         if !self.checkpoint.clear(&self.owner).await? {
             return Err(ProjectorError::LeaseLost);
         }
+        // No checkpoint now: nothing saved to compare with.
+        self.saved.store(0, Ordering::Relaxed);
         self.writer.purge_all().await?;
         let source = Source::open(&self.p.db, start).await?;
         let (users, statuses) = warm::bootstrap_globals(&self.p.db, &self.writer, &self.p.fields).await?;
@@ -262,8 +267,12 @@ impl Leader<'_> {
     ) -> Result<(), ProjectorError> {
         let seq = (self.token << 32) | (self.batches.fetch_add(1, Ordering::Relaxed) + 1);
         let tags = self.marker_tags.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        self.writer.mark(&tags, seq).await?;
-        if !self.checkpoint.save(&self.owner, token, seq, stats).await? {
+        if !self.writer.mark(&tags, self.saved.load(Ordering::Relaxed), seq).await? {
+            // Left below the checkpoint: the check at the next lead sees it.
+            warn!("a Redis master's marker is behind the last checkpoint");
+            return Err(ProjectorError::MasterBehind);
+        }
+        if !self.checkpoint.save(&self.owner, token, seq, &tags, stats).await? {
             return Err(ProjectorError::LeaseLost);
         }
         self.saved.store(seq, Ordering::Relaxed);
@@ -274,19 +283,25 @@ impl Leader<'_> {
     /// module's documentation). A checkpoint older than the one saved here
     /// ends the leadership, so that the next one resumes from it.
     async fn check_durability(&self) -> Result<Durability, ProjectorError> {
-        let checkpoint = self.checkpoint.load().await?.map(|c| c.seq).unwrap_or(0);
-        let saved = self.saved.load(Ordering::Relaxed);
+        let (checkpoint, marked) = self.checkpoint.load().await?.map(|c| (c.seq, c.markers)).unwrap_or_default();
+        // The first check of a leadership takes the checkpoint as saved.
+        let saved = match self.saved.compare_exchange(0, checkpoint, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => checkpoint,
+            Err(saved) => saved,
+        };
         if checkpoint < saved {
             warn!(checkpoint, saved, "Redis holds an older checkpoint than this projector saved: resuming from it");
             return Err(ProjectorError::StateRegressed);
         }
-        let tags = self.writer.marker_tags().await?;
-        *self.marker_tags.lock().unwrap_or_else(|e| e.into_inner()) = tags.clone();
+        // The next checkpoint marks the masters there are now; this one is
+        // compared with the markers written with it (a master added since
+        // has none to compare).
+        *self.marker_tags.lock().unwrap_or_else(|e| e.into_inner()) = self.writer.marker_tags().await?;
         if checkpoint == 0 {
             return Ok(Durability::Intact);
         }
-        let markers = self.writer.markers(&tags).await?;
-        if let Some((tag, marker)) = tags.iter().zip(&markers).find(|(_, m)| m.unwrap_or(0) < checkpoint) {
+        let markers = self.writer.markers(&marked).await?;
+        if let Some((tag, marker)) = marked.iter().zip(&markers).find(|(_, m)| m.is_none_or(|m| m < checkpoint)) {
             warn!(%tag, ?marker, checkpoint, "a Redis master holds less than the checkpoint says: rebuilding the partition");
             self.checkpoint.heartbeat(&[("writes_lost_total", 1)]).await?;
             return Ok(Durability::MasterBehind);
@@ -296,20 +311,28 @@ impl Leader<'_> {
 
     /// The first queued command for a tenant of this partition, taken off
     /// the queue (`LREM` of exactly it: if another leader took it first,
-    /// the next one is tried). Commands are few; a partition looks at the
-    /// first 256.
+    /// the next one is tried). The queue is shared by every partition and
+    /// read in pages, up to its first 4,096 commands, so that one
+    /// partition's backlog does not hide another's commands.
     async fn take_command(&self) -> Result<Option<String>, ProjectorError> {
+        const PAGE: isize = 256;
         let mut c = self.p.redis.get().await?;
         let queue = self.p.keys.commands();
-        let queued: Vec<String> = c.lrange(&queue, 0, 255).await?;
-        for raw in queued {
-            let mine = match Command::parse(&raw) {
-                Some(Command::Warm { tenant, .. } | Command::Purge { tenant }) => self.scope.owns_tenant(tenant),
-                // Partition 0 drops what nobody can run.
-                None => self.scope.owns_globals(),
-            };
-            if mine && c.lrem::<_, _, i64>(&queue, 1, &raw).await? == 1 {
-                return Ok(Some(raw));
+        for page in 0..16 {
+            let queued: Vec<String> = c.lrange(&queue, page * PAGE, (page + 1) * PAGE - 1).await?;
+            let last_page = (queued.len() as isize) < PAGE;
+            for raw in queued {
+                let mine = match Command::parse(&raw) {
+                    Some(Command::Warm { tenant, .. } | Command::Purge { tenant }) => self.scope.owns_tenant(tenant),
+                    // Partition 0 drops what nobody can run.
+                    None => self.scope.owns_globals(),
+                };
+                if mine && c.lrem::<_, _, i64>(&queue, 1, &raw).await? == 1 {
+                    return Ok(Some(raw));
+                }
+            }
+            if last_page {
+                break;
             }
         }
         Ok(None)

@@ -45,6 +45,8 @@ pub enum ProjectorError {
     LeaseLost,
     #[error("Redis holds an older checkpoint than this projector saved (restored from an older state)")]
     StateRegressed,
+    #[error("a Redis master holds less than the last checkpoint says was written")]
+    MasterBehind,
 }
 
 impl From<ReadModelError> for ProjectorError {
@@ -100,7 +102,7 @@ pub struct Projector {
     id: String,
 }
 
-/// A partition this process leads: its task, and the lease it holds.
+/// A partition this process leads: the task that leads it.
 struct Owned {
     task: tokio::task::JoinHandle<()>,
 }
@@ -246,6 +248,9 @@ impl Projector {
 
     async fn lead_partition(&self, partition: u32, lease: &mut Lease) -> Result<(), ProjectorError> {
         let (keeper, renewer) = lease.keep_alive();
+        // The renewer stops with this leadership, however it ends (a task
+        // aborted when the partition is given up drops this future).
+        let _renewer = AbortOnDrop(renewer);
         let token: u64 = {
             let mut c = self.redis.get().await?;
             c.incr(self.keys.fence_seq(), 1).await?
@@ -269,9 +274,16 @@ impl Projector {
             marker_tags: Default::default(),
         };
         let span = tracing::info_span!("partition", partition);
-        let result = tracing::Instrument::instrument(leader.run(), span).await;
-        renewer.abort();
-        result
+        tracing::Instrument::instrument(leader.run(), span).await
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -182,6 +182,9 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
                 plan.global.push(GlobalOp::call_loc(doc, [&e.place]));
                 plan.tenants.entry(e.place.tenant).or_default().push(TenantOp::Put(e));
             }
+            // Nothing names the call here (it is another partition's, or
+            // a cold tenant's): no locator to drop.
+            None if places.is_empty() => {}
             None => plan.global.push(GlobalOp::DelLoc(Locator::Call, doc)),
         }
     }

@@ -43,6 +43,9 @@ enum Topology {
 pub struct Cluster {
     seeds: Vec<String>,
     current: RwLock<ClusterConnection>,
+    /// The runtime the connection was made on: replacements run there, not
+    /// on whichever worker saw the error.
+    runtime: tokio::runtime::Handle,
     /// When the connection was last replaced; `None` while a replacement
     /// is being made.
     replaced: Mutex<Option<Instant>>,
@@ -85,7 +88,7 @@ impl Cluster {
             }
         }
         let this = self.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             match Cluster::connect(&this.seeds).await {
                 Ok(fresh) => {
                     *this.current.write().unwrap_or_else(|e| e.into_inner()) = fresh;
@@ -163,7 +166,12 @@ impl Redis {
     /// A Redis Cluster, discovered from `seeds` (any reachable node will do).
     pub async fn cluster(seeds: &[String]) -> Result<Self, ReadModelError> {
         let current = RwLock::new(Cluster::connect(seeds).await?);
-        let cluster = Cluster { seeds: seeds.to_vec(), current, replaced: Mutex::new(Some(Instant::now())) };
+        let cluster = Cluster {
+            seeds: seeds.to_vec(),
+            current,
+            runtime: tokio::runtime::Handle::current(),
+            replaced: Mutex::new(Some(Instant::now())),
+        };
         Ok(Self { topology: Topology::Cluster(Arc::new(cluster)) })
     }
 
@@ -244,15 +252,6 @@ impl Redis {
             RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master)))
         });
         scan_on(&mut c, route, pattern).await
-    }
-
-    /// The masters' addresses, for measurements and tests (empty on a
-    /// single node).
-    pub async fn master_addresses(&self) -> Result<Vec<(String, u16)>, ReadModelError> {
-        match &self.topology {
-            Topology::Single(_) => Ok(Vec::new()),
-            Topology::Cluster(c) => masters(&mut c.connection()).await,
-        }
     }
 
     /// One hash tag per master, `<stem><i>` with the smallest `i` whose

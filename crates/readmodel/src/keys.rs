@@ -12,7 +12,7 @@
 //! | `P:{tN}:z:<status>` | ZSET | every live call: member [`crate::codec::member`] (id, then `_id`, binary), score `start_time` ms (undated: [`crate::codec::UNDATED`]) |
 //! | `P:{tN}:doc` | HASH | member -> `<owner>,<user>,<assignee>\|<call JSON without details>`, for the first ranks of each ZSET only |
 //! | `P:{tN}:dw` | HASH | status -> how many first ranks of its ZSET have their document |
-//! | `P:{tN}:ver` | STRING | bumped by every write to the tenant's calls (never reset) |
+//! | `P:{tN}:ver` | STRING | bumped by every write to the tenant's calls (a rebuild deletes it) |
 //! | `P:{tN}:state` | STRING | [`crate::TenantState`] with the format mark: `<schema>:warming:<epoch>:<job>` or `<schema>:warm:<epoch>`; absent = cold |
 //! | `P:{tN}:st` | HASH | status `_id` -> the tenant's own status (JSON `StatusRecord`) |
 //! | `P:{tN}:meta` | HASH | `last_event_ms` |
@@ -245,10 +245,6 @@ impl Keys {
     }
     pub fn lease(&self) -> String {
         self.global(&format!("lease:{}", self.partition))
-    }
-    /// A SCAN pattern for every partition's lease.
-    pub fn leases_pattern(&self) -> String {
-        self.global("lease:*")
     }
     /// The durability marker of this partition under hash tag `tag` (one
     /// per master): the sequence of the last batch whose writes preceded it.

@@ -403,7 +403,8 @@ impl ReadModel {
     ) -> Result<Option<u64>, ReadModelError> {
         static CELL: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
         let mut c = self.conn().await?;
-        if !force && c.exists(self.keys.state(tenant)).await? {
+        let current: Option<String> = c.get(self.keys.state(tenant)).await?;
+        if !force && current.as_deref().is_some_and(|s| s.starts_with(&TenantState::format_prefix())) {
             return Ok(None);
         }
         let (epoch,): (u64,) = transaction(
@@ -416,6 +417,7 @@ impl ReadModel {
             .key(self.keys.state(tenant))
             .arg(TenantState::encode_warming(epoch, job))
             .arg(if force { "1" } else { "0" })
+            .arg(TenantState::format_prefix())
             .invoke_async(&mut c)
             .await?;
         if set != 1 {

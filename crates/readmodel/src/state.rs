@@ -44,6 +44,11 @@ impl TenantState {
         format!("{}{}", Self::warming_prefix(epoch), job.unwrap_or("-"))
     }
 
+    /// What every state of this format starts with.
+    pub fn format_prefix() -> String {
+        format!("{SCHEMA}:")
+    }
+
     /// What every `warming` state of `epoch` starts with.
     pub fn warming_prefix(epoch: u64) -> String {
         format!("{SCHEMA}:warming:{epoch}:")

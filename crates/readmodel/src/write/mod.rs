@@ -155,8 +155,10 @@ impl Writer {
         }
         let mut batches: BTreeMap<String, Batch> = BTreeMap::new();
         for op in ops {
-            let tag = if self.redis.is_cluster() { tag_of(op.key()).unwrap_or(GLOBAL_TAG) } else { GLOBAL_TAG };
-            batches.entry(tag.to_string()).or_insert_with(|| Batch::shared(self.check(tag))).push(op);
+            // Keys without a tag (of no format of ours) go alone.
+            let tag = if self.redis.is_cluster() { tag_of(op.key()).unwrap_or(op.key()) } else { GLOBAL_TAG };
+            let tag = tag.to_string();
+            batches.entry(tag.clone()).or_insert_with(|| Batch::shared(self.check(&tag))).push(op);
         }
         try_join_all(batches.into_values().map(|b| async move {
             let mut c = self.conn().await?;
@@ -349,13 +351,31 @@ impl Writer {
         self.redis.tag_per_master("m").await
     }
 
-    /// Writes `seq` into the marker under each of `tags` (guarded, one
-    /// script per master, at once). Written after a batch's data and before
-    /// its checkpoint: a master whose marker is older than the checkpoint
-    /// has lost writes, since replication keeps a master's writes in order.
-    pub async fn mark(&self, tags: &[String], seq: u64) -> Result<(), ReadModelError> {
-        let ops = tags.iter().map(|t| Op::Set { key: self.keys.marker(t), value: seq.to_string().into_bytes() });
-        self.run_shared(ops.collect()).await
+    /// Moves the marker under each of `tags` from `previous` (the last
+    /// checkpoint's sequence) to `seq` (guarded, one script per master, at
+    /// once). Written after a batch's data and before its checkpoint: a
+    /// master whose marker is older than the checkpoint has lost writes,
+    /// since replication keeps a master's writes in order. Returns `false`
+    /// when a marker was found below `previous` (left as it is).
+    pub async fn mark(&self, tags: &[String], previous: u64, seq: u64) -> Result<bool, ReadModelError> {
+        static CELL: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let marked = try_join_all(tags.iter().map(|tag| async move {
+            let check = self.check(tag);
+            let mut c = self.conn().await?;
+            let done: i64 = script(&CELL, script::MARK)
+                .key(&check.key)
+                .key(self.keys.marker(tag))
+                .arg(check.mode)
+                .arg(&check.value)
+                .arg(previous)
+                .arg(seq)
+                .invoke_async(&mut c)
+                .await
+                .map_err(fenced)?;
+            Ok::<_, ReadModelError>(done == 1)
+        }))
+        .await?;
+        Ok(marked.into_iter().all(|m| m))
     }
 
     /// The markers under `tags`, in order (`None`: never written there).

@@ -93,6 +93,10 @@ impl Writer {
                 Some((p, _)) => mine(p),
                 None => scope.owns_globals(),
             },
+            Some(t) if t.starts_with('m') => match rest.strip_prefix("seq:") {
+                Some(p) => mine(p),
+                None => scope.owns_globals(),
+            },
             Some(crate::keys::GLOBAL_TAG) => {
                 let shared = ["cmdq", "epoch", "progress", "fence_seq", "members", "tenants"];
                 if shared.contains(&rest) || rest.starts_with("job:") || rest.starts_with("lease:") {
@@ -139,6 +143,8 @@ mod tests {
             (k.in_partition(1).checkpoint(), false, true),
             (k.in_partition(1).lease(), false, false),
             (k.commands(), false, false),
+            (k.marker("m3"), true, false),
+            (k.in_partition(1).marker("m3"), false, true),
             (k.job("w3"), false, false),
             (k.tenants(), false, false),
             ("cb:{g}:tstate".into(), true, false),

@@ -14,6 +14,7 @@ pub(crate) const APPLY: &str = concat!(include_str!("../lua/guard.lua"), include
 pub(crate) const FILL: &str = concat!(include_str!("../lua/guard.lua"), include_str!("../lua/fill.lua"));
 pub(crate) const MARK_WARM: &str = concat!(include_str!("../lua/guard.lua"), include_str!("../lua/mark_warm.lua"));
 pub(crate) const REQUEST_WARM: &str = include_str!("../lua/request_warm.lua");
+pub(crate) const MARK: &str = concat!(include_str!("../lua/guard.lua"), include_str!("../lua/mark.lua"));
 
 /// A script hashed once per process.
 pub(crate) fn script(cell: &'static OnceLock<redis::Script>, source: &'static str) -> &'static redis::Script {

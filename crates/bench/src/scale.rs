@@ -1,0 +1,368 @@
+//! `callboard-bench --scale`: the scale-out figures, each measured in one
+//! run. Hits on one Redis against the same hits on a three-master Redis
+//! Cluster; what each master holds with every tenant of a many-tenant
+//! dataset warm; and the projection rate (events applied per second) with
+//! 1, 2 and 4 `callboard project` processes sharing four partitions.
+//! Writes a section of BENCHMARKS.md between two markers.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bson::{doc, DateTime, Document};
+use callboard_testkit::{free_port, Guarded, Services, TestRedis};
+use futures::StreamExt;
+
+use crate::report::Load;
+use crate::{node_urls, used_memory, wait_healthy, wrk, Args, KINDS, SECRET};
+
+const BEGIN: &str = "<!-- scale:begin -->";
+const END: &str = "<!-- scale:end -->";
+
+/// A deployment of release processes on `services`.
+struct Deployed {
+    services: Services,
+    env: Vec<(String, String)>,
+    base: String,
+    procs: Vec<Guarded>,
+    bin: std::path::PathBuf,
+}
+
+impl Deployed {
+    fn new(args: &Args, services: Services, extra: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let (var, value) = services.redis.setting();
+        let mut env: Vec<(String, String)> = vec![
+            ("CALLBOARD_MONGODB_URI".into(), services.mongo.uri()),
+            ("CALLBOARD_MONGODB_DB".into(), "bench".into()),
+            (var.into(), value),
+            ("CALLBOARD_JWT_SECRET".into(), SECRET.into()),
+            ("CALLBOARD_HTTP_ADDR".into(), format!("127.0.0.1:{port}")),
+            ("CALLBOARD_LOG".into(), "warn".into()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Ok(Self { services, env, base: format!("http://127.0.0.1:{port}"), procs: Vec::new(), bin: args.bin.clone() })
+    }
+
+    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(&self.bin).args(args).envs(self.env.iter().map(|(k, v)| (k, v))).output()?;
+        if !out.status.success() {
+            bail!("callboard {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    fn spawn(&mut self, cmd: &str, config: Option<&Path>) -> anyhow::Result<usize> {
+        let mut c = Command::new(&self.bin);
+        if let Some(config) = config {
+            c.arg("--config").arg(config);
+        }
+        c.arg(cmd).envs(self.env.iter().map(|(k, v)| (k, v)));
+        let log = self.services.dir.path().join(format!("{cmd}-{}.log", self.procs.len()));
+        self.procs.push(Guarded::spawn(c, "callboard", &log)?);
+        Ok(self.procs.len() - 1)
+    }
+
+    fn seed(&self, tenants: u32, calls: u64) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let (tenants, calls) = (tenants.to_string(), calls.to_string());
+        self.run(&["seed", "--tenants", &tenants, "--calls", &calls, "--users", "100", "--statuses", "5", "--drop"])?;
+        self.run(&["create-indexes"])?;
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    fn token(&self, tenant: u32, admin: bool) -> anyhow::Result<String> {
+        let t = tenant.to_string();
+        let mut args = vec!["token", "--tenant", &t, "--ttl", "2h"];
+        if admin {
+            args.push("--admin");
+        }
+        self.run(&args)
+    }
+
+    /// Queues a warm (`{"tenant_id": 1}` or `{"all": true}`) and waits for
+    /// its job; returns the seconds it took.
+    async fn warm(&self, client: &reqwest::Client, body: serde_json::Value) -> anyhow::Result<f64> {
+        let admin = self.token(1, true)?;
+        let started = Instant::now();
+        let job: serde_json::Value = client
+            .post(format!("{}/admin/cache/warm", self.base))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let job_id = job["job_id"].as_str().context("job id")?.to_string();
+        loop {
+            let state: serde_json::Value = client
+                .get(format!("{}/admin/cache/warm/{job_id}", self.base))
+                .bearer_auth(&admin)
+                .send()
+                .await?
+                .json()
+                .await?;
+            if state["state"] == "done" {
+                return Ok(started.elapsed().as_secs_f64());
+            }
+            if started.elapsed() > Duration::from_secs(1800) {
+                bail!("warm did not finish in 30 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Deployed {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            p.resume();
+            p.kill();
+        }
+    }
+}
+
+fn services(cluster: bool) -> anyhow::Result<Services> {
+    Ok(if cluster { Services::start_cluster(3, 0)? } else { Services::start()? })
+}
+
+/// Hits on one topology: 100K calls in one tenant, each kind at 64 and 1
+/// connections.
+async fn hits(args: &Args, cluster: bool, secs: u64) -> anyhow::Result<Vec<Load>> {
+    let mut d = Deployed::new(args, services(cluster)?, &[])?;
+    d.seed(1, 100_000)?;
+    d.spawn("project", None)?;
+    d.spawn("serve", None)?;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(600)).build()?;
+    wait_healthy(&client, &d.base).await?;
+    let warm_s = d.warm(&client, serde_json::json!({"tenant_id": 1})).await?;
+    eprintln!("   {} warm in {warm_s:.1}s", if cluster { "cluster" } else { "single" });
+    let token = d.token(1, false)?;
+    let dir = d.services.dir.path().to_path_buf();
+    let mut loads = Vec::new();
+    for (kind, body) in KINDS {
+        for conns in [64, 1] {
+            loads.push(wrk::run(&dir, &d.base, &token, body, false, conns, secs, kind).await?);
+        }
+    }
+    Ok(loads)
+}
+
+/// Per master: (port, used_memory bytes, keys), with every tenant of
+/// `calls` calls over `tenants` tenants warm.
+async fn memory_per_master(args: &Args, tenants: u32, calls: u64) -> anyhow::Result<(f64, f64, Vec<(u16, u64, u64)>)> {
+    let mut d = Deployed::new(args, services(true)?, &[])?;
+    let seed_s = d.seed(tenants, calls)?;
+    eprintln!("   seeded {calls} calls over {tenants} tenants in {seed_s:.0}s");
+    let before: Vec<u64> = futures::future::try_join_all(
+        node_urls(&d.services.redis).iter().map(|u| async move { used_memory(std::slice::from_ref(u)).await }),
+    )
+    .await?;
+    d.spawn("project", None)?;
+    d.spawn("serve", None)?;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(600)).build()?;
+    wait_healthy(&client, &d.base).await?;
+    let warm_s = d.warm(&client, serde_json::json!({"all": true})).await?;
+    eprintln!("   every tenant warm in {warm_s:.0}s");
+    let TestRedis::Cluster(c) = &d.services.redis else { bail!("a cluster") };
+    let mut out = Vec::new();
+    for (port, before) in c.ports().into_iter().zip(before) {
+        let url = format!("redis://127.0.0.1:{port}");
+        let used = used_memory(std::slice::from_ref(&url)).await?;
+        let keys: u64 = c.cli(port, &["dbsize"])?.trim().parse().unwrap_or(0);
+        out.push((port, used.saturating_sub(before), keys));
+    }
+    Ok((seed_s, warm_s, out))
+}
+
+/// Events applied per second by `processes` processes over four
+/// partitions: the processes are frozen (SIGSTOP), `events` call updates
+/// and one sentinel call per tenant are written, the processes resume, and
+/// the clock runs until every tenant's sentinel is served from the cache.
+async fn projection_rate(d: &mut Deployed, processes: usize, events: usize) -> anyhow::Result<f64> {
+    let config = d.services.dir.path().join("rate.toml");
+    // A lease that outlives the freeze: the processes keep their
+    // partitions, so what is measured is catching up.
+    std::fs::write(&config, "[projector]\nlease_ttl_ms = 120000\npartitions = 4\n")?;
+    for p in &mut d.procs {
+        p.resume();
+        p.kill();
+    }
+    d.procs.clear();
+    d.spawn("serve", None)?;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(600)).build()?;
+    wait_healthy(&client, &d.base).await?;
+    let mut projectors = Vec::new();
+    for _ in 0..processes {
+        projectors.push(d.spawn("project", Some(&config))?);
+    }
+    // Every partition led, by as many processes as there are (up to 4).
+    let redis = match d.services.redis.setting() {
+        ("CALLBOARD_REDIS_URL", url) => callboard_readmodel::Redis::single_url(&url, 2)?,
+        (_, seeds) => {
+            callboard_readmodel::Redis::cluster(&seeds.split(',').map(str::to_string).collect::<Vec<_>>()).await?
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut c = redis.get().await?;
+        let mut owners = std::collections::BTreeSet::new();
+        for p in 0..4 {
+            let owner: Option<String> = redis::AsyncCommands::get(&mut c, format!("cb:{{g}}:lease:{p}")).await?;
+            owners.insert(owner.unwrap_or_default());
+        }
+        if !owners.contains("") && owners.len() == processes.min(4) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the partitions were not shared out: {owners:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let tenants: Vec<u32> = (1..=40).collect();
+    let tokens = tenants.iter().map(|t| d.token(*t, false)).collect::<anyhow::Result<Vec<_>>>()?;
+    // Every tenant warm and caught up before the freeze.
+    d.warm(&client, serde_json::json!({"all": true})).await?;
+    for p in &projectors {
+        d.procs[*p].pause();
+    }
+    let mongo = mongodb::Client::with_uri_str(d.services.mongo.uri()).await?.database("bench");
+    let calls = mongo.collection::<Document>("calls");
+    let written = Instant::now();
+    let updates = futures::stream::iter(0..events)
+        .map(|i| {
+            let calls = calls.clone();
+            async move {
+                let id = 1 + (i as i64 * 7_919) % 20_000;
+                calls.update_one(doc! {"id": id}, doc! {"$set": {"status_id": 1 + (i as i64 % 5)}}).await
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    if let Some(e) = updates.into_iter().find_map(Result::err) {
+        bail!("update failed: {e}");
+    }
+    let sentinel = |t: u32| 90_000_000 + 1_000 * processes as i64 + i64::from(t);
+    for &t in &tenants {
+        calls
+            .insert_one(doc! {"id": sentinel(t), "tenant_id": i64::from(t), "status_id": 1,
+            "start_time": DateTime::from_millis(1_950_000_000_000)})
+            .await?;
+    }
+    eprintln!("   {events} updates and {} sentinels written in {:.1}s", tenants.len(), written.elapsed().as_secs_f64());
+    let started = Instant::now();
+    for p in &projectors {
+        d.procs[*p].resume();
+    }
+    let mut pending: Vec<usize> = (0..tenants.len()).collect();
+    while !pending.is_empty() {
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("the projectors did not catch up in 10 minutes");
+        }
+        let mut still = Vec::new();
+        for i in pending {
+            let body: serde_json::Value = client
+                .post(format!("{}/crm/calls/get-grouped-by-status", d.base))
+                .bearer_auth(&tokens[i])
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("limit=1&include_enrichment=false")
+                .send()
+                .await?
+                .json()
+                .await?;
+            let top = body["data"]
+                .as_array()
+                .and_then(|g| g.iter().find(|g| g["id"] == 1))
+                .and_then(|g| g["calls"][0].as_i64());
+            if top != Some(sentinel(tenants[i])) {
+                still.push(i);
+            }
+        }
+        pending = still;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let rate = (events + tenants.len()) as f64 / secs;
+    eprintln!("   {processes} process(es): caught up in {secs:.2}s, {rate:.0} events/s");
+    Ok(rate)
+}
+
+pub async fn run(args: &Args, memory_calls: u64) -> anyhow::Result<()> {
+    let secs = if args.quick { 3 } else { 5 };
+    eprintln!("== hits: one Redis, then a 3-master cluster (100K calls, 1 tenant)");
+    let single = hits(args, false, secs).await?;
+    let cluster = hits(args, true, secs).await?;
+
+    eprintln!("== projection rate: 1, 2 and 4 processes over 4 partitions (cluster, 20K calls over 40 tenants)");
+    let mut d = Deployed::new(args, services(true)?, &[])?;
+    d.seed(40, 20_000)?;
+    let events = if args.quick { 2_000 } else { 5_000 };
+    let mut rates = Vec::new();
+    for processes in [1, 2, 4] {
+        rates.push((processes, projection_rate(&mut d, processes, events).await?));
+    }
+    drop(d);
+
+    eprintln!("== memory per master: {memory_calls} calls over 1,000 tenants, every tenant warm");
+    let (seed_s, warm_s, memory) = memory_per_master(args, 1000, memory_calls).await?;
+
+    let mut md = String::new();
+    writeln!(md, "{BEGIN}")?;
+    writeln!(md, "## Scale-out (`callboard-bench --scale`)\n")?;
+    writeln!(md, "One run, same machine. The cluster is three masters on loopback (no replicas), started by the bench like the tests' (`redis-cli --cluster create`).\n")?;
+    writeln!(md, "### Hits: one Redis against a 3-master Redis Cluster\n")?;
+    writeln!(md, "100K calls in tenant 1, warm; `serve` and `project` as separate processes; wrk {secs} s per row.\n")?;
+    writeln!(
+        md,
+        "| request | single req/s @64 | cluster req/s @64 | cluster/single | single p99 @1 | cluster p99 @1 |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
+    for (kind, _) in KINDS {
+        let find = |loads: &[Load], conns| loads.iter().find(|l| l.kind == kind && l.conns == conns).cloned();
+        if let (Some(s64), Some(c64), Some(s1), Some(c1)) =
+            (find(&single, 64), find(&cluster, 64), find(&single, 1), find(&cluster, 1))
+        {
+            writeln!(
+                md,
+                "| {kind} | {:.0} | {:.0} | {:.2}x | {:.0} µs | {:.0} µs |",
+                s64.rps,
+                c64.rps,
+                c64.rps / s64.rps.max(1.0),
+                s1.p99_us,
+                c1.p99_us
+            )?;
+        }
+    }
+    writeln!(md, "\n### Projection rate\n")?;
+    writeln!(md, "Four partitions, 20K calls over 40 tenants on the cluster, every tenant warm. The projector processes are frozen (SIGSTOP) while {events} call updates and 40 sentinel inserts are written, then resumed; the rate is those events over the time until every tenant's sentinel is served from the cache.\n")?;
+    writeln!(md, "| processes | events/s | vs 1 process |")?;
+    writeln!(md, "|---:|---:|---:|")?;
+    let one = rates.first().map(|r| r.1).unwrap_or(1.0);
+    for (p, r) in &rates {
+        writeln!(md, "| {p} | {r:.0} | {:.2}x |", r / one)?;
+    }
+    writeln!(md, "\n### What each master holds\n")?;
+    writeln!(md, "{memory_calls} calls over 1,000 tenants, every tenant warm (seeded in {seed_s:.0} s, warmed in {warm_s:.0} s). `used_memory` after the warm minus before it, and keys, per master.\n")?;
+    writeln!(md, "| master | memory | share | keys |")?;
+    writeln!(md, "|---|---:|---:|---:|")?;
+    let total: u64 = memory.iter().map(|m| m.1).sum();
+    for (port, used, keys) in &memory {
+        let share = 100.0 * *used as f64 / total.max(1) as f64;
+        writeln!(md, "| :{port} | {:.1} MiB | {share:.0}% | {keys} |", *used as f64 / 1048576.0)?;
+    }
+    let per_call = total as f64 / memory_calls as f64;
+    writeln!(md, "| all | {:.1} MiB | | {} |\n", total as f64 / 1048576.0, memory.iter().map(|m| m.2).sum::<u64>())?;
+    writeln!(md, "{per_call:.0} bytes of Redis per call in all.")?;
+    writeln!(md, "{END}")?;
+
+    let existing = std::fs::read_to_string(&args.out).unwrap_or_default();
+    let updated = match (existing.find(BEGIN), existing.find(END)) {
+        (Some(a), Some(b)) if a < b => format!("{}{}{}", &existing[..a], md.trim_end(), &existing[b + END.len()..]),
+        _ => format!("{}\n\n{}\n", existing.trim_end(), md.trim_end()),
+    };
+    std::fs::write(&args.out, updated)?;
+    Ok(())
+}
