@@ -88,3 +88,7 @@ bench-quick: deps ## The 10K-call benchmarks only (under a minute once built)
 .PHONY: run
 run: deps build ## Start Redis and the stand-in, seed demo data, serve on :8006
 	@bash deploy/run-local.sh
+
+.PHONY: run-cluster
+run-cluster: deps build ## The same on a local 3-master Redis Cluster (ports 16379-16381), 4 projector partitions
+	@RUN_CLUSTER=1 bash deploy/run-local.sh

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # `make run`: Redis and the MongoDB stand-in on loopback, demo data, the API.
+# `make run-cluster` (RUN_CLUSTER=1): a 3-master Redis Cluster on ports
+# RUN_REDIS_PORT..+2 instead of one Redis, and the projector in
+# RUN_PARTITIONS partitions (default 4).
 # Everything started here stops with Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +14,8 @@ HTTP_ADDR=${RUN_HTTP_ADDR:-127.0.0.1:8006}
 CALLS=${RUN_CALLS:-10000}
 TENANTS=${RUN_TENANTS:-10}
 STANDIN=${STANDIN:-../shared/standin/nx_standin.py}
+CLUSTER=${RUN_CLUSTER:-0}
+PARTITIONS=${RUN_PARTITIONS:-4}
 BIN=target/release/callboard
 
 mkdir -p "$RUN_DIR"
@@ -27,12 +32,26 @@ wait_port() {
   echo "nothing listens on port $1; see $RUN_DIR/*.log" >&2; exit 1
 }
 
-for p in "$MONGO_PORT" "$REDIS_PORT" "${HTTP_ADDR##*:}"; do
+REDIS_PORTS=("$REDIS_PORT")
+[ "$CLUSTER" = 1 ] && REDIS_PORTS=("$REDIS_PORT" $((REDIS_PORT + 1)) $((REDIS_PORT + 2)))
+for p in "$MONGO_PORT" "${REDIS_PORTS[@]}" "${HTTP_ADDR##*:}"; do
   if port_busy "$p"; then echo "port $p is in use; set RUN_MONGO_PORT, RUN_REDIS_PORT or RUN_HTTP_ADDR" >&2; exit 1; fi
 done
 
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$RUN_DIR/redis.log" 2>&1 &
-pids+=($!)
+if [ "$CLUSTER" = 1 ]; then
+  rm -f "$RUN_DIR"/nodes-*.conf
+  for p in "${REDIS_PORTS[@]}"; do
+    redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no --cluster-enabled yes \
+      --cluster-config-file "nodes-$p.conf" --cluster-node-timeout 2000 --dir "$RUN_DIR" >"$RUN_DIR/redis-$p.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${REDIS_PORTS[@]}"; do wait_port "$p"; done
+  redis-cli --cluster create "${REDIS_PORTS[@]/#/127.0.0.1:}" --cluster-yes >"$RUN_DIR/cluster-create.log"
+  until redis-cli -p "$REDIS_PORT" cluster info | grep -q cluster_state:ok; do sleep 0.1; done
+else
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$RUN_DIR/redis.log" 2>&1 &
+  pids+=($!)
+fi
 .venv/bin/python "$STANDIN" --db memory -p "$MONGO_PORT" --host 127.0.0.1 \
   --pid-file "$RUN_DIR/nx.pid" --log-file "$RUN_DIR/nx.log" >"$RUN_DIR/nx.out" 2>&1 &
 pids+=($!)
@@ -40,7 +59,13 @@ wait_port "$REDIS_PORT"
 wait_port "$MONGO_PORT"
 
 export CALLBOARD_MONGODB_URI="mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true"
-export CALLBOARD_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+if [ "$CLUSTER" = 1 ]; then
+  nodes=("${REDIS_PORTS[@]/#/redis://127.0.0.1:}")
+  export CALLBOARD_REDIS_CLUSTER_NODES=$(IFS=,; echo "${nodes[*]}")
+  export CALLBOARD_PROJECTOR_PARTITIONS="$PARTITIONS"
+else
+  export CALLBOARD_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+fi
 export CALLBOARD_HTTP_ADDR="$HTTP_ADDR"
 export CALLBOARD_JWT_SECRET="${RUN_SECRET:-callboard-demo-secret-not-for-production}"
 
@@ -56,7 +81,8 @@ pids+=($!)
 wait_port "${HTTP_ADDR##*:}"
 cat <<MSG
 
-callboard is serving demo data on http://$HTTP_ADDR (tenant 6's token below, valid 12h).
+callboard is serving demo data on http://$HTTP_ADDR (tenant 6's token below, valid 12h),
+on ${CALLBOARD_REDIS_CLUSTER_NODES:-one Redis at $CALLBOARD_REDIS_URL}.
 The first request is answered live (X-Cache: miss) and warms tenant 6; the
 next ones come from Redis (X-Cache: hit). Add -i to see the header.
 

@@ -102,6 +102,9 @@ pub struct Projector {
     id: String,
 }
 
+/// How recently a member must have renewed its membership to count.
+const MEMBER_WINDOW: Duration = Duration::from_secs(3);
+
 /// A partition this process leads: the task that leads it.
 struct Owned {
     task: tokio::task::JoinHandle<()>,
@@ -144,6 +147,8 @@ impl Projector {
         // Start the search for free partitions at a place of our own, so
         // that processes starting together do not all race for the same.
         let offset = rand::random::<u32>() % partitions;
+        // Free partitions, by how many rounds in a row they were seen free.
+        let mut stale: BTreeMap<u32, u32> = BTreeMap::new();
         loop {
             owned.retain(|p, o| {
                 let alive = !o.task.is_finished();
@@ -153,7 +158,14 @@ impl Projector {
                 alive
             });
             match this.share().await {
-                Ok(share) => {
+                Ok((share, free)) => {
+                    // A partition nobody takes for a few rounds (its share
+                    // fell to a member that has just gone) is taken by
+                    // whoever sees it, above its share if need be.
+                    stale.retain(|p, _| free.contains(p));
+                    for p in &free {
+                        *stale.entry(*p).or_insert(0) += 1;
+                    }
                     if owned.len() > share {
                         if let Some((&p, _)) = owned.iter().next_back() {
                             let o = owned.remove(&p).expect("just seen");
@@ -165,10 +177,8 @@ impl Projector {
                     }
                     for i in 0..partitions {
                         let p = (offset + i) % partitions;
-                        if owned.len() >= share {
-                            break;
-                        }
-                        if owned.contains_key(&p) {
+                        let orphaned = stale.get(&p).is_some_and(|rounds| *rounds >= 3);
+                        if owned.contains_key(&p) || (owned.len() >= share && !orphaned) {
                             continue;
                         }
                         let mut lease = this.lease(p);
@@ -209,10 +219,13 @@ impl Projector {
     }
 
     /// Renews this process's membership and returns how many partitions
-    /// it should lead.
-    async fn share(&self) -> Result<usize, ProjectorError> {
+    /// it should lead, and which partitions no one leads. A member is live
+    /// while it renewed within [`MEMBER_WINDOW`] (six rounds): a process
+    /// that died or froze stops counting long before its leases expire,
+    /// so no share is kept for it.
+    async fn share(&self) -> Result<(usize, Vec<u32>), ProjectorError> {
         let now = checkpoint::now_ms();
-        let ttl = self.config.lease_ttl.as_millis() as i64;
+        let ttl = MEMBER_WINDOW.as_millis() as i64;
         let mut c = self.redis.get().await?;
         let (members,): (Vec<String>,) = callboard_readmodel::conn::transaction(
             &mut c,
@@ -230,7 +243,14 @@ impl Projector {
         members.sort();
         let rank = members.iter().position(|m| *m == self.id).unwrap_or(0);
         let (n, p) = (members.len().max(1), self.partitioning().count() as usize);
-        Ok(p / n + usize::from(rank < p % n))
+        let mut leases = redis::pipe();
+        for partition in 0..p as u32 {
+            leases.get(self.keys.in_partition(partition).lease());
+        }
+        let owners: Vec<Option<String>> =
+            callboard_readmodel::conn::transaction(&mut c, &leases, &self.keys.members()).await?;
+        let free = owners.iter().enumerate().filter(|(_, o)| o.is_none()).map(|(i, _)| i as u32).collect();
+        Ok((p / n + usize::from(rank < p % n), free))
     }
 
     /// Leads `partition` while `lease` holds, logging why it stopped.
