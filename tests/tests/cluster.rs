@@ -193,7 +193,10 @@ async fn a_replica_promoted_behind_the_checkpoint_is_noticed_and_rebuilt() {
     let started = Instant::now();
     assert_converged(&app, &[tenant], "after a replica behind the checkpoint was promoted").await;
     let mut r = app.redis().await;
-    let lost: Option<i64> = redis::AsyncCommands::hget(&mut r, "cb:{g}:progress", "writes_lost_total").await.unwrap();
+    let lost: Option<i64> =
+        redis::AsyncCommands::hget(&mut r, "cb:{g}:progress", callboard_readmodel::state::progress::WRITES_LOST)
+            .await
+            .unwrap();
     assert!(lost >= Some(1), "the loss must have been noticed");
     eprintln!("rebuilt and converged {:?} after the promotion", started.elapsed());
     app.stop().await;

@@ -41,6 +41,9 @@ pub(crate) struct Args {
     /// Calls (over 1,000 tenants) for the memory-per-master figure.
     #[arg(long, default_value_t = 1_000_000)]
     scale_memory_calls: u64,
+    /// Which scale-out parts to run: `all`, or some of `hits,rate,memory`.
+    #[arg(long, default_value = "all")]
+    scale_parts: String,
 }
 
 pub struct Scenario {
@@ -75,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
         bail!("{} not found: run `cargo build --release -p callboard` (make bench does)", args.bin.display());
     }
     if args.scale {
-        scale::run(&args, args.scale_memory_calls).await?;
+        scale::run(&args, args.scale_memory_calls, &args.scale_parts).await?;
         eprintln!("wrote the scale-out section of {}", args.out.display());
         return Ok(());
     }

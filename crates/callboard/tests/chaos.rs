@@ -399,7 +399,9 @@ async fn workload(
     }
     let mut redis = app.redis().await;
     let refills: Option<i64> =
-        redis::AsyncCommands::hget(&mut redis, "cb:{g}:progress", "window_refills_total").await.unwrap();
+        redis::AsyncCommands::hget(&mut redis, "cb:{g}:progress", callboard_readmodel::state::progress::WINDOW_REFILLS)
+            .await
+            .unwrap();
     eprintln!("document windows refilled: {refills:?}");
     assert!(refills > Some(0), "the workload must make the projectors refill document windows");
     (kills, projectors)

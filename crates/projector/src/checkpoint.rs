@@ -5,6 +5,7 @@ use bson::doc;
 use mongodb::change_stream::event::ResumeToken;
 use redis::{AsyncCommands, Script};
 
+use callboard_readmodel::state::progress;
 use callboard_readmodel::{Keys, ReadModelError, Redis};
 
 const SAVE: &str = include_str!("lua/checkpoint_save.lua");
@@ -89,6 +90,10 @@ impl Checkpoint {
             .arg(now)
             .arg(stats.last_event_ms.map(|v| v.to_string()).unwrap_or_default())
             .arg(stats.lag_ms.map(|v| v.to_string()).unwrap_or_default())
+            .arg(progress::EVENTS_APPLIED)
+            .arg(progress::HEARTBEAT_MS)
+            .arg(progress::LAST_EVENT_MS)
+            .arg(progress::LAG_MS)
             .invoke_async(&mut c)
             .await?;
         Ok(saved == 1)
@@ -113,7 +118,7 @@ impl Checkpoint {
     pub async fn heartbeat(&self, extra: &[(&str, i64)]) -> Result<(), ReadModelError> {
         let mut c = self.redis.get().await?;
         let mut pipe = redis::pipe();
-        pipe.hset(self.keys.progress(), "heartbeat_ms", now_ms()).ignore();
+        pipe.hset(self.keys.progress(), progress::HEARTBEAT_MS, now_ms()).ignore();
         for (field, by) in extra {
             pipe.hincr(self.keys.progress(), *field, *by).ignore();
         }

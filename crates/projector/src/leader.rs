@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use callboard_domain::TenantId;
+use callboard_readmodel::state::progress;
 use callboard_readmodel::write::{Scope, Writer};
 use callboard_readmodel::{Command, TenantState};
 use redis::AsyncCommands;
@@ -180,7 +181,7 @@ impl Leader<'_> {
     /// warmed again.
     async fn recover_history_lost(&self, cause: &mongodb::error::Error) -> Result<Source, ProjectorError> {
         warn!(error = %cause, "change stream history lost; marking every tenant cold and re-warming");
-        self.checkpoint.heartbeat(&[("history_lost_total", 1)]).await?;
+        self.checkpoint.heartbeat(&[(progress::HISTORY_LOST, 1)]).await?;
         self.restart_read_model().await
     }
 
@@ -248,7 +249,7 @@ impl Leader<'_> {
         let needy = self.writer.apply(&plan).await?;
         let refilled = warm::refill_windows(&self.p.db, &self.writer, &needy).await?;
         if refilled > 0 {
-            self.checkpoint.heartbeat(&[("window_refills_total", refilled)]).await?;
+            self.checkpoint.heartbeat(&[(progress::WINDOW_REFILLS, refilled)]).await?;
         }
         let lag_ms = now_ms() - event_ms;
         tracing::Span::current().record("lag_ms", lag_ms);
@@ -303,7 +304,7 @@ impl Leader<'_> {
         let markers = self.writer.markers(&marked).await?;
         if let Some((tag, marker)) = marked.iter().zip(&markers).find(|(_, m)| m.is_none_or(|m| m < checkpoint)) {
             warn!(%tag, ?marker, checkpoint, "a Redis master holds less than the checkpoint says: rebuilding the partition");
-            self.checkpoint.heartbeat(&[("writes_lost_total", 1)]).await?;
+            self.checkpoint.heartbeat(&[(progress::WRITES_LOST, 1)]).await?;
             return Ok(Durability::MasterBehind);
         }
         Ok(Durability::Intact)
@@ -419,7 +420,7 @@ impl Leader<'_> {
     async fn finish_warm(&self, tenant: TenantId, warm: PendingWarm) -> Result<(), ProjectorError> {
         if self.writer.mark_warm(tenant, warm.epoch).await? {
             info!(tenant = %tenant, epoch = warm.epoch, "tenant warm");
-            self.checkpoint.heartbeat(&[("warms_total", 1)]).await?;
+            self.checkpoint.heartbeat(&[(progress::WARMS, 1)]).await?;
         }
         self.job_done(warm.job.as_deref()).await
     }

@@ -102,6 +102,20 @@ pub struct Projector {
     id: String,
 }
 
+/// A process's share of the partitions. It holds at most `ceil` (the
+/// partitions over the live members, rounded up) and takes free ones up to
+/// that; it gives one up when it holds more, or when it holds more than
+/// `floor` and is the member holding most while another holds fewer than
+/// `floor` (`give_up`). So a leader is not displaced by a newcomer that
+/// would only hold as many, and the partitions end within one of even.
+struct Share {
+    floor: usize,
+    ceil: usize,
+    /// Partitions no one leads.
+    free: Vec<u32>,
+    give_up: bool,
+}
+
 /// How recently a member must have renewed its membership to count.
 const MEMBER_WINDOW: Duration = Duration::from_secs(3);
 
@@ -133,10 +147,9 @@ impl Projector {
     }
 
     /// Runs until `shutdown` completes. Every half second the process
-    /// renews its membership, works out its share of the partitions (the
-    /// live members sorted by id; the first `partitions % members` take one
-    /// more), gives up a partition above its share and takes free ones
-    /// below it. A partition it leads runs in a task of its own until its
+    /// renews its membership, works out its share of the partitions
+    /// ([`Share`]), gives up a partition above it and takes free ones below
+    /// it. A partition it leads runs in a task of its own until its
     /// lease is lost or it fails.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ProjectorError> {
         tokio::pin!(shutdown);
@@ -158,7 +171,7 @@ impl Projector {
                 alive
             });
             match this.share().await {
-                Ok((share, free)) => {
+                Ok(Share { floor, ceil, free, give_up }) => {
                     // A partition nobody takes for a few rounds (its share
                     // fell to a member that has just gone) is taken by
                     // whoever sees it, above its share if need be.
@@ -166,19 +179,19 @@ impl Projector {
                     for p in &free {
                         *stale.entry(*p).or_insert(0) += 1;
                     }
-                    if owned.len() > share {
+                    if owned.len() > ceil || (owned.len() > floor && give_up) {
                         if let Some((&p, _)) = owned.iter().next_back() {
                             let o = owned.remove(&p).expect("just seen");
                             o.task.abort();
                             let _ = o.task.await;
                             let _ = this.lease(p).release().await;
-                            info!(partition = p, share, "partition given up for a new member");
+                            info!(partition = p, floor, ceil, "partition given up for another member");
                         }
                     }
                     for i in 0..partitions {
                         let p = (offset + i) % partitions;
                         let orphaned = stale.get(&p).is_some_and(|rounds| *rounds >= 3);
-                        if owned.contains_key(&p) || (owned.len() >= share && !orphaned) {
+                        if owned.contains_key(&p) || (owned.len() >= ceil && !orphaned) {
                             continue;
                         }
                         let mut lease = this.lease(p);
@@ -218,12 +231,11 @@ impl Projector {
         Lease::new(self.redis.clone(), &self.keys.in_partition(partition), self.id.clone(), self.config.lease_ttl)
     }
 
-    /// Renews this process's membership and returns how many partitions
-    /// it should lead, and which partitions no one leads. A member is live
-    /// while it renewed within [`MEMBER_WINDOW`] (six rounds): a process
-    /// that died or froze stops counting long before its leases expire,
-    /// so no share is kept for it.
-    async fn share(&self) -> Result<(usize, Vec<u32>), ProjectorError> {
+    /// Renews this process's membership and works out its share (see
+    /// [`Share`]). A member is live while it renewed within
+    /// [`MEMBER_WINDOW`] (six rounds): a process that died or froze stops
+    /// counting long before its leases expire, so no share is kept for it.
+    async fn share(&self) -> Result<Share, ProjectorError> {
         let now = checkpoint::now_ms();
         let ttl = MEMBER_WINDOW.as_millis() as i64;
         let mut c = self.redis.get().await?;
@@ -239,9 +251,6 @@ impl Projector {
             &self.keys.members(),
         )
         .await?;
-        let mut members = members;
-        members.sort();
-        let rank = members.iter().position(|m| *m == self.id).unwrap_or(0);
         let (n, p) = (members.len().max(1), self.partitioning().count() as usize);
         let mut leases = redis::pipe();
         for partition in 0..p as u32 {
@@ -250,7 +259,11 @@ impl Projector {
         let owners: Vec<Option<String>> =
             callboard_readmodel::conn::transaction(&mut c, &leases, &self.keys.members()).await?;
         let free = owners.iter().enumerate().filter(|(_, o)| o.is_none()).map(|(i, _)| i as u32).collect();
-        Ok((p / n + usize::from(rank < p % n), free))
+        let held = |m: &str| owners.iter().filter(|o| o.as_deref() == Some(m)).count();
+        let (floor, ceil) = (p / n, p.div_ceil(n));
+        let starved = members.iter().any(|m| held(m) < floor);
+        let richest = members.iter().max_by_key(|m| (held(m), m.as_str())).is_some_and(|m| *m == self.id);
+        Ok(Share { floor, ceil, free, give_up: starved && richest })
     }
 
     /// Leads `partition` while `lease` holds, logging why it stopped.

@@ -8,7 +8,7 @@ use redis::AsyncCommands;
 use crate::codec::{member_call_id, split_stored, user_json_for};
 use crate::conn::{transaction, Conn, Redis};
 use crate::local::{LocalCopies, Stamps, TenantStatuses};
-use crate::state::{is_job_id, job, Command};
+use crate::state::{is_job_id, job, progress, Command};
 use crate::write::script::{script, REQUEST_WARM};
 use crate::{Keys, ReadModelError, TenantState};
 
@@ -497,7 +497,7 @@ impl ReadModel {
 
     pub async fn tenant_last_event_ms(&self, tenant: TenantId) -> Result<Option<i64>, ReadModelError> {
         let mut c = self.conn().await?;
-        Ok(c.hget(self.keys.meta(tenant), "last_event_ms").await?)
+        Ok(c.hget(self.keys.meta(tenant), progress::LAST_EVENT_MS).await?)
     }
 
     pub async fn progress(&self) -> Result<Progress, ReadModelError> {
@@ -505,10 +505,10 @@ impl ReadModel {
         let (h, owner): (HashMap<String, i64>, Option<String>) =
             redis::pipe().hgetall(self.keys.progress()).get(self.keys.lease()).query_async(&mut c).await?;
         Ok(Progress {
-            heartbeat_ms: h.get("heartbeat_ms").copied(),
-            last_event_ms: h.get("last_event_ms").copied(),
-            lag_ms: h.get("lag_ms").copied(),
-            events_applied: h.get("events_applied").copied().unwrap_or(0).max(0) as u64,
+            heartbeat_ms: h.get(progress::HEARTBEAT_MS).copied(),
+            last_event_ms: h.get(progress::LAST_EVENT_MS).copied(),
+            lag_ms: h.get(progress::LAG_MS).copied(),
+            events_applied: h.get(progress::EVENTS_APPLIED).copied().unwrap_or(0).max(0) as u64,
             owner,
         })
     }
@@ -527,10 +527,10 @@ impl ReadModel {
     pub async fn progress_counters(&self) -> Result<Counters, ReadModelError> {
         let mut c = self.conn().await?;
         let (w, h, r, l): (Option<i64>, Option<i64>, Option<i64>, Option<i64>) = redis::pipe()
-            .hget(self.keys.progress(), "warms_total")
-            .hget(self.keys.progress(), "history_lost_total")
-            .hget(self.keys.progress(), "window_refills_total")
-            .hget(self.keys.progress(), "writes_lost_total")
+            .hget(self.keys.progress(), progress::WARMS)
+            .hget(self.keys.progress(), progress::HISTORY_LOST)
+            .hget(self.keys.progress(), progress::WINDOW_REFILLS)
+            .hget(self.keys.progress(), progress::WRITES_LOST)
             .query_async(&mut c)
             .await?;
         Ok(Counters {

@@ -113,6 +113,19 @@ pub mod job {
     pub const CREATED_MS: &str = "created_ms";
 }
 
+/// Field names of the projectors' progress hash (`P:{g}:progress`) and of
+/// a tenant's `P:{tN}:meta`.
+pub mod progress {
+    pub const HEARTBEAT_MS: &str = "heartbeat_ms";
+    pub const LAST_EVENT_MS: &str = "last_event_ms";
+    pub const LAG_MS: &str = "lag_ms";
+    pub const EVENTS_APPLIED: &str = "events_applied";
+    pub const WARMS: &str = "warms_total";
+    pub const HISTORY_LOST: &str = "history_lost_total";
+    pub const WINDOW_REFILLS: &str = "window_refills_total";
+    pub const WRITES_LOST: &str = "writes_lost_total";
+}
+
 /// Whether `id` is a warm job id (`w` and digits).
 pub fn is_job_id(id: &str) -> bool {
     id.len() >= 2 && id.starts_with('w') && id[1..].bytes().all(|b| b.is_ascii_digit())

@@ -74,6 +74,19 @@ impl Guarded {
         let _ = self.0.wait();
     }
 
+    /// SIGTERM, then waits (up to 10 s) for the process to exit on its own.
+    pub fn terminate(&mut self) {
+        // SAFETY: a signal to our own child's pid.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+
     /// SIGSTOP: the process freezes, as in a long pause or a VM stall.
     pub fn pause(&self) {
         // SAFETY: a signal to our own child's pid.

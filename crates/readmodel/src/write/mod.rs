@@ -277,7 +277,7 @@ impl Writer {
             }
             TenantOp::Touch { last_event_ms } => batch.push(Op::HSet {
                 key: k.meta(t),
-                field: b"last_event_ms".to_vec(),
+                field: crate::state::progress::LAST_EVENT_MS.as_bytes().to_vec(),
                 value: last_event_ms.to_string().into_bytes(),
             }),
         }
