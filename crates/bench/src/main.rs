@@ -146,33 +146,7 @@ async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Resu
 
     let nodes = node_urls(&d.services.redis);
     let used_before = used_memory(&nodes).await?;
-    let started = Instant::now();
-    let job: serde_json::Value = client
-        .post(format!("{}/admin/cache/warm", d.base))
-        .bearer_auth(&d.admin)
-        .json(&serde_json::json!({"tenant_id": 1}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let job_id = job["job_id"].as_str().context("job id")?.to_string();
-    loop {
-        let state: serde_json::Value = client
-            .get(format!("{}/admin/cache/warm/{job_id}", d.base))
-            .bearer_auth(&d.admin)
-            .send()
-            .await?
-            .json()
-            .await?;
-        if state["state"] == "done" {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(1800) {
-            bail!("warm did not finish in 30 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let warm_s = started.elapsed().as_secs_f64();
+    let warm_s = warm(&client, &d.base, &d.admin, serde_json::json!({"tenant_id": 1})).await?;
     let used_after = used_memory(&nodes).await?;
     let tenant_calls: u64 = {
         let (var, value) = d.services.redis.setting();
@@ -244,6 +218,31 @@ async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Resu
         },
         lag,
     ))
+}
+
+/// Queues a warm (`{"tenant_id": 1}` or `{"all": true}`) with an admin
+/// token and waits for its job; returns the seconds it took.
+pub(crate) async fn warm(
+    client: &reqwest::Client,
+    base: &str,
+    admin: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let job: serde_json::Value =
+        client.post(format!("{base}/admin/cache/warm")).bearer_auth(admin).json(&body).send().await?.json().await?;
+    let job_id = job["job_id"].as_str().context("job id")?.to_string();
+    loop {
+        let state: serde_json::Value =
+            client.get(format!("{base}/admin/cache/warm/{job_id}")).bearer_auth(admin).send().await?.json().await?;
+        if state["state"] == "done" {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("warm did not finish in 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 pub(crate) async fn wait_healthy(client: &reqwest::Client, base: &str) -> anyhow::Result<()> {

@@ -85,33 +85,7 @@ impl Deployed {
     /// Queues a warm (`{"tenant_id": 1}` or `{"all": true}`) and waits for
     /// its job; returns the seconds it took.
     async fn warm(&self, client: &reqwest::Client, body: serde_json::Value) -> anyhow::Result<f64> {
-        let admin = self.token(1, true)?;
-        let started = Instant::now();
-        let job: serde_json::Value = client
-            .post(format!("{}/admin/cache/warm", self.base))
-            .bearer_auth(&admin)
-            .json(&body)
-            .send()
-            .await?
-            .json()
-            .await?;
-        let job_id = job["job_id"].as_str().context("job id")?.to_string();
-        loop {
-            let state: serde_json::Value = client
-                .get(format!("{}/admin/cache/warm/{job_id}", self.base))
-                .bearer_auth(&admin)
-                .send()
-                .await?
-                .json()
-                .await?;
-            if state["state"] == "done" {
-                return Ok(started.elapsed().as_secs_f64());
-            }
-            if started.elapsed() > Duration::from_secs(1800) {
-                bail!("warm did not finish in 30 minutes");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::warm(client, &self.base, &self.token(1, true)?, body).await
     }
 }
 
