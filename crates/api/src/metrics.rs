@@ -49,7 +49,7 @@ impl Metrics {
         )
         .expect("valid histogram");
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid gauge");
-        let events_applied = gauge(names::EVENTS_APPLIED, "change events applied by the projectors (total)");
+        let events_applied = gauge(names::EVENTS_APPLIED, "change events read and applied by the projectors, summed over partitions (each partition reads every event)");
         let lag_ms = gauge(names::LAG_MS, "commit-to-apply lag of the last applied batch, ms");
         let warms = gauge(names::WARMS, "tenant warms completed (total)");
         let history_lost = gauge(names::HISTORY_LOST, "times the change stream history was lost (total)");

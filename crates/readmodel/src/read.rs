@@ -90,10 +90,6 @@ impl ReadModel {
         self.redis.get().await
     }
 
-    pub fn redis(&self) -> &Redis {
-        &self.redis
-    }
-
     pub async fn ping(&self) -> Result<(), ReadModelError> {
         let mut c = self.conn().await?;
         let _: String = redis::cmd("PING").query_async(&mut c).await?;

@@ -411,10 +411,6 @@ impl RedisCluster {
         let replicas = nodes.iter().filter(|n| n.master_id.as_deref() == Some(&master.id)).map(|n| n.port).collect();
         Ok((master.port, replicas))
     }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
 }
 
 /// One line of `CLUSTER NODES`.

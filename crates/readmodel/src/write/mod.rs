@@ -113,14 +113,6 @@ impl Writer {
         self
     }
 
-    pub fn keys(&self) -> &Keys {
-        &self.keys
-    }
-
-    pub fn redis(&self) -> &Redis {
-        &self.redis
-    }
-
     pub async fn conn(&self) -> Result<Conn, ReadModelError> {
         self.redis.get().await
     }
