@@ -200,7 +200,24 @@ impl Leader<'_> {
         for t in &warm {
             reader.request_warm(*t).await?;
         }
-        info!(tenants = warm.len(), "re-warm queued");
+        // A warm requested while the partition was listed and purged lost
+        // its state with the purge, but its command is still queued (only
+        // this leader takes it): its state is put back, so that the command
+        // runs instead of being skipped as superseded. Not for a tenant
+        // whose invalidation is queued after it.
+        let mut c = self.p.redis.get().await?;
+        let queued: Vec<String> = c.lrange(self.p.keys.commands(), 0, -1).await?;
+        let commands: Vec<Command> = queued.iter().filter_map(|q| Command::parse(q)).collect();
+        let mut restored = 0;
+        for (i, command) in commands.iter().enumerate() {
+            let Command::Warm { tenant, epoch, job } = command else { continue };
+            let purged_later =
+                commands[i + 1..].iter().any(|c| matches!(c, Command::Purge { tenant: t } if t == tenant));
+            if self.scope.owns_tenant(*tenant) && !purged_later {
+                restored += u32::from(reader.restore_warming(*tenant, *epoch, job.as_deref()).await?);
+            }
+        }
+        info!(tenants = warm.len(), restored, "re-warm queued");
         Ok(source)
     }
 

@@ -424,6 +424,27 @@ impl ReadModel {
         Ok(Some(epoch))
     }
 
+    /// Puts back the `warming` state of a queued warm of `tenant` (its
+    /// `epoch` and `job`) if the tenant has no state of this format, as
+    /// after a purge. Returns whether it did.
+    pub async fn restore_warming(
+        &self,
+        tenant: TenantId,
+        epoch: u64,
+        job: Option<&str>,
+    ) -> Result<bool, ReadModelError> {
+        static CELL: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let mut c = self.conn().await?;
+        let set: i64 = script(&CELL, REQUEST_WARM)
+            .key(self.keys.state(tenant))
+            .arg(TenantState::encode_warming(epoch, job))
+            .arg("0")
+            .arg(TenantState::format_prefix())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(set == 1)
+    }
+
     /// Creates a warm job of `total` tenants and returns its id. The total
     /// is set up front, so the job never looks done before every warm of
     /// it has been queued.
