@@ -584,3 +584,60 @@ async fn reads_racing_writes_see_one_moment() {
     assert!(hits > 100 && writes > 20, "too little overlap to mean anything: {hits} reads, {writes} writes");
     app.stop().await;
 }
+
+/// A change stream whose server-side cursor goes away (killed by an
+/// operator, or closed with the connection that opened it) carries on from
+/// where it stopped, with no event lost or repeated. Real MongoDB answers
+/// the next getMore with CursorNotFound, which the driver resumes; the
+/// stand-in answers with cursor id 0 and no error, which ends the driver's
+/// stream, so `Source` reopens it after its last token.
+#[tokio::test]
+async fn a_change_stream_whose_cursor_is_killed_carries_on() {
+    use callboard_projector::source::{Source, StartAt};
+    use std::sync::{Arc, Mutex};
+    let app = spawn_app().await;
+    let cursors: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let mut options = mongodb::options::ClientOptions::parse(app.services.mongo.uri()).await.unwrap();
+    let seen = cursors.clone();
+    options.command_event_handler = Some(mongodb::event::EventHandler::callback(move |e| {
+        if let mongodb::event::command::CommandEvent::Succeeded(s) = e {
+            if let Ok(id) = s.reply.get_document("cursor").and_then(|c| c.get_i64("id")) {
+                if id != 0 && s.command_name == "aggregate" {
+                    seen.lock().unwrap().push(id);
+                }
+            }
+        }
+    }));
+    let db = mongodb::Client::with_options(options).unwrap().database(app.db.name());
+    let calls = app.db.collection::<Document>(CALLS);
+    let mut source = Source::open(&db, StartAt::Now).await.unwrap();
+    let ids = |events: &[mongodb::change_stream::event::ChangeStreamEvent<Document>]| -> Vec<i64> {
+        // Numbers below 2^31 may come back as Int32 (the stand-in).
+        events
+            .iter()
+            .filter_map(|e| callboard_domain::CallId::from_bson(e.full_document.as_ref()?.get("id")?))
+            .map(|c| c.get())
+            .collect()
+    };
+    let mut got = Vec::new();
+    for id in 1..=3_i64 {
+        calls.insert_one(doc! {"id": id, "tenant_id": 1, "status_id": 1}).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < 3 && std::time::Instant::now() < deadline {
+        got.extend(ids(&source.next_batch(10, Duration::from_millis(500)).await.unwrap()));
+    }
+    assert_eq!(got, vec![1, 2, 3], "the stream before the kill");
+    let cursor = *cursors.lock().unwrap().last().expect("the stream's cursor id");
+    let killed = app.db.run_command(doc! {"killCursors": "$cmd.aggregate", "cursors": [cursor]}).await.unwrap();
+    assert_eq!(killed.get_array("cursorsKilled").unwrap(), &vec![Bson::Int64(cursor)], "{killed}");
+    for id in 4..=6_i64 {
+        calls.insert_one(doc! {"id": id, "tenant_id": 1, "status_id": 1}).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < 6 && std::time::Instant::now() < deadline {
+        got.extend(ids(&source.next_batch(10, Duration::from_millis(500)).await.unwrap()));
+    }
+    assert_eq!(got, (1..=6).collect::<Vec<_>>(), "every event once, in order, across the killed cursor");
+    app.stop().await;
+}

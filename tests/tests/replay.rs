@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use bson::{doc, Bson, DateTime, Document};
 use callboard_domain::TenantId;
 use callboard_projector::transform::{needs, plan, Change};
+use callboard_projector::warm::{refill_windows, CallSource};
 use callboard_readmodel::codec::CallEntry;
-use callboard_readmodel::write::{Plan, Writer};
+use callboard_readmodel::write::{DocWindow, Guard, Plan, Writer};
 use callboard_readmodel::{Conn, Keys, Redis, TenantState};
 use callboard_testkit::TestRedis;
 use proptest::prelude::*;
@@ -142,7 +143,7 @@ async fn dump(redis: &Redis, prefix: &str) -> BTreeMap<String, Vec<String>> {
     for key in keys {
         // Bookkeeping that differs by history, not state: the tenant
         // states, the last event time, the write counter and the fences.
-        if [":state", ":meta", ":ver", ":fence"].iter().any(|s| key.ends_with(s)) {
+        if [":state", ":meta", ":ver", ":fence"].iter().any(|s| key.ends_with(s)) || key.contains(":fence:") {
             continue;
         }
         let kind: String = redis::cmd("TYPE").arg(&key).query_async(conn).await.unwrap();
@@ -337,4 +338,294 @@ fn a_document_read_twice_by_a_snapshot_ends_in_one_place() {
         let second: u64 = conn.zcard(format!("{prefix}:{{t1}}:z:2")).await.unwrap();
         assert_eq!((first, second), (0, 1), "the call must be in status 2 only");
     });
+}
+
+/// The batches `cuts` makes of `len` changes, as ranges.
+fn batches(len: usize, cuts: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut bounds: Vec<usize> = cuts.iter().copied().filter(|c| *c > 0 && *c < len).collect();
+    bounds.sort();
+    bounds.dedup();
+    bounds.push(len);
+    let mut start = 0;
+    bounds
+        .into_iter()
+        .filter_map(|end| {
+            let r = start..end;
+            start = end;
+            (!r.is_empty()).then_some(r)
+        })
+        .collect()
+}
+
+/// The calls MongoDB holds at some position of the stream, as a window
+/// refill reads them.
+struct Docs(std::collections::HashMap<callboard_domain::DocKey, Document>);
+
+impl Docs {
+    /// After `ops[..at]`.
+    fn at(ops: &[Op], at: usize) -> Self {
+        let mut now = std::collections::HashMap::new();
+        for op in &ops[..at.min(ops.len())] {
+            let key = callboard_domain::DocKey::from_bson(&Bson::Int64(doc_of(op)));
+            match document(op) {
+                Some(d) => now.insert(key, d),
+                None => now.remove(&key),
+            };
+        }
+        Docs(now)
+    }
+}
+
+impl CallSource for Docs {
+    async fn calls(&self, ids: Vec<Bson>) -> Result<Vec<CallEntry>, callboard_projector::ProjectorError> {
+        Ok(ids
+            .iter()
+            .filter_map(|id| self.0.get(&callboard_domain::DocKey::from_bson(id)))
+            .filter_map(CallEntry::from_document)
+            .collect())
+    }
+}
+
+/// Plans and applies `changes` batch by batch, and refills the windows
+/// each batch leaves short from the documents `source(end)` gives for the
+/// batch ending at `end`, as the leader does.
+async fn apply_refilling(writer: &Writer, changes: &[Change], cuts: &[usize], source: &dyn Fn(usize) -> Docs) {
+    for r in batches(changes.len(), cuts) {
+        let batch = &changes[r.clone()];
+        let n = needs(batch);
+        let view = writer.load_locators(&n.calls, &n.users, &n.statuses, &n.tenants).await.unwrap();
+        let needy = writer.apply(&plan(batch, &view, 0)).await.unwrap();
+        refill_windows(&source(r.end), writer, &needy).await.unwrap();
+    }
+}
+
+/// Operations crowded onto few places, so that windows of two or three
+/// documents fill, overflow and run short.
+fn crowded_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1..10_i64, 1..3_i64, 1..3_i64, proptest::option::of(0..4_i64), proptest::bool::weighted(0.15), 1..4_i64)
+            .prop_map(|(doc, tenant, status, start, deleted, owner)| Op::Upsert { doc, tenant, status, start, deleted, owner }),
+        1 => (1..10_i64).prop_map(|doc| Op::Delete { doc }),
+    ]
+}
+
+/// `ours` against `snap`, a snapshot of the final documents with the same
+/// window: the same ZSETs and everything else; and in each status a window
+/// `d` with `min(floor, size) <= d <= window size`, whose documents are
+/// exactly the first `d` members', as the snapshot stores them.
+async fn assert_windows_exact(redis: &Redis, ours: &str, snap: &str, window: DocWindow) -> Result<(), TestCaseError> {
+    let strip = |m: BTreeMap<String, Vec<String>>, p: &str| -> BTreeMap<String, Vec<String>> {
+        m.into_iter()
+            .filter(|(k, _)| !k.ends_with(":doc") && !k.ends_with(":dw"))
+            .map(|(k, v)| (k.replacen(p, "x", 1), v))
+            .collect()
+    };
+    prop_assert_eq!(strip(dump(redis, snap).await, snap), strip(dump(redis, ours).await, ours));
+    let mut conn = redis.get().await.unwrap();
+    for t in 1..4 {
+        let tenant = TenantId::new(t).unwrap();
+        let (k_ours, k_snap) = (Keys::new(ours), Keys::new(snap));
+        let docs: BTreeMap<Vec<u8>, Vec<u8>> = conn.hgetall(k_ours.docs(tenant)).await.unwrap();
+        let snap_docs: BTreeMap<Vec<u8>, Vec<u8>> = conn.hgetall(k_snap.docs(tenant)).await.unwrap();
+        let mut expected = BTreeMap::new();
+        for s in 1..4 {
+            let status = callboard_domain::StatusKey::new(s);
+            let members: Vec<Vec<u8>> = conn.zrevrange(k_ours.zset(tenant, status), 0, -1).await.unwrap();
+            let d: Option<u64> = conn.hget(k_ours.windows(tenant), status.get()).await.unwrap();
+            let d = d.unwrap_or(0);
+            let size = members.len() as u64;
+            prop_assert!(
+                d <= window.size && d >= window.floor.min(size),
+                "tenant {} status {}: window {} of {} members",
+                t,
+                s,
+                d,
+                size
+            );
+            for m in &members[..d as usize] {
+                expected.insert(m.clone(), snap_docs.get(m).cloned().unwrap_or_default());
+            }
+        }
+        prop_assert_eq!(docs, expected, "tenant {}: documents of exactly the window's members, as of now", t);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Document windows of two or three documents, refilled from MongoDB
+    /// as it is some batches ahead of the stream (a refill can find a
+    /// document moved, and stop there), then a crash and a replay: the
+    /// ZSETs are the snapshot's, and every window holds exactly its first
+    /// members' current documents, at least `floor` of them.
+    #[test]
+    fn document_windows_stay_exact_through_refills_crashes_and_replays(
+        ops in proptest::collection::vec(crowded_op(), 1..40),
+        cuts in proptest::collection::vec(0..40_usize, 0..8),
+        replay_cuts in proptest::collection::vec(0..40_usize, 0..5),
+        lag in 0..6_usize,
+        (size, floor) in prop_oneof![Just((2_u64, 1_u64)), Just((3, 2)), Just((2, 2))],
+        crash_batch in 0..9_usize,
+        how in crash(),
+        from_frac in 0.0..1.0_f64,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let redis = connect().await;
+            let mut conn = redis.get().await.unwrap();
+            let window = DocWindow { size, floor };
+            let changes: Vec<Change> = ops.iter().map(change).collect();
+            let (p_a, p_b, p_c) = (fresh(), fresh(), fresh());
+            let lagged = |end: usize| Docs::at(&ops, end + lag);
+
+            // Straight through.
+            let once = Keys::new(&p_a);
+            warm_all(&mut conn, &once).await;
+            apply_refilling(&Writer::new(redis.clone(), once).with_window(window), &changes, &cuts, &lagged).await;
+
+            // A snapshot of the final documents.
+            let snap = Keys::new(&p_c);
+            warm_all(&mut conn, &snap).await;
+            let writer = Writer::new(redis.clone(), snap).with_window(window);
+            let mut by_tenant: BTreeMap<i64, Vec<CallEntry>> = BTreeMap::new();
+            for d in Docs::at(&ops, ops.len()).0.values() {
+                if let Some(e) = CallEntry::from_document(d) {
+                    by_tenant.entry(e.place.tenant.get()).or_default().push(e);
+                }
+            }
+            for (t, entries) in &by_tenant {
+                let needy = writer.put_snapshot(TenantId::new(*t).unwrap(), entries).await.unwrap();
+                prop_assert!(needy.is_empty(), "a snapshot of everything fills every window");
+            }
+            assert_windows_exact(&redis, &p_a, &p_c, window).await?;
+
+            // Crashed in a batch (its refills never ran), then replayed
+            // from at or before it, with MongoDB at its final state.
+            let crashed = Keys::new(&p_b);
+            warm_all(&mut conn, &crashed).await;
+            let writer = Writer::new(redis.clone(), crashed).with_window(window);
+            let ranges = batches(changes.len(), &cuts);
+            let crash_at = crash_batch.min(ranges.len() - 1);
+            apply_refilling(&writer, &changes[..ranges[crash_at].start], &cuts, &lagged).await;
+            let batch = &changes[ranges[crash_at].clone()];
+            let n = needs(batch);
+            let view = writer.load_locators(&n.calls, &n.users, &n.statuses, &n.tenants).await.unwrap();
+            writer.apply(&partial(plan(batch, &view, 0), how)).await.unwrap();
+            let from = ((ranges[crash_at].start as f64) * from_frac) as usize;
+            let replay = replayed(&ops, from);
+            let now = |_: usize| Docs::at(&ops, ops.len());
+            apply_refilling(&writer, &replay, &replay_cuts, &now).await;
+            assert_windows_exact(&redis, &p_b, &p_c, window).await?;
+            Ok(())
+        })?;
+    }
+}
+
+/// What of `p` a crash at `how` lets run.
+fn partial(p: Plan, how: Crash) -> Plan {
+    let mut partial = Plan { intents: p.intents, ..Plan::default() };
+    match how {
+        Crash::AfterIntents => {}
+        Crash::AfterTenants(k) => partial.tenants = p.tenants.into_iter().take(k).collect(),
+        Crash::BeforeShared => partial.tenants = p.tenants,
+    }
+    partial
+}
+
+/// What of `p` is left after a freeze at `how`: the rest of the tenants,
+/// and the shared keys.
+fn rest(p: Plan, how: Crash) -> Plan {
+    let done = match how {
+        Crash::AfterIntents => 0,
+        Crash::AfterTenants(k) => k,
+        Crash::BeforeShared => p.tenants.len(),
+    };
+    Plan { intents: Vec::new(), tenants: p.tenants.into_iter().skip(done).collect(), global: p.global }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// A leader freezes inside a batch; its lease passes to a successor,
+    /// which raises its fences, replays from the checkpoint (at or before
+    /// that batch) and applies some or all of its batches; the old leader
+    /// then wakes up and goes on writing, the rest of its batch and maybe
+    /// the next ones, until a fence stops it; then the successor finishes. The end state is exactly
+    /// the state of one uninterrupted run: whatever the stale leader still
+    /// managed to write, it wrote nothing the successor had moved past.
+    #[test]
+    fn a_stale_leader_cannot_write_over_its_successor(
+        ops in proptest::collection::vec(op(), 1..25),
+        cuts in proptest::collection::vec(0..25_usize, 0..5),
+        replay_cuts in proptest::collection::vec(0..25_usize, 0..5),
+        freeze_batch in 0..6_usize,
+        how in crash(),
+        from_frac in 0.0..1.0_f64,
+        successor_first in 0..6_usize,
+        stale_batches in 0..3_usize,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let redis = connect().await;
+            let mut conn = redis.get().await.unwrap();
+            let changes: Vec<Change> = ops.iter().map(change).collect();
+            let (p_a, p_b) = (fresh(), fresh());
+            let once = Keys::new(&p_a);
+            warm_all(&mut conn, &once).await;
+            apply(&Writer::new(redis.clone(), once), &changes, &cuts, None).await;
+
+            let keys = Keys::new(&p_b);
+            warm_all(&mut conn, &keys).await;
+            let _: () = conn.set(keys.lease(), "old").await.unwrap();
+            let old = Writer::guarded(redis.clone(), keys.clone(), Guard::Leader { token: 1, owner: "old".into() });
+            let ranges = batches(changes.len(), &cuts);
+            let frozen = freeze_batch.min(ranges.len() - 1);
+            apply(&old, &changes[..ranges[frozen].start], &cuts, None).await;
+            let batch = &changes[ranges[frozen].clone()];
+            let n = needs(batch);
+            let view = old.load_locators(&n.calls, &n.users, &n.statuses, &n.tenants).await.unwrap();
+            let frozen_plan = plan(batch, &view, 0);
+            old.apply(&partial(frozen_plan.clone(), how)).await.unwrap();
+
+            // The lease passes; the successor fences every shard first.
+            let _: () = conn.set(keys.lease(), "new").await.unwrap();
+            let new = Writer::guarded(redis.clone(), keys.clone(), Guard::Leader { token: 2, owner: "new".into() });
+            new.claim_shards().await.unwrap();
+            let from = ((ranges[frozen].start as f64) * from_frac) as usize;
+            let replay = replayed(&ops, from);
+            let replay_ranges = batches(replay.len(), &replay_cuts);
+            let split = successor_first.min(replay_ranges.len());
+            let cut_at = replay_ranges.get(split).map_or(replay.len(), |r| r.start);
+            apply(&new, &replay[..cut_at], &replay_cuts, None).await;
+
+            // The old leader wakes up: the rest of its batch, then up to
+            // `stale_batches` batches after it, until a fence stops it. (A
+            // real one checks its lease before each batch; this one
+            // relies on the fences alone.)
+            let mut later = ranges.iter().skip(frozen + 1).take(stale_batches);
+            let mut next = Some(rest(frozen_plan, how));
+            while let Some(p) = next.take() {
+                match old.apply(&p).await {
+                    Ok(_) => {}
+                    Err(callboard_readmodel::ReadModelError::Fenced) => break,
+                    Err(e) => panic!("the stale leader's write failed otherwise: {e}"),
+                }
+                if let Some(r) = later.next() {
+                    let batch = &changes[r.clone()];
+                    let n = needs(batch);
+                    let view = old.load_locators(&n.calls, &n.users, &n.statuses, &n.tenants).await.unwrap();
+                    next = Some(plan(batch, &view, 0));
+                }
+            }
+            apply(&new, &replay[cut_at..], &replay_cuts, None).await;
+            // The lease is this test's, not state.
+            let _: () = conn.del(keys.lease()).await.unwrap();
+            let rename = |m: BTreeMap<String, Vec<String>>, p: &str| -> BTreeMap<String, Vec<String>> {
+                m.into_iter().map(|(k, v)| (k.replacen(p, "x", 1), v)).collect()
+            };
+            prop_assert_eq!(rename(dump(&redis, &p_a).await, &p_a), rename(dump(&redis, &p_b).await, &p_b));
+            Ok(())
+        })?;
+    }
 }

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
-use mongodb::change_stream::event::{ChangeStreamEvent, ResumeToken};
+use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
 use mongodb::change_stream::ChangeStream;
 use mongodb::options::FullDocumentType;
 use mongodb::Database;
@@ -30,10 +30,28 @@ const LINGER: Duration = Duration::from_millis(5);
 
 pub struct Source {
     stream: ChangeStream<ChangeStreamEvent<Document>>,
+    db: Database,
+    start: StartAt,
+    /// An `invalidate` event was returned: the stream ends there by design
+    /// and the caller starts a new one after it.
+    invalidated: bool,
+    /// The token after everything returned so far. Kept here because the
+    /// driver forgets its own when a getMore ends the cursor without a
+    /// post-batch token.
+    last: Option<ResumeToken>,
 }
 
 impl Source {
     pub async fn open(db: &Database, start: StartAt) -> Result<Self, mongodb::error::Error> {
+        let stream = Self::watch(db, &start).await?;
+        let last = stream.resume_token();
+        Ok(Self { stream, db: db.clone(), start, invalidated: false, last })
+    }
+
+    async fn watch(
+        db: &Database,
+        start: &StartAt,
+    ) -> Result<ChangeStream<ChangeStreamEvent<Document>>, mongodb::error::Error> {
         let pipeline = [doc! {"$match": {"ns.coll": {"$in": [CALLS, USERS, CALL_STATUS]}}}];
         let mut watch = db
             .watch()
@@ -44,10 +62,31 @@ impl Source {
             .max_await_time(MAX_AWAIT);
         match start {
             StartAt::Now => {}
-            StartAt::ResumeAfter(t) => watch = watch.resume_after(t),
-            StartAt::StartAfter(t) => watch = watch.start_after(t),
+            StartAt::ResumeAfter(t) => watch = watch.resume_after(t.clone()),
+            StartAt::StartAfter(t) => watch = watch.start_after(t.clone()),
         }
-        Ok(Self { stream: watch.await? })
+        watch.await
+    }
+
+    /// A stream that ended without an `invalidate` (its server-side cursor
+    /// was closed and a getMore came back with cursor id 0 and no error,
+    /// which the driver cannot resume by itself) is opened again after the
+    /// last event or post-batch token it returned. Without this, such a
+    /// stream reports "no events" forever, at once, and the partition
+    /// stalls while its loop spins.
+    async fn revive(&mut self) -> Result<(), mongodb::error::Error> {
+        if self.invalidated || self.stream.is_alive() {
+            return Ok(());
+        }
+        let start = match &self.last {
+            Some(token) => StartAt::ResumeAfter(token.clone()),
+            None => self.start.clone(),
+        };
+        tracing::warn!(?start, "the change stream ended without an invalidate; reopening it where it stopped");
+        self.stream = Self::watch(&self.db, &start).await?;
+        self.last = self.stream.resume_token().or(self.last.take());
+        self.start = start;
+        Ok(())
     }
 
     /// Up to `max` events: waits at most `wait` for the first, then takes
@@ -62,13 +101,25 @@ impl Source {
         let deadline = Instant::now() + wait;
         let mut first: Option<Instant> = None;
         let mut batch = Vec::new();
+        let mut revived = false;
         while batch.len() < max {
-            match self.stream.next_if_any().await? {
+            let next = self.stream.next_if_any().await?;
+            if let Some(token) = self.stream.resume_token() {
+                self.last = Some(token);
+            }
+            match next {
                 Some(event) => {
                     first.get_or_insert_with(Instant::now);
+                    self.invalidated |= event.operation_type == OperationType::Invalidate;
                     batch.push(event);
                 }
-                None if !batch.is_empty() || Instant::now() >= deadline => break,
+                None if !batch.is_empty() || self.invalidated || Instant::now() >= deadline => break,
+                // Ended, every buffered event read: reopen, once a call.
+                None if !self.stream.is_alive() && !revived => {
+                    self.revive().await?;
+                    revived = true;
+                }
+                None if !self.stream.is_alive() => break,
                 None => {}
             }
             if first.is_some_and(|f| f.elapsed() >= LINGER) {
@@ -80,7 +131,7 @@ impl Source {
 
     /// The token to resume after everything returned so far.
     pub fn resume_token(&self) -> Option<ResumeToken> {
-        self.stream.resume_token()
+        self.last.clone()
     }
 }
 

@@ -115,6 +115,28 @@ pub async fn snapshot_tenant(
     Ok(total)
 }
 
+/// Where a window refill reads the calls it puts back: MongoDB's `calls`,
+/// or any other store of the current documents (the replay tests').
+pub trait CallSource: Sync {
+    /// The calls among `ids` (`_id` values) that exist, in any order.
+    fn calls(
+        &self,
+        ids: Vec<bson::Bson>,
+    ) -> impl std::future::Future<Output = Result<Vec<CallEntry>, ProjectorError>> + Send;
+}
+
+impl CallSource for Database {
+    async fn calls(&self, ids: Vec<bson::Bson>) -> Result<Vec<CallEntry>, ProjectorError> {
+        let mut found = Vec::with_capacity(ids.len());
+        let mut cursor =
+            self.collection::<Document>(CALLS).find(doc! {"_id": {"$in": ids}}).batch_size(CHUNK as u32).await?;
+        while let Some(call) = cursor.try_next().await? {
+            found.extend(CallEntry::from_document(&call));
+        }
+        Ok(found)
+    }
+}
+
 /// Refills the document windows that fell short (after removals near the
 /// top of a status), with the documents as MongoDB has them now, if they
 /// still put the call in the member's place. Like `updateLookup`, a
@@ -124,12 +146,11 @@ pub async fn snapshot_tenant(
 /// status is refilled again once it lands. Until then reads of the status
 /// past that rank go live. Returns how many windows grew.
 pub async fn refill_windows(
-    db: &Database,
+    source: &impl CallSource,
     writer: &Writer,
     needy: &[(TenantId, StatusKey)],
 ) -> Result<i64, ProjectorError> {
     let mut grown = 0;
-    let calls = db.collection::<Document>(CALLS);
     for (tenant, status) in needy {
         // One retry: the window can only move under a newer projector.
         for _ in 0..2 {
@@ -144,13 +165,8 @@ pub async fn refill_windows(
             // Only documents still in the member's place: one that moved
             // (or went) since the stream's position waits for its event,
             // which refills the window again.
-            let mut found: HashMap<DocKey, CallEntry> = HashMap::with_capacity(ids.len());
-            let mut cursor = calls.find(doc! {"_id": {"$in": ids}}).batch_size(CHUNK as u32).await?;
-            while let Some(call) = cursor.try_next().await? {
-                if let Some(entry) = CallEntry::from_document(&call) {
-                    found.insert(entry.doc.clone(), entry);
-                }
-            }
+            let found = source.calls(ids).await?;
+            let mut found: HashMap<DocKey, CallEntry> = found.into_iter().map(|e| (e.doc.clone(), e)).collect();
             let mut docs = Vec::with_capacity(parts.len());
             for (member, id, key) in parts {
                 let place = Place { tenant: *tenant, status: *status, id };
