@@ -48,8 +48,14 @@ pub async fn spawn_app() -> TestApp {
 
 /// [`spawn_app`] on servers the test started itself.
 pub async fn spawn_app_on(services: Services) -> TestApp {
+    spawn_app_configured(services, |_| {}).await
+}
+
+/// [`spawn_app_on`] with settings changed by `configure`.
+pub async fn spawn_app_configured(services: Services, configure: impl FnOnce(&mut Settings)) -> TestApp {
     callboard_telemetry::init_for_tests();
-    let settings = test_settings(&services, &unique_db_name("cbtest"));
+    let mut settings = test_settings(&services, &unique_db_name("cbtest"));
+    configure(&mut settings);
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     let app = Application::with_listener(&settings, listener).await.expect("build the app");
     let address = format!("http://127.0.0.1:{}", app.port());

@@ -1,7 +1,7 @@
 //! The HTTP contract: the specification's examples, auth, bad input, tenant
 //! isolation.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bson::{doc, DateTime};
 use callboard_store::{CALLS, CALL_STATUS, USERS};
@@ -377,6 +377,70 @@ async fn health_and_readiness_without_a_projector() {
     let r = app.client.get(format!("{}/readyz", app.address)).send().await.unwrap();
     assert_eq!(r.status(), 503, "no projector runs, so not ready");
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["checks"], json!({"mongodb": true, "redis": true, "projector": false}));
+    assert_eq!(body["checks"], json!({"mongodb": true, "redis": true, "redis_noeviction": true, "projector": false}));
+    app.stop().await;
+}
+
+/// `maxmemory-policy` on every node of the test's Redis.
+fn set_policy(services: &callboard_testkit::Services, policy: &str) {
+    let (_, urls) = services.redis.setting();
+    for url in urls.split(',') {
+        let port = url.rsplit(':').next().unwrap().trim_end_matches('/');
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", port, "CONFIG", "SET", "maxmemory-policy", policy])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "CONFIG SET on {port}");
+    }
+}
+
+/// A Redis that may evict keys would turn an evicted key into a confident
+/// wrong answer. The API refuses to start on one; if the policy changes
+/// while it runs, it stops serving hits, `/readyz` fails and
+/// `callboard_redis_noeviction` says 0; back to `noeviction`, it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_may_evict_keys_is_refused_and_noticed() {
+    let services = callboard_testkit::Services::start().unwrap();
+    set_policy(&services, "allkeys-lru");
+    let settings = callboard_tests::test_settings(&services, "evict");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused = callboard_api::Application::with_listener(&settings, listener).await.err().expect("refused");
+    let message = refused.to_string();
+    assert!(message.contains("maxmemory-policy") && message.contains("allkeys-lru"), "{message}");
+
+    set_policy(&services, "noeviction");
+    let mut app = callboard_tests::spawn_app_on(services).await;
+    let ds = generate(12, 100);
+    app.insert(CALL_STATUS, &ds.statuses).await;
+    app.insert(USERS, &ds.users).await;
+    app.insert(CALLS, &ds.calls).await;
+    app.start_projector();
+    let (hit, cached, live) = app.wait_for_projection(1, &[], Duration::from_secs(20)).await;
+    assert!(hit && cached == live, "warm first");
+
+    set_policy(&app.services, "volatile-lru");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let readyz = loop {
+        let body: Value = app.client.get(format!("{}/readyz", app.address)).send().await.unwrap().json().await.unwrap();
+        if body["checks"]["redis_noeviction"] == false || std::time::Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (readyz["status"].as_str(), &readyz["checks"]["redis_noeviction"]),
+        (Some("unavailable"), &json!(false))
+    );
+    let metrics = app.client.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l == "callboard_redis_noeviction 0"), "{metrics}");
+    let (cache, body) = app.grouped_as(&app.token(1), &[], false).await;
+    assert_eq!((cache.as_str(), &body), ("miss", &live), "the cache is not trusted: answered live");
+
+    set_policy(&app.services, "noeviction");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while app.grouped_as(&app.token(1), &[], false).await.0 != "hit" {
+        assert!(std::time::Instant::now() < deadline, "hits come back with noeviction");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     app.stop().await;
 }

@@ -21,6 +21,8 @@ pub enum ErrorCode {
     NotFound,
     MethodNotAllowed,
     DatabaseUnavailable,
+    DatabaseBusy,
+    DatabaseTimeout,
     CacheUnavailable,
     Internal,
 }
@@ -40,11 +42,16 @@ impl ErrorCode {
             ErrorCode::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ErrorCode::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ErrorCode::DatabaseUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+            ErrorCode::DatabaseBusy => (StatusCode::SERVICE_UNAVAILABLE, "database_busy"),
+            ErrorCode::DatabaseTimeout => (StatusCode::GATEWAY_TIMEOUT, "database_timeout"),
             ErrorCode::CacheUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "cache_unavailable"),
             ErrorCode::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 }
+
+/// Seconds a client is told to wait after a 503.
+const RETRY_AFTER_S: &str = "1";
 
 /// An error on its way to the client.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +83,9 @@ impl ResponseError for ApiError {
         let (status, name) = self.code.meta();
         let mut response =
             HttpResponse::build(status).json(Envelope { status: status.as_u16(), message: &self.message, error: name });
+        if matches!(self.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseUnavailable) {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+        }
         if status == StatusCode::UNAUTHORIZED {
             let challenge = format!(
                 "Bearer error=\"{}\"",
@@ -135,6 +145,9 @@ mod tests {
             NotFound,
             MethodNotAllowed,
             DatabaseUnavailable,
+            DatabaseBusy,
+            DatabaseTimeout,
+            CacheUnavailable,
             Internal,
         ];
         let mut names: Vec<&str> = all.iter().map(|c| c.meta().1).collect();

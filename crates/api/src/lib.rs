@@ -8,12 +8,16 @@
 
 pub mod auth;
 pub mod error;
+pub mod live;
 pub mod metrics;
 pub mod params;
 mod routes;
 mod state;
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{Server, ServiceFactory, ServiceRequest, ServiceResponse};
@@ -24,6 +28,7 @@ use callboard_store::LiveQuery;
 use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder, TracingLogger};
 
 pub use auth::{Caller, JwtKeys, Role};
+pub use live::{LiveGate, LiveLimits};
 pub use metrics::Metrics;
 pub use params::ParamLimits;
 pub use state::{AppState, CacheOutcome};
@@ -39,14 +44,24 @@ pub struct AppParts {
 }
 
 impl AppParts {
-    pub async fn from_settings(settings: &Settings) -> Result<Self, SettingsError> {
+    pub async fn from_settings(settings: &Settings) -> Result<Self, ApplicationError> {
         let db = settings.mongodb.database().await?;
-        let mut cache = ReadModel::new(settings.redis.connect().await?, Keys::new(&settings.redis.key_prefix));
+        let redis = settings.redis.connect().await?;
+        let noeviction = Arc::new(AtomicBool::new(check_policy(&redis).await?));
+        let mut cache = ReadModel::new(redis.clone(), Keys::new(&settings.redis.key_prefix));
         if !settings.redis.is_cluster() {
             cache = cache.with_hot_client(settings.redis.client()?);
         }
+        let metrics = Metrics::new();
+        let limits = LiveLimits {
+            max_concurrency: settings.query.max_live_concurrency,
+            queue_wait: Duration::from_millis(settings.query.live_queue_wait_ms),
+            timeout: Duration::from_millis(settings.query.live_timeout_ms),
+        };
+        let live = LiveGate::new(LiveQuery::new(db, settings.query.user_fields()?), limits, metrics.clone());
+        tokio::spawn(watch_policy(redis, noeviction.clone()));
         Ok(Self {
-            state: AppState { live: LiveQuery::new(db, settings.query.user_fields()?), cache, metrics: Metrics::new() },
+            state: AppState { live, cache, metrics, noeviction },
             keys: JwtKeys::new(settings.jwt_secret()?.expose().as_bytes()),
             limits: ParamLimits {
                 max_body_bytes: settings.http.max_body_bytes,
@@ -54,6 +69,47 @@ impl AppParts {
                 max_limit: settings.query.max_limit()?,
             },
         })
+    }
+}
+
+/// How often an API process re-reads Redis's `maxmemory-policy`.
+const POLICY_CHECK: Duration = Duration::from_secs(5);
+
+/// Whether Redis keeps every key (`maxmemory-policy noeviction` on every
+/// master). A policy that may evict is an error: the process must not
+/// start. A policy that cannot be read (Redis unreachable, `CONFIG`
+/// disabled) is not held against it: the start-up check and every later
+/// one act only on a policy they read.
+async fn check_policy(redis: &callboard_readmodel::Redis) -> Result<bool, ApplicationError> {
+    match callboard_readmodel::require_noeviction(redis).await {
+        Ok(()) => Ok(true),
+        Err(e @ callboard_readmodel::ReadModelError::MayEvict { .. }) => Err(ApplicationError::Redis(e)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read Redis's maxmemory-policy; it will be checked again");
+            Ok(true)
+        }
+    }
+}
+
+/// Re-reads the policy every [`POLICY_CHECK`]. While it reads anything but
+/// `noeviction`, hits are not served and `/readyz` fails; a check that
+/// cannot read it keeps the last verdict.
+async fn watch_policy(redis: callboard_readmodel::Redis, noeviction: Arc<AtomicBool>) {
+    loop {
+        tokio::time::sleep(POLICY_CHECK).await;
+        match callboard_readmodel::require_noeviction(&redis).await {
+            Ok(()) => {
+                if !noeviction.swap(true, Ordering::Relaxed) {
+                    tracing::info!("Redis's maxmemory-policy is noeviction again: serving from the cache");
+                }
+            }
+            Err(e @ callboard_readmodel::ReadModelError::MayEvict { .. }) => {
+                if noeviction.swap(false, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "Redis may drop keys: answering live, not ready");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read Redis's maxmemory-policy; keeping the last verdict"),
+        }
     }
 }
 
@@ -156,6 +212,8 @@ impl Application {
 pub enum ApplicationError {
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Redis(callboard_readmodel::ReadModelError),
     #[error("cannot listen on {0}: {1}")]
     Bind(String, std::io::Error),
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use callboard_readmodel::ReadModel;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::state::CacheOutcome;
@@ -22,6 +22,10 @@ pub mod names {
     pub const TENANTS: &str = "callboard_tenants";
     pub const MISSES: &str = "callboard_cache_misses";
     pub const WRITES_LOST: &str = "callboard_redis_writes_lost";
+    pub const LIVE_QUERIES: &str = "callboard_live_queries_total";
+    pub const LIVE_COALESCED: &str = "callboard_live_coalesced_total";
+    pub const LIVE_REJECTED: &str = "callboard_live_rejected_total";
+    pub const REDIS_NOEVICTION: &str = "callboard_redis_noeviction";
 }
 
 #[derive(Clone)]
@@ -36,6 +40,10 @@ pub struct Metrics {
     writes_lost: IntGauge,
     tenants: IntGaugeVec,
     misses: IntCounterVec,
+    live_queries: IntCounter,
+    live_coalesced: IntCounter,
+    live_rejected: IntCounterVec,
+    noeviction: IntGauge,
 }
 
 impl Metrics {
@@ -59,9 +67,13 @@ impl Metrics {
             names::WRITES_LOST,
             "times a Redis master held less than a projector checkpoint claimed, and the partition was rebuilt (total)",
         );
+        let noeviction = gauge(
+            names::REDIS_NOEVICTION,
+            "1 while Redis was last seen with maxmemory-policy noeviction on every master; 0 means it may drop keys (or is unknown) and every answer is live",
+        );
         let tenants =
             IntGaugeVec::new(Opts::new(names::TENANTS, "tenants by read-model state"), &["state"]).expect("valid");
-        for c in [&events_applied, &lag_ms, &warms, &history_lost, &window_refills, &writes_lost] {
+        for c in [&events_applied, &lag_ms, &warms, &history_lost, &window_refills, &writes_lost, &noeviction] {
             registry.register(Box::new(c.clone())).expect("unique metric");
         }
         registry.register(Box::new(grouped.clone())).expect("unique metric");
@@ -75,6 +87,20 @@ impl Metrics {
         )
         .expect("valid counter");
         registry.register(Box::new(misses.clone())).expect("unique metric");
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid counter");
+        let live_queries = counter(names::LIVE_QUERIES, "live aggregations this process ran against MongoDB");
+        let live_coalesced = counter(
+            names::LIVE_COALESCED,
+            "live requests answered by joining an identical aggregation already running",
+        );
+        let live_rejected = IntCounterVec::new(
+            Opts::new(names::LIVE_REJECTED, "live queries refused, by reason (busy: no slot in time; timeout)"),
+            &["reason"],
+        )
+        .expect("valid counter");
+        registry.register(Box::new(live_queries.clone())).expect("unique metric");
+        registry.register(Box::new(live_coalesced.clone())).expect("unique metric");
+        registry.register(Box::new(live_rejected.clone())).expect("unique metric");
         Self {
             registry,
             grouped,
@@ -86,7 +112,23 @@ impl Metrics {
             writes_lost,
             tenants,
             misses,
+            live_queries,
+            live_coalesced,
+            live_rejected,
+            noeviction,
         }
+    }
+
+    pub fn observe_live_started(&self) {
+        self.live_queries.inc();
+    }
+
+    pub fn observe_live_coalesced(&self) {
+        self.live_coalesced.inc();
+    }
+
+    pub fn observe_live_rejected(&self, reason: &str) {
+        self.live_rejected.with_label_values(&[reason]).inc();
     }
 
     pub fn observe_miss(&self, reason: &str) {
@@ -98,7 +140,8 @@ impl Metrics {
     }
 
     /// The text exposition, with the projector's figures refreshed.
-    pub async fn render(&self, cache: &ReadModel) -> String {
+    pub async fn render(&self, cache: &ReadModel, noeviction: bool) -> String {
+        self.noeviction.set(i64::from(noeviction));
         if let Ok(p) = cache.progress().await {
             self.events_applied.set(p.events_applied as i64);
             self.lag_ms.set(p.lag_ms.unwrap_or(0));

@@ -1,18 +1,22 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
+use crate::error::ApiError;
+use crate::live::LiveGate;
+use crate::metrics::Metrics;
 use callboard_domain::{GroupedBody, GroupedRequest, TenantId};
 use callboard_readmodel::{Miss, Read, ReadModel};
-use callboard_store::LiveQuery;
-
-use crate::error::ApiError;
-use crate::metrics::Metrics;
 
 /// What handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    pub live: LiveQuery,
+    pub live: LiveGate,
     pub cache: ReadModel,
     pub metrics: Metrics,
+    /// Redis was last seen with `maxmemory-policy noeviction` everywhere.
+    /// While not, the cache is not trusted: every answer is live.
+    pub noeviction: Arc<AtomicBool>,
 }
 
 /// Where an answer came from.
@@ -45,6 +49,8 @@ impl AppState {
         let started = Instant::now();
         let reason = if bypass_cache {
             "bypass"
+        } else if !self.noeviction.load(Ordering::Relaxed) {
+            "redis_may_evict"
         } else {
             match self.cache.grouped(tenant, request).await {
                 Ok(Read::Hit(response)) => {

@@ -136,15 +136,30 @@ async fn projector(settings: &Settings, db: mongodb::Database) -> anyhow::Result
 }
 
 async fn project(settings: Settings) -> anyhow::Result<()> {
+    refuse_eviction(&settings).await?;
     let db = settings.mongodb.database().await?;
     let projector = projector(&settings, db).await?;
     projector.run(shutdown_signal()).await?;
     Ok(())
 }
 
+/// A projector must not write into a Redis that may drop keys on its own.
+/// (An unreachable Redis is waited for by the projector as usual.)
+async fn refuse_eviction(settings: &Settings) -> anyhow::Result<()> {
+    match callboard_readmodel::require_noeviction(&settings.redis.connect().await?).await {
+        Err(e @ callboard_readmodel::ReadModelError::MayEvict { .. }) => Err(e.into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read Redis's maxmemory-policy at start-up");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
+    }
+}
+
 /// API and projector in one process: both stop on the first signal; if
 /// either ends on its own, the other is stopped and the reason reported.
 async fn run_both(settings: Settings) -> anyhow::Result<()> {
+    refuse_eviction(&settings).await?;
     let app = Application::build(&settings).await?;
     tracing::info!(addr = %settings.http.addr, port = app.port(), "API listening");
     let handle = app.handle();

@@ -244,6 +244,42 @@ impl Redis {
         }
     }
 
+    /// `maxmemory-policy` of every master (`host:port`, policy); one entry,
+    /// named `redis`, on a single node.
+    pub async fn eviction_policies(&self) -> Result<Vec<(String, String)>, ReadModelError> {
+        let mut get = redis::cmd("CONFIG");
+        get.arg("GET").arg("maxmemory-policy");
+        let policy = |reply: Value| -> Result<String, ReadModelError> {
+            // RESP2: [name, value]; RESP3: {name: value}.
+            let pairs: Vec<(String, String)> = match redis::from_redis_value::<Vec<String>>(reply.clone()) {
+                Ok(flat) => flat.chunks(2).filter_map(|c| Some((c.first()?.clone(), c.get(1)?.clone()))).collect(),
+                Err(_) => {
+                    redis::from_redis_value::<std::collections::HashMap<String, String>>(reply)?.into_iter().collect()
+                }
+            };
+            pairs.into_iter().find(|(k, _)| k == "maxmemory-policy").map(|(_, v)| v).ok_or_else(|| {
+                ReadModelError::Config(
+                    "CONFIG GET maxmemory-policy returned nothing (is CONFIG renamed or disabled?)".into(),
+                )
+            })
+        };
+        match &self.topology {
+            Topology::Single(_) => {
+                let reply: Value = get.query_async(&mut self.get().await?).await?;
+                Ok(vec![("redis".to_string(), policy(reply)?)])
+            }
+            Topology::Cluster(c) => {
+                let mut out = Vec::new();
+                for (host, port) in masters(&mut c.connection()).await? {
+                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
+                    let reply = c.connection().route_command(get.clone(), route).await?;
+                    out.push((format!("{host}:{port}"), policy(reply)?));
+                }
+                Ok(out)
+            }
+        }
+    }
+
     /// Every key matching `pattern` on the node that owns `key`'s slot
     /// (the pattern must stay within that key's hash tag).
     pub async fn scan_tag(&self, key: &str, pattern: &str) -> Result<Vec<String>, ReadModelError> {

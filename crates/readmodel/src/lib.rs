@@ -36,6 +36,29 @@ pub enum ReadModelError {
     Config(String),
     #[error("corrupt read model value at {key}: {detail}")]
     Corrupt { key: String, detail: String },
+    #[error(
+        "Redis maxmemory-policy is {found}: callboard requires noeviction, because a read-model key that Redis \
+         evicts would be served as a confident wrong answer (set `maxmemory-policy noeviction`, and size maxmemory \
+         for the read model)"
+    )]
+    MayEvict { found: String },
+}
+
+/// Refuses a Redis that may drop keys on its own: every master's
+/// `maxmemory-policy` must be `noeviction`.
+pub async fn require_noeviction(redis: &Redis) -> Result<(), ReadModelError> {
+    let bad: Vec<String> = redis
+        .eviction_policies()
+        .await?
+        .into_iter()
+        .filter(|(_, policy)| policy != "noeviction")
+        .map(|(node, policy)| format!("{policy} on {node}"))
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(ReadModelError::MayEvict { found: bad.join(", ") })
+    }
 }
 
 impl From<redis::ParsingError> for ReadModelError {

@@ -148,6 +148,12 @@ pub struct QuerySettings {
     pub default_limit: u32,
     pub max_limit: u32,
     pub user_fields: Vec<String>,
+    /// Live aggregations running at once per API process at most.
+    pub max_live_concurrency: usize,
+    /// How long a live query waits for a slot before `database_busy`.
+    pub live_queue_wait_ms: u64,
+    /// Deadline of a live query, here and as MongoDB's `maxTimeMS`.
+    pub live_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -254,6 +260,15 @@ impl Settings {
         }
         if self.projector.doc_window == 0 || self.projector.doc_window > 100_000 {
             return Err(invalid("projector.doc_window", "must be between 1 and 100000"));
+        }
+        if self.query.max_live_concurrency == 0 || self.query.max_live_concurrency > 10_000 {
+            return Err(invalid("query.max_live_concurrency", "must be between 1 and 10000"));
+        }
+        if self.query.live_timeout_ms < 100 || self.query.live_timeout_ms > 600_000 {
+            return Err(invalid("query.live_timeout_ms", "must be between 100 and 600000"));
+        }
+        if self.query.live_queue_wait_ms > 600_000 {
+            return Err(invalid("query.live_queue_wait_ms", "must be at most 600000"));
         }
         self.query.max_limit()?;
         self.query.default_limit()?;

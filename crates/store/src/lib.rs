@@ -27,6 +27,14 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// MongoDB stopped the operation at its `maxTimeMS` (MaxTimeMSExpired).
+    pub fn is_time_limit(&self) -> bool {
+        match self {
+            StoreError::Mongo(e) => matches!(*e.kind, mongodb::error::ErrorKind::Command(ref c) if c.code == 50),
+            StoreError::SeedRefused(_) => false,
+        }
+    }
+
     /// Whether the database could not be reached (as opposed to a command
     /// that failed on a reachable server).
     pub fn is_unavailable(&self) -> bool {

@@ -11,8 +11,8 @@ use tracing::instrument;
 
 use crate::{StoreError, CALLS, CALL_STATUS, USERS};
 
-/// A query that takes longer than this fails (and the API answers 503)
-/// rather than holding the request open.
+/// A query that takes longer than this fails rather than holding the
+/// request open, unless [`LiveQuery::with_max_time`] says otherwise.
 const MAX_TIME: Duration = Duration::from_secs(20);
 /// Large enough that no query here needs a second batch in practice.
 const BATCH: u32 = 16_384;
@@ -28,6 +28,7 @@ const BATCH: u32 = 16_384;
 pub struct LiveQuery {
     db: Database,
     user_fields: UserFields,
+    max_time: Duration,
 }
 
 /// One row of the grouping aggregation: a raw `status_id` value (1 and "1"
@@ -41,7 +42,13 @@ struct StatusRow {
 
 impl LiveQuery {
     pub fn new(db: Database, user_fields: UserFields) -> Self {
-        Self { db, user_fields }
+        Self { db, user_fields, max_time: MAX_TIME }
+    }
+
+    /// Every query of this instance carries `maxTimeMS` = `max_time`.
+    pub fn with_max_time(mut self, max_time: Duration) -> Self {
+        self.max_time = max_time;
+        self
     }
 
     pub fn database(&self) -> &Database {
@@ -119,7 +126,7 @@ impl LiveQuery {
             .db
             .collection::<Document>(CALL_STATUS)
             .find(filter)
-            .max_time(MAX_TIME)
+            .max_time(self.max_time)
             .batch_size(BATCH)
             .await?
             .try_collect()
@@ -145,7 +152,8 @@ impl LiveQuery {
         }
         let pipeline =
             vec![doc! {"$match": {"tenant_id": tenant.get(), "deleted": {"$ne": 1}}}, doc! {"$group": group}];
-        let options = AggregateOptions::builder().allow_disk_use(true).max_time(MAX_TIME).batch_size(BATCH).build();
+        let options =
+            AggregateOptions::builder().allow_disk_use(true).max_time(self.max_time).batch_size(BATCH).build();
         let mut cursor = self.db.collection::<Document>(CALLS).aggregate(pipeline).with_options(options).await?;
         let mut rows = Vec::new();
         while let Some(mut row) = cursor.try_next().await? {
@@ -174,7 +182,7 @@ impl LiveQuery {
             .db
             .collection::<Document>(CALLS)
             .find(doc! {"_id": {"$in": ids}, "tenant_id": tenant.get(), "deleted": {"$ne": 1}})
-            .max_time(MAX_TIME)
+            .max_time(self.max_time)
             .batch_size(BATCH)
             .await?
             .try_collect()
@@ -199,7 +207,7 @@ impl LiveQuery {
             .find(doc! {"id": {"$in": ids}, "tenant_id": {"$in": [Bson::Int64(tenant.get()), Bson::Null]}})
             .projection(projection)
             .sort(doc! {"_id": 1})
-            .max_time(MAX_TIME)
+            .max_time(self.max_time)
             .batch_size(BATCH)
             .await?
             .try_collect()

@@ -592,6 +592,18 @@ impl Standin {
         }
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): the server freezes, as in a
+    /// long pause or a VM stall, with its connections open.
+    pub fn pause(&self, stop: bool) {
+        if let Some(c) = &self.child {
+            if stop {
+                c.pause()
+            } else {
+                c.resume()
+            }
+        }
+    }
+
     /// Starts it again on the same port (with `DataDir`, with the same data).
     pub fn restart(&mut self) -> Result<(), TestkitError> {
         self.stop();

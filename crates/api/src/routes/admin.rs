@@ -78,7 +78,7 @@ impl FromRequest for Target {
 pub async fn warm(_: Admin, target: Target, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let tenants = match target {
         Target::Tenant(t) => vec![t],
-        Target::All => state.live.tenants().await?,
+        Target::All => state.live.query().tenants().await?,
     };
     let job = state.cache.create_job(tenants.len()).await.map_err(cache_error)?;
     for t in &tenants {
