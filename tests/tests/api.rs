@@ -444,3 +444,49 @@ async fn a_redis_that_may_evict_keys_is_refused_and_noticed() {
     }
     app.stop().await;
 }
+
+/// A client that sends its body one byte at a time gets 408 in the
+/// envelope once `http.body_timeout_ms` has passed, instead of holding the
+/// connection for as long as it likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_trickles_in_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = callboard_tests::spawn_app_configured(callboard_testkit::Services::start().unwrap(), |s| {
+        s.http.body_timeout_ms = 500
+    })
+    .await;
+    let stream = tokio::net::TcpStream::connect(app.address.trim_start_matches("http://")).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: callboard\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n",
+        callboard_api::GROUPED_PATH,
+        app.token(1)
+    );
+    write.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    // The slow client: a byte every 100 ms, 10 s for the whole body.
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            if write.write_all(b"x").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut answer = Vec::new();
+    let mut chunk = [0_u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("request_timeout") {
+        match tokio::time::timeout(Duration::from_secs(20), read.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&chunk[..n]),
+            other => panic!("no 408 before {other:?}: {}", String::from_utf8_lossy(&answer)),
+        }
+    }
+    let took = started.elapsed();
+    trickle.abort();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains(r#""status":408"#) && text.contains(r#""error":"request_timeout""#), "{text}");
+    assert!(took < Duration::from_secs(5), "cut off after the body timeout, not the whole body: {took:?}");
+    app.stop().await;
+}

@@ -24,55 +24,121 @@ pub enum Role {
 struct Claims {
     tenant_id: i64,
     exp: u64,
+    /// Typed so that a non-numeric `nbf` fails to decode: rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     role: Option<String>,
 }
 
-/// Signs and verifies tokens with one HS256 secret.
+/// How tokens are checked besides their signature.
+#[derive(Debug, Clone, Default)]
+pub struct TokenRules {
+    /// `aud` must include this; `None` accepts any `aud` (or none).
+    pub audience: Option<String>,
+    /// `iss` must equal this; `None` accepts any `iss` (or none).
+    pub issuer: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+}
+
+/// One HS256 secret's keys.
 #[derive(Clone)]
-pub struct JwtKeys {
+struct Key {
     encoding: EncodingKey,
     decoding: DecodingKey,
+}
+
+impl Key {
+    fn new(secret: &[u8]) -> Self {
+        Self { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret) }
+    }
+}
+
+/// Signs and verifies tokens: the tenant secret, and optionally the
+/// operator plane's own.
+#[derive(Clone)]
+pub struct JwtKeys {
+    tenant: Key,
+    /// When set, only tokens signed with it act as admin.
+    admin: Option<Key>,
     validation: Validation,
 }
 
 impl JwtKeys {
+    /// One secret for every token, with the default rules (any `aud` and
+    /// `iss`, no leeway).
     pub fn new(secret: &[u8]) -> Self {
+        Self::with_rules(secret, None, &TokenRules::default())
+    }
+
+    pub fn with_rules(secret: &[u8], admin_secret: Option<&[u8]>, rules: &TokenRules) -> Self {
         // HS256 only: `alg: none`, other HMACs and every asymmetric
         // algorithm are rejected before the signature is looked at.
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 0;
+        validation.leeway = rules.leeway.as_secs();
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
-        Self { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), validation }
+        let mut required = vec!["exp"];
+        match &rules.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            // jsonwebtoken rejects any `aud` unless told which to accept.
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &rules.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        Self { tenant: Key::new(secret), admin: admin_secret.map(Key::new), validation }
     }
 
-    /// A token for `tenant`, valid for `ttl`.
+    /// A token for `tenant`, valid for `ttl`; an admin one is signed with
+    /// the operator secret when there is one.
     pub fn mint(&self, tenant: TenantId, admin: bool, ttl: Duration) -> String {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let claims = Claims {
             tenant_id: tenant.get(),
             exp: now + ttl.as_secs(),
+            nbf: None,
             iat: Some(now),
             role: admin.then(|| "admin".into()),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+        let key = if admin { self.admin.as_ref().unwrap_or(&self.tenant) } else { &self.tenant };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key.encoding)
             .expect("HS256 signing of plain claims cannot fail")
     }
 
     pub fn verify(&self, token: &str) -> Result<Caller, ApiError> {
-        let data =
-            jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => ApiError::new(ErrorCode::TokenExpired, "the token has expired"),
-                _ => ApiError::new(ErrorCode::InvalidToken, "the token is not valid"),
-            })?;
+        let decode = |key: &Key| jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation);
+        // With an operator secret, a tenant-secret token is a member
+        // whatever its `role` says; only the operator secret makes admins.
+        let (data, may_admin) = match (decode(&self.tenant), &self.admin) {
+            (Ok(data), admin) => (data, admin.is_none()),
+            (Err(e), Some(admin)) if *e.kind() == ErrorKind::InvalidSignature => (decode(admin).map_err(reject)?, true),
+            (Err(e), _) => return Err(reject(e)),
+        };
         let tenant = TenantId::new(data.claims.tenant_id)
             .map_err(|_| ApiError::new(ErrorCode::InvalidToken, "the token's tenant_id is not valid"))?;
-        let role = if data.claims.role.as_deref() == Some("admin") { Role::Admin } else { Role::Member };
+        let role = if may_admin && data.claims.role.as_deref() == Some("admin") { Role::Admin } else { Role::Member };
         Ok(Caller { tenant, role })
+    }
+}
+
+fn reject(e: jsonwebtoken::errors::Error) -> ApiError {
+    match e.kind() {
+        ErrorKind::ExpiredSignature => ApiError::new(ErrorCode::TokenExpired, "the token has expired"),
+        ErrorKind::ImmatureSignature => ApiError::new(ErrorCode::InvalidToken, "the token is not valid yet (nbf)"),
+        ErrorKind::InvalidAudience => {
+            ApiError::new(ErrorCode::InvalidToken, "the token is not for this audience (aud)")
+        }
+        ErrorKind::InvalidIssuer => ApiError::new(ErrorCode::InvalidToken, "the token's issuer (iss) is not accepted"),
+        _ => ApiError::new(ErrorCode::InvalidToken, "the token is not valid"),
     }
 }
 
@@ -115,4 +181,92 @@ fn authenticate(req: &HttpRequest) -> Result<Caller, ApiError> {
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::new(ErrorCode::MissingToken, "the Authorization header must be `Bearer <token>`"))?;
     keys.verify(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    const SECRET: &[u8] = b"unit-test-tenant-secret-0123456789abcdef";
+    const ADMIN: &[u8] = b"unit-test-admin-secret-0123456789abcdef";
+
+    fn now() -> i64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    }
+
+    fn sign(secret: &[u8], claims: Value) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret)).unwrap()
+    }
+
+    /// The role, or the error's machine name.
+    fn outcome(keys: &JwtKeys, secret: &[u8], claims: Value) -> Result<Role, &'static str> {
+        keys.verify(&sign(secret, claims)).map(|c| c.role).map_err(|e| e.code.meta().1)
+    }
+
+    fn rules(audience: Option<&str>, issuer: Option<&str>, leeway_s: u64) -> TokenRules {
+        TokenRules {
+            audience: audience.map(str::to_string),
+            issuer: issuer.map(str::to_string),
+            leeway: Duration::from_secs(leeway_s),
+        }
+    }
+
+    #[test]
+    fn aud_and_iss_are_accepted_unless_configured_then_required() {
+        let exp = now() + 600;
+        let open = JwtKeys::with_rules(SECRET, None, &rules(None, None, 0));
+        for claims in [
+            json!({"tenant_id": 1, "exp": exp, "aud": "anything"}),
+            json!({"tenant_id": 1, "exp": exp, "aud": ["a", "b"], "iss": "https://idp.example.com/"}),
+            json!({"tenant_id": 1, "exp": exp}),
+        ] {
+            assert_eq!(outcome(&open, SECRET, claims.clone()), Ok(Role::Member), "{claims}");
+        }
+        let strict = JwtKeys::with_rules(SECRET, None, &rules(Some("callboard"), Some("https://idp/"), 0));
+        let cases = [
+            (json!({"tenant_id": 1, "exp": exp, "aud": "callboard", "iss": "https://idp/"}), Ok(Role::Member)),
+            (json!({"tenant_id": 1, "exp": exp, "aud": ["x", "callboard"], "iss": "https://idp/"}), Ok(Role::Member)),
+            (json!({"tenant_id": 1, "exp": exp, "aud": "other", "iss": "https://idp/"}), Err("invalid_token")),
+            (json!({"tenant_id": 1, "exp": exp, "iss": "https://idp/"}), Err("invalid_token")),
+            (json!({"tenant_id": 1, "exp": exp, "aud": "callboard", "iss": "https://evil/"}), Err("invalid_token")),
+            (json!({"tenant_id": 1, "exp": exp, "aud": "callboard"}), Err("invalid_token")),
+        ];
+        for (claims, expected) in cases {
+            assert_eq!(outcome(&strict, SECRET, claims.clone()), expected, "{claims}");
+        }
+    }
+
+    #[test]
+    fn the_leeway_applies_to_exp_and_nbf_and_nbf_must_be_a_number() {
+        let keys = JwtKeys::with_rules(SECRET, None, &rules(None, None, 5));
+        let cases = [
+            (json!({"tenant_id": 1, "exp": now() - 2}), Ok(Role::Member)),
+            (json!({"tenant_id": 1, "exp": now() - 30}), Err("token_expired")),
+            (json!({"tenant_id": 1, "exp": now() + 600, "nbf": now() + 2}), Ok(Role::Member)),
+            (json!({"tenant_id": 1, "exp": now() + 600, "nbf": now() + 60}), Err("invalid_token")),
+            (json!({"tenant_id": 1, "exp": now() + 600, "nbf": "soon"}), Err("invalid_token")),
+            (json!({"tenant_id": 1, "exp": now() + 600, "nbf": (now() - 10).to_string()}), Err("invalid_token")),
+        ];
+        for (claims, expected) in cases {
+            assert_eq!(outcome(&keys, SECRET, claims.clone()), expected, "{claims}");
+        }
+        let strict = JwtKeys::with_rules(SECRET, None, &rules(None, None, 0));
+        assert_eq!(outcome(&strict, SECRET, json!({"tenant_id": 1, "exp": now() - 2})), Err("token_expired"));
+    }
+
+    #[test]
+    fn with_an_operator_secret_only_it_makes_admins() {
+        let exp = now() + 600;
+        let admin = json!({"tenant_id": 1, "exp": exp, "role": "admin"});
+        let shared = JwtKeys::with_rules(SECRET, None, &TokenRules::default());
+        assert_eq!(outcome(&shared, SECRET, admin.clone()), Ok(Role::Admin), "one secret: its admins are admins");
+        let split = JwtKeys::with_rules(SECRET, Some(ADMIN), &TokenRules::default());
+        assert_eq!(outcome(&split, SECRET, admin.clone()), Ok(Role::Member), "the tenant secret cannot make admins");
+        assert_eq!(outcome(&split, ADMIN, admin.clone()), Ok(Role::Admin));
+        assert_eq!(outcome(&split, b"some-other-secret-0123456789abcdefghij", admin), Err("invalid_token"));
+        let minted = split.mint(TenantId::new(3).unwrap(), true, Duration::from_secs(60));
+        assert_eq!(split.verify(&minted).map(|c| (c.tenant.get(), c.role)).ok(), Some((3, Role::Admin)));
+        assert!(shared.verify(&minted).is_err(), "an admin token is signed with the operator secret");
+    }
 }

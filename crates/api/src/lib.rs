@@ -27,7 +27,7 @@ use callboard_settings::{Settings, SettingsError};
 use callboard_store::LiveQuery;
 use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder, TracingLogger};
 
-pub use auth::{Caller, JwtKeys, Role};
+pub use auth::{Caller, JwtKeys, Role, TokenRules};
 pub use live::{LiveGate, LiveLimits};
 pub use metrics::Metrics;
 pub use params::ParamLimits;
@@ -62,14 +62,26 @@ impl AppParts {
         tokio::spawn(watch_policy(redis, noeviction.clone()));
         Ok(Self {
             state: AppState { live, cache, metrics, noeviction },
-            keys: JwtKeys::new(settings.jwt_secret()?.expose().as_bytes()),
+            keys: jwt_keys(settings)?,
             limits: ParamLimits {
                 max_body_bytes: settings.http.max_body_bytes,
+                body_timeout: Duration::from_millis(settings.http.body_timeout_ms),
                 default_limit: settings.query.default_limit()?,
                 max_limit: settings.query.max_limit()?,
             },
         })
     }
+}
+
+/// The token keys and rules the settings describe.
+pub fn jwt_keys(settings: &Settings) -> Result<JwtKeys, SettingsError> {
+    let rules = auth::TokenRules {
+        audience: settings.auth.audience.clone(),
+        issuer: settings.auth.issuer.clone(),
+        leeway: Duration::from_secs(settings.auth.leeway_s),
+    };
+    let admin = settings.auth.admin_jwt_secret.as_ref().map(|s| s.expose().as_bytes());
+    Ok(JwtKeys::with_rules(settings.jwt_secret()?.expose().as_bytes(), admin, &rules))
 }
 
 /// How often an API process re-reads Redis's `maxmemory-policy`.

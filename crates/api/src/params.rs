@@ -19,6 +19,8 @@ use crate::error::{ApiError, ErrorCode};
 #[derive(Debug, Clone, Copy)]
 pub struct ParamLimits {
     pub max_body_bytes: usize,
+    /// The whole body must arrive within this; else 408 `request_timeout`.
+    pub body_timeout: std::time::Duration,
     pub default_limit: Limit,
     pub max_limit: u32,
 }
@@ -51,7 +53,21 @@ fn too_large(max: usize) -> ApiError {
     ApiError::new(ErrorCode::PayloadTooLarge, format!("the request body is larger than {max} bytes"))
 }
 
-pub(crate) async fn read_body(req: &HttpRequest, mut payload: Payload, max: usize) -> Result<Bytes, ApiError> {
+/// The body, up to `max` bytes, within the configured body timeout (10 s
+/// where none is configured): a client that trickles its body in cannot
+/// hold a connection and a worker's attention for longer.
+pub(crate) async fn read_body(req: &HttpRequest, payload: Payload, max: usize) -> Result<Bytes, ApiError> {
+    let timeout =
+        req.app_data::<web::Data<ParamLimits>>().map_or(std::time::Duration::from_secs(10), |l| l.body_timeout);
+    tokio::time::timeout(timeout, read_body_within(req, payload, max)).await.unwrap_or_else(|_| {
+        Err(ApiError::new(
+            ErrorCode::RequestTimeout,
+            format!("the request body did not arrive within {} ms", timeout.as_millis()),
+        ))
+    })
+}
+
+async fn read_body_within(req: &HttpRequest, mut payload: Payload, max: usize) -> Result<Bytes, ApiError> {
     let declared =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > max) {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use callboard_api::{Application, JwtKeys};
+use callboard_api::Application;
 use callboard_domain::TenantId;
 use callboard_projector::{Projector, ProjectorConfig};
 use callboard_readmodel::write::DocWindow;
@@ -96,7 +96,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Token { tenant, admin, ttl } => {
             let tenant = TenantId::new(tenant)?;
-            let keys = JwtKeys::new(settings.jwt_secret()?.expose().as_bytes());
+            let keys = callboard_api::jwt_keys(&settings)?;
             println!("{}", keys.mint(tenant, admin, ttl));
             Ok(())
         }

@@ -27,6 +27,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("CALLBOARD_REDIS_CLUSTER_NODES", "redis.cluster_nodes"),
     ("CALLBOARD_REDIS_KEY_PREFIX", "redis.key_prefix"),
     ("CALLBOARD_JWT_SECRET", "auth.jwt_secret"),
+    ("CALLBOARD_ADMIN_JWT_SECRET", "auth.admin_jwt_secret"),
     ("CALLBOARD_USER_FIELDS", "query.user_fields"),
     ("CALLBOARD_PROJECTOR_PARTITIONS", "projector.partitions"),
     ("CALLBOARD_LOG", "log.filter"),
@@ -111,6 +112,8 @@ pub struct ProjectorSettings {
 pub struct HttpSettings {
     pub addr: String,
     pub max_body_bytes: usize,
+    /// A request body must arrive within this, in ms; else 408.
+    pub body_timeout_ms: u64,
     pub workers: usize,
 }
 
@@ -140,6 +143,15 @@ pub struct RedisSettings {
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     pub jwt_secret: Option<Secret>,
+    /// The operator plane's own secret: when set, only tokens signed with
+    /// it act as admin.
+    pub admin_jwt_secret: Option<Secret>,
+    /// When set, a token's `aud` must include it; when not, any `aud`.
+    pub audience: Option<String>,
+    /// When set, a token's `iss` must equal it; when not, any `iss`.
+    pub issuer: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,6 +230,9 @@ impl Settings {
         if self.http.max_body_bytes == 0 {
             return Err(invalid("http.max_body_bytes", "must be positive"));
         }
+        if self.http.body_timeout_ms < 100 || self.http.body_timeout_ms > 600_000 {
+            return Err(invalid("http.body_timeout_ms", "must be between 100 and 600000"));
+        }
         let uri = self.mongodb.uri.expose();
         if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {
             return Err(invalid("mongodb.uri", "must start with mongodb:// or mongodb+srv://"));
@@ -247,7 +262,24 @@ impl Settings {
             return Err(invalid("redis.key_prefix", "must be non-empty, without braces, colons or spaces"));
         }
         if let Some(secret) = &self.auth.jwt_secret {
-            check_jwt_secret(secret)?;
+            check_jwt_secret("auth.jwt_secret", secret)?;
+        }
+        if let Some(admin) = &self.auth.admin_jwt_secret {
+            check_jwt_secret("auth.admin_jwt_secret", admin)?;
+            if self.auth.jwt_secret.as_ref().is_some_and(|s| s.expose() == admin.expose()) {
+                return Err(invalid(
+                    "auth.admin_jwt_secret",
+                    "must differ from auth.jwt_secret (CALLBOARD_JWT_SECRET)",
+                ));
+            }
+        }
+        if self.auth.leeway_s > 300 {
+            return Err(invalid("auth.leeway_s", "must be at most 300"));
+        }
+        for (key, value) in [("auth.audience", &self.auth.audience), ("auth.issuer", &self.auth.issuer)] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(invalid(key, "must not be empty (leave it unset to accept any)"));
+            }
         }
         if self.projector.batch_max == 0 {
             return Err(invalid("projector.batch_max", "must be positive"));
@@ -282,9 +314,9 @@ impl Settings {
     }
 }
 
-fn check_jwt_secret(secret: &Secret) -> Result<(), SettingsError> {
+fn check_jwt_secret(key: &'static str, secret: &Secret) -> Result<(), SettingsError> {
     if secret.expose().len() < 32 {
-        return Err(invalid("auth.jwt_secret", "must be at least 32 bytes"));
+        return Err(invalid(key, "must be at least 32 bytes"));
     }
     Ok(())
 }
