@@ -417,6 +417,8 @@ impl Leader<'_> {
     /// memory): they are redone from their snapshot.
     async fn resume_warms(&self, pending: &mut HashMap<TenantId, PendingWarm>) -> Result<(), ProjectorError> {
         let reader = &self.p.reader;
+        // One read of the queue for all of them: linear in the tenants.
+        let mut queued = None;
         for (tenant, epoch, job) in reader.warming().await? {
             if !self.scope.owns_tenant(tenant) {
                 continue;
@@ -425,7 +427,10 @@ impl Leader<'_> {
                 continue;
             }
             // Queued warms not yet taken are left to the queue.
-            if reader.is_queued(tenant, epoch).await? {
+            if queued.is_none() {
+                queued = Some(reader.queued_warms().await?);
+            }
+            if queued.as_ref().is_some_and(|q| q.contains(&(tenant, epoch))) {
                 continue;
             }
             info!(tenant = %tenant, epoch, "resuming an unfinished warm");

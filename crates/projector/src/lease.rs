@@ -55,6 +55,29 @@ impl Lease {
         Ok(ok == 1)
     }
 
+    /// Renews, retrying failed attempts (a dropped connection, a failover,
+    /// Redis refusing writes for a moment) with backoff for as long as the
+    /// lease still runs. `false` once another projector holds it, or it
+    /// ran out before a renewal got through.
+    async fn renew_while_it_lasts(&mut self) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.renew().await {
+                Ok(held) => return held,
+                Err(e) => {
+                    let left = self.valid_until.map_or(Duration::ZERO, |u| u.saturating_duration_since(Instant::now()));
+                    if left.is_zero() {
+                        tracing::warn!(error = %e, "lease renewal failed and the lease ran out");
+                        return false;
+                    }
+                    tracing::warn!(error = %e, left_ms = left.as_millis() as u64, "lease renewal failed; retrying while the lease lasts");
+                    tokio::time::sleep(backoff.min(left)).await;
+                    backoff = (backoff * 2).min(self.ttl / 6);
+                }
+            }
+        }
+    }
+
     pub async fn release(&mut self) -> Result<(), ReadModelError> {
         static CELL: OnceLock<Script> = OnceLock::new();
         let mut c = self.redis.get().await?;
@@ -83,7 +106,8 @@ impl Keeper {
 
 impl Lease {
     /// Renews every third of the TTL until the returned task is aborted or
-    /// a renewal fails.
+    /// the lease is lost (held by another, or run out while renewals kept
+    /// failing).
     pub fn keep_alive(&self) -> (Keeper, tokio::task::JoinHandle<()>) {
         let keeper = Keeper { valid_until: Arc::new(Mutex::new(self.valid_until)), margin: self.margin() };
         let mut lease = Lease {
@@ -97,11 +121,11 @@ impl Lease {
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(lease.ttl / 3).await;
-                let ok = lease.renew().await.unwrap_or(false);
-                *shared.lock().unwrap_or_else(|e| e.into_inner()) = lease.valid_until;
-                if !ok {
+                if !lease.renew_while_it_lasts().await {
+                    *shared.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     return;
                 }
+                *shared.lock().unwrap_or_else(|e| e.into_inner()) = lease.valid_until;
             }
         });
         (keeper, task)

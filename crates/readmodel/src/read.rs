@@ -142,14 +142,19 @@ impl ReadModel {
             .collect())
     }
 
-    /// Whether a `warm` command for (tenant, epoch) still waits in the queue.
-    pub async fn is_queued(&self, tenant: TenantId, epoch: u64) -> Result<bool, ReadModelError> {
+    /// The (tenant, epoch) of every `warm` command still waiting in the
+    /// queue: one read of the queue, however many tenants are asked about.
+    pub async fn queued_warms(&self) -> Result<std::collections::HashSet<(TenantId, u64)>, ReadModelError> {
         let mut c = self.conn().await?;
         let queued: Vec<String> = c.lrange(self.keys.commands(), 0, -1).await?;
         Ok(queued
             .iter()
             .filter_map(|q| Command::parse(q))
-            .any(|q| matches!(q, Command::Warm { tenant: t, epoch: e, .. } if t == tenant && e == epoch)))
+            .filter_map(|q| match q {
+                Command::Warm { tenant, epoch, .. } => Some((tenant, epoch)),
+                _ => None,
+            })
+            .collect())
     }
 
     /// The grouped response from Redis alone, or why it cannot be given.
