@@ -203,6 +203,12 @@ async fn projection_rate(d: &mut Deployed, processes: usize, events: usize) -> a
     for p in &projectors {
         d.procs[*p].pause();
     }
+    let applied = || async {
+        let mut c = redis.get().await?;
+        let n: Option<u64> = redis::AsyncCommands::hget(&mut c, "cb:{g}:progress", "events_applied").await?;
+        anyhow::Ok(n.unwrap_or(0))
+    };
+    let at_freeze = applied().await?;
     let mongo = mongodb::Client::with_uri_str(d.services.mongo.uri()).await?.database("bench");
     let calls = mongo.collection::<Document>("calls");
     let written = Instant::now();
@@ -228,6 +234,12 @@ async fn projection_rate(d: &mut Deployed, processes: usize, events: usize) -> a
             .await?;
     }
     eprintln!("   {events} updates and {} sentinels written in {:.1}s", tenants.len(), written.elapsed().as_secs_f64());
+    // Nothing may have been applied while frozen, or the clock below
+    // would miss work done before it started.
+    let at_resume = applied().await?;
+    if at_resume != at_freeze {
+        bail!("{} events were applied while the projectors were frozen", at_resume - at_freeze);
+    }
     let started = Instant::now();
     for p in &projectors {
         d.procs[*p].resume();
