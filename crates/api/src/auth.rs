@@ -20,6 +20,18 @@ pub enum Role {
     Admin,
 }
 
+/// What `mint` signs: the claims, and the audience and issuer the rules
+/// require, so that callboard's own tokens pass them.
+#[derive(Serialize)]
+struct Minted<'a> {
+    #[serde(flatten)]
+    claims: Claims,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     tenant_id: i64,
@@ -65,6 +77,7 @@ pub struct JwtKeys {
     /// When set, only tokens signed with it act as admin.
     admin: Option<Key>,
     validation: Validation,
+    rules: TokenRules,
 }
 
 impl JwtKeys {
@@ -95,7 +108,7 @@ impl JwtKeys {
             required.push("iss");
         }
         validation.set_required_spec_claims(&required);
-        Self { tenant: Key::new(secret), admin: admin_secret.map(Key::new), validation }
+        Self { tenant: Key::new(secret), admin: admin_secret.map(Key::new), validation, rules: rules.clone() }
     }
 
     /// A token for `tenant`, valid for `ttl`; an admin one is signed with
@@ -110,7 +123,8 @@ impl JwtKeys {
             role: admin.then(|| "admin".into()),
         };
         let key = if admin { self.admin.as_ref().unwrap_or(&self.tenant) } else { &self.tenant };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key.encoding)
+        let minted = Minted { claims, aud: self.rules.audience.as_deref(), iss: self.rules.issuer.as_deref() };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &minted, &key.encoding)
             .expect("HS256 signing of plain claims cannot fail")
     }
 
@@ -266,6 +280,15 @@ mod tests {
         assert_eq!(outcome(&split, ADMIN, admin.clone()), Ok(Role::Admin));
         assert_eq!(outcome(&split, b"some-other-secret-0123456789abcdefghij", admin), Err("invalid_token"));
         let minted = split.mint(TenantId::new(3).unwrap(), true, Duration::from_secs(60));
+        let strict = JwtKeys::with_rules(SECRET, Some(ADMIN), &rules(Some("callboard"), Some("https://idp/"), 0));
+        for admin in [false, true] {
+            let own = strict.mint(TenantId::new(4).unwrap(), admin, Duration::from_secs(60));
+            assert_eq!(
+                strict.verify(&own).map(|c| c.role == Role::Admin).ok(),
+                Some(admin),
+                "its own tokens pass its rules"
+            );
+        }
         assert_eq!(split.verify(&minted).map(|c| (c.tenant.get(), c.role)).ok(), Some((3, Role::Admin)));
         assert!(shared.verify(&minted).is_err(), "an admin token is signed with the operator secret");
     }

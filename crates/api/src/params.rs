@@ -54,8 +54,9 @@ fn too_large(max: usize) -> ApiError {
 }
 
 /// The body, up to `max` bytes, within the configured body timeout (10 s
-/// where none is configured): a client that trickles its body in cannot
-/// hold a connection and a worker's attention for longer.
+/// where none is configured): a client that trickles its body in gets 408
+/// and no more of the handler's time. actix then closes a connection whose
+/// `Content-Length` body was left unread; a chunked body it drains.
 pub(crate) async fn read_body(req: &HttpRequest, payload: Payload, max: usize) -> Result<Bytes, ApiError> {
     let timeout =
         req.app_data::<web::Data<ParamLimits>>().map_or(std::time::Duration::from_secs(10), |l| l.body_timeout);

@@ -238,7 +238,7 @@ async fn projection_rate(d: &mut Deployed, processes: usize, events: usize) -> a
     // would miss work done before it started.
     let at_resume = applied().await?;
     if at_resume != at_freeze {
-        bail!("{} events were applied while the projectors were frozen", at_resume - at_freeze);
+        bail!("events were applied while the projectors were frozen ({at_freeze} at the freeze, {at_resume} now)");
     }
     let started = Instant::now();
     for p in &projectors {
