@@ -383,15 +383,7 @@ async fn health_and_readiness_without_a_projector() {
 
 /// `maxmemory-policy` on every node of the test's Redis.
 fn set_policy(services: &callboard_testkit::Services, policy: &str) {
-    let (_, urls) = services.redis.setting();
-    for url in urls.split(',') {
-        let port = url.rsplit(':').next().unwrap().trim_end_matches('/');
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", port, "CONFIG", "SET", "maxmemory-policy", policy])
-            .output()
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "CONFIG SET on {port}");
-    }
+    services.redis.config_set("maxmemory-policy", policy).unwrap();
 }
 
 /// A Redis that may evict keys would turn an evicted key into a confident

@@ -90,7 +90,7 @@ impl Lease {
 
 /// The lease renewed in the background while a projector leads, so that a
 /// long snapshot does not let it lapse. Work checks [`Keeper::is_safe`]
-/// before each write.
+/// before each write, or waits with [`Keeper::wait_safe`].
 #[derive(Clone)]
 pub struct Keeper {
     valid_until: Arc<Mutex<Option<Instant>>>,
@@ -101,6 +101,24 @@ impl Keeper {
     pub fn is_safe(&self) -> bool {
         let until = *self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
         until.is_some_and(|u| u.saturating_duration_since(Instant::now()) > self.margin)
+    }
+
+    /// Waits, writing nothing, while renewals fail but the lease still
+    /// runs: `true` once a renewal got through and it is safe to write
+    /// again, `false` once the lease is lost (another holds it, or it ran
+    /// out). So a Redis that refuses writes for less than the lease's TTL
+    /// pauses the leader rather than ending its leadership.
+    pub async fn wait_safe(&self) -> bool {
+        loop {
+            if self.is_safe() {
+                return true;
+            }
+            let until = *self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
+            if until.is_none_or(|u| u <= Instant::now()) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -33,6 +33,8 @@ pub enum TestkitError {
     NotReady { what: &'static str, port: u16, secs: u64, log: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("redis-cli: {0}")]
+    Cli(String),
 }
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -482,6 +484,26 @@ impl TestRedis {
             TestRedis::Single(s) => ("CALLBOARD_REDIS_URL", s.url()),
             TestRedis::Cluster(c) => ("CALLBOARD_REDIS_CLUSTER_NODES", c.seeds()),
         }
+    }
+
+    /// `CONFIG SET name value` on every node (every master and replica of
+    /// a cluster).
+    pub fn config_set(&self, name: &str, value: &str) -> Result<(), TestkitError> {
+        let ports = match self {
+            TestRedis::Single(s) => vec![s.port()],
+            TestRedis::Cluster(c) => c.ports(),
+        };
+        for port in ports {
+            let out = Command::new(redis_cli())
+                .args(["-p", &port.to_string(), "CONFIG", "SET", name, value])
+                .output()
+                .map_err(|source| TestkitError::Spawn { what: "redis-cli", source })?;
+            let reply = String::from_utf8_lossy(&out.stdout);
+            if reply.trim() != "OK" {
+                return Err(TestkitError::Cli(format!("CONFIG SET {name} {value} on {port}: {reply}")));
+            }
+        }
+        Ok(())
     }
 
     /// The single server, for tests of one node's faults.
