@@ -84,7 +84,7 @@ impl Leader<'_> {
         let mut last_beat = Instant::now();
         let mut last_idle_checkpoint = Instant::now();
         loop {
-            if !self.keeper.is_safe() {
+            if !self.keeper.wait_safe().await {
                 return Err(ProjectorError::LeaseLost);
             }
             if last_beat.elapsed() >= Duration::from_secs(1) {
@@ -132,7 +132,7 @@ impl Leader<'_> {
                 tenants = tracing::field::Empty,
                 lag_ms = tracing::field::Empty
             );
-            if !self.keeper.is_safe() {
+            if !self.keeper.wait_safe().await {
                 return Err(ProjectorError::LeaseLost);
             }
             let reset = self.apply_batch(&events).instrument(span).await?;
@@ -271,8 +271,13 @@ impl Leader<'_> {
         let lag_ms = now_ms() - event_ms;
         tracing::Span::current().record("lag_ms", lag_ms);
         let stats = BatchStats { events: applied as u64, last_event_ms: Some(event_ms), lag_ms: Some(lag_ms) };
-        let token = reset.clone().unwrap_or_else(|| last.id.clone());
-        self.save_checkpoint(&token, stats).await?;
+        // Up to the last event applied, never the reset itself: the reset
+        // is checkpointed by the rebuild it stands for (which clears the
+        // checkpoint first), so a crash before that rebuild reads the
+        // reset again rather than resuming past it onto a stale model.
+        if applied > 0 {
+            self.save_checkpoint(&last.id, stats).await?;
+        }
         Ok(reset)
     }
 
@@ -361,7 +366,7 @@ impl Leader<'_> {
         let reader = &self.p.reader;
         for _ in 0..16 {
             // Never take a command this projector might not finish.
-            if !self.keeper.is_safe() {
+            if !self.keeper.wait_safe().await {
                 return Err(ProjectorError::LeaseLost);
             }
             let Some(raw) = self.take_command().await? else { return Ok(()) };
