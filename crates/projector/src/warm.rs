@@ -100,7 +100,7 @@ pub async fn snapshot_tenant(
             chunk.push(entry);
         }
         if chunk.len() == CHUNK {
-            if !keeper.is_safe() {
+            if !keeper.wait_safe().await {
                 return Err(ProjectorError::LeaseLost);
             }
             total += chunk.len() as u64;
