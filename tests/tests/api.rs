@@ -482,3 +482,117 @@ async fn a_body_that_trickles_in_is_cut_off() {
     assert!(took < Duration::from_secs(5), "cut off after the body timeout, not the whole body: {took:?}");
     app.stop().await;
 }
+
+/// Commands Redis has processed, summed over every node of the test's Redis.
+fn commands_processed(services: &callboard_testkit::Services) -> u64 {
+    let (_, urls) = services.redis.setting();
+    let cli = std::env::var("CALLBOARD_TEST_REDIS_CLI").unwrap_or_else(|_| "redis-cli".into());
+    urls.split(',')
+        .map(|url| {
+            let port = url.rsplit(':').next().unwrap().trim_end_matches('/').to_string();
+            let out = std::process::Command::new(&cli).args(["-p", &port, "INFO", "stats"]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix("total_commands_processed:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .unwrap()
+        })
+        .sum()
+}
+
+/// With `CALLBOARD_METRICS_ADDR`, `/metrics` is served there and not on the
+/// API's address; and a scrape costs Redis a few single-key reads, not one
+/// per tenant (the tenant counts are refreshed in the background).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_have_an_address_of_their_own_and_a_scrape_does_no_per_tenant_work() {
+    let services = callboard_testkit::Services::start().unwrap();
+    let mut settings = callboard_tests::test_settings(&services, "metrics");
+    settings.http.metrics_addr = Some("127.0.0.1:0".into());
+    // 50 warm tenants before the process starts.
+    let keys = callboard_readmodel::Keys::new(&settings.redis.key_prefix);
+    let redis = match services.redis.setting() {
+        ("CALLBOARD_REDIS_URL", url) => callboard_readmodel::Redis::single_url(&url, 2).unwrap(),
+        (_, seeds) => callboard_readmodel::Redis::cluster(&seeds.split(',').map(str::to_string).collect::<Vec<_>>())
+            .await
+            .unwrap(),
+    };
+    let mut c = redis.get().await.unwrap();
+    for t in 1..=50 {
+        let tenant = callboard_domain::TenantId::new(t).unwrap();
+        let _: () =
+            redis::AsyncCommands::set(&mut c, keys.state(tenant), callboard_readmodel::TenantState::encode_warm(1))
+                .await
+                .unwrap();
+        let _: () = redis::AsyncCommands::sadd(&mut c, keys.tenants(), t).await.unwrap();
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app = callboard_api::Application::with_listener(&settings, listener).await.unwrap();
+    let (port, metrics_port) = (app.port(), app.metrics_port().expect("a metrics port"));
+    let handle = app.handle();
+    let server = tokio::spawn(app.run_until_stopped());
+    let client = reqwest::Client::new();
+    let public = client.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap();
+    assert_eq!(public.status(), 404, "not on the API's address");
+    let scrape = || async {
+        let r = client.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    };
+    // The background count has run once at start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !scrape().await.lines().any(|l| l == r#"callboard_tenants{state="warm"} 50"#) {
+        assert!(std::time::Instant::now() < deadline, "the tenant count never showed 50");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = commands_processed(&services);
+    for _ in 0..5 {
+        assert!(scrape().await.contains("callboard_live_queries_total"));
+    }
+    let spent = commands_processed(&services) - before;
+    // A few reads per scrape and the INFO calls themselves; one read per
+    // tenant per scrape would be 250 more.
+    assert!(spent < 60, "5 scrapes cost Redis {spent} commands");
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    assert!(
+        client.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().await.is_err(),
+        "stopped with the API"
+    );
+}
+
+/// `http.max_connections_per_worker`: past the bound, a new connection is
+/// not served until one of the held ones closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_worker_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = callboard_tests::spawn_app_configured(callboard_testkit::Services::start().unwrap(), |s| {
+        s.http.workers = 1;
+        s.http.max_connections_per_worker = 2;
+    })
+    .await;
+    let addr = app.address.trim_start_matches("http://").to_string();
+    let request = b"GET /healthz HTTP/1.1\r\nHost: callboard\r\n\r\n";
+    // Reads one response's head (the body is tiny and comes with it).
+    async fn answer(s: &mut tokio::net::TcpStream) -> String {
+        let mut buf = [0_u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    }
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        assert!(answer(&mut s).await.starts_with("HTTP/1.1 200"));
+        held.push(s); // kept alive, held by the worker
+    }
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    third.write_all(request).await.unwrap();
+    let mut buf = [0_u8; 1024];
+    let early = tokio::time::timeout(Duration::from_secs(1), third.read(&mut buf)).await;
+    assert!(early.is_err(), "a third connection was served past the bound");
+    drop(held.pop());
+    let late = tokio::time::timeout(Duration::from_secs(10), answer(&mut third)).await.expect("served once one closed");
+    assert!(late.starts_with("HTTP/1.1 200"), "{late}");
+    drop((held, third));
+    app.stop().await;
+}

@@ -41,6 +41,8 @@ pub struct AppParts {
     pub state: AppState,
     pub keys: JwtKeys,
     pub limits: ParamLimits,
+    /// `/metrics` on the main address (false when it has its own).
+    pub public_metrics: bool,
 }
 
 impl AppParts {
@@ -60,6 +62,7 @@ impl AppParts {
         };
         let live = LiveGate::new(LiveQuery::new(db, settings.query.user_fields()?), limits, metrics.clone());
         tokio::spawn(watch_policy(redis, noeviction.clone()));
+        tokio::spawn(count_tenants(cache.clone(), metrics.clone()));
         Ok(Self {
             state: AppState { live, cache, metrics, noeviction },
             keys: jwt_keys(settings)?,
@@ -69,6 +72,7 @@ impl AppParts {
                 default_limit: settings.query.default_limit()?,
                 max_limit: settings.query.max_limit()?,
             },
+            public_metrics: settings.http.metrics_addr.is_none(),
         })
     }
 }
@@ -100,6 +104,15 @@ async fn check_policy(redis: &callboard_readmodel::Redis) -> Result<bool, Applic
             tracing::warn!(error = %e, "cannot read Redis's maxmemory-policy; it will be checked again");
             Ok(true)
         }
+    }
+}
+
+/// Recounts the tenants by state every [`metrics::TENANT_COUNT_EVERY`], so
+/// that a scrape does no per-tenant work on Redis.
+async fn count_tenants(cache: ReadModel, metrics: Metrics) {
+    loop {
+        metrics.refresh_tenant_counts(&cache).await;
+        tokio::time::sleep(metrics::TENANT_COUNT_EVERY).await;
     }
 }
 
@@ -154,6 +167,7 @@ pub fn create_app(
         InitError = (),
     >,
 > {
+    let public_metrics = parts.public_metrics;
     App::new()
         .wrap(TracingLogger::<CallboardSpan>::new())
         .app_data(web::Data::new(parts.state))
@@ -169,7 +183,11 @@ pub fn create_app(
         )
         .service(route("/healthz", web::get().to(routes::health::healthz)))
         .service(route("/readyz", web::get().to(routes::health::readyz)))
-        .service(route("/metrics", web::get().to(routes::health::metrics)))
+        .configure(|c| {
+            if public_metrics {
+                c.service(route("/metrics", web::get().to(routes::health::metrics)));
+            }
+        })
         .service(route("/admin/cache/warm", web::post().to(routes::admin::warm)))
         .service(route("/admin/cache/warm/{job_id}", web::get().to(routes::admin::warm_job)))
         .service(route("/admin/cache/status", web::get().to(routes::admin::status)))
@@ -182,10 +200,30 @@ fn route(path: &str, handler: actix_web::Route) -> actix_web::Resource {
     web::resource(path).route(handler).default_service(web::to(error::method_not_allowed))
 }
 
-/// The API bound to its port, ready to run.
+/// `/metrics` alone, for its own address.
+fn metrics_app(
+    state: AppState,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(web::Data::new(state))
+        .service(route("/metrics", web::get().to(routes::health::metrics)))
+        .default_service(web::to(error::not_found))
+}
+
+/// The API bound to its port (and `/metrics` to its own, if configured),
+/// ready to run.
 pub struct Application {
     port: u16,
     server: Server,
+    metrics: Option<(u16, Server)>,
 }
 
 impl Application {
@@ -198,16 +236,37 @@ impl Application {
     pub async fn with_listener(settings: &Settings, listener: TcpListener) -> Result<Self, ApplicationError> {
         let port = listener.local_addr().map_err(|e| ApplicationError::Bind("listener".into(), e))?.port();
         let parts = AppParts::from_settings(settings).await?;
-        let mut server = HttpServer::new(move || create_app(parts.clone())).disable_signals();
+        let metrics_state = parts.state.clone();
+        let mut server = HttpServer::new(move || create_app(parts.clone()))
+            .disable_signals()
+            .max_connections(settings.http.max_connections_per_worker);
         if settings.http.workers > 0 {
             server = server.workers(settings.http.workers);
         }
+        let metrics = match settings.http.metrics_socket_addr()? {
+            Some(addr) => {
+                let state = metrics_state;
+                let bound = HttpServer::new(move || metrics_app(state.clone()))
+                    .disable_signals()
+                    .workers(1)
+                    .bind(addr)
+                    .map_err(|e| ApplicationError::Bind(addr.to_string(), e))?;
+                let port = bound.addrs().first().map_or(addr.port(), |a| a.port());
+                Some((port, bound.run()))
+            }
+            None => None,
+        };
         let server = server.listen(listener).map_err(|e| ApplicationError::Bind("listener".into(), e))?.run();
-        Ok(Self { port, server })
+        Ok(Self { port, server, metrics })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The port `/metrics` has to itself, if it has one.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics.as_ref().map(|(port, _)| *port)
     }
 
     /// A handle that stops the server gracefully.
@@ -215,8 +274,16 @@ impl Application {
         self.server.handle()
     }
 
+    /// Runs until the API is stopped (through [`Application::handle`]);
+    /// the metrics server stops with it.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let Some((_, metrics)) = self.metrics else { return self.server.await };
+        let metrics_handle = metrics.handle();
+        let metrics_task = tokio::spawn(metrics);
+        let outcome = self.server.await;
+        metrics_handle.stop(true).await;
+        let _ = metrics_task.await;
+        outcome
     }
 }
 

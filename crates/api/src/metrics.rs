@@ -28,6 +28,9 @@ pub mod names {
     pub const REDIS_NOEVICTION: &str = "callboard_redis_noeviction";
 }
 
+/// How often an API process recounts its tenants by state.
+pub const TENANT_COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -81,7 +84,7 @@ impl Metrics {
         let misses = IntCounterVec::new(
             Opts::new(
                 names::MISSES,
-                "answers given live, by reason (cold, format, short_window, retries_exhausted, redis_error, bypass)",
+                "answers given live, by reason (cold, format, short_window, retries_exhausted, redis_error, bypass, redis_may_evict)",
             ),
             &["reason"],
         )
@@ -119,6 +122,18 @@ impl Metrics {
         }
     }
 
+    /// Counts the tenants by state (a read per tenant): run every
+    /// [`TENANT_COUNT_EVERY`] by a background task, never by a scrape.
+    pub async fn refresh_tenant_counts(&self, cache: &ReadModel) {
+        if let Ok(states) = cache.tenant_states().await {
+            for state in ["warming", "warm"] {
+                self.tenants
+                    .with_label_values(&[state])
+                    .set(states.values().filter(|s| s.name() == state).count() as i64);
+            }
+        }
+    }
+
     pub fn observe_live_started(&self) {
         self.live_queries.inc();
     }
@@ -139,7 +154,8 @@ impl Metrics {
         self.grouped.with_label_values(&[outcome.as_str()]).observe(elapsed.as_secs_f64());
     }
 
-    /// The text exposition, with the projector's figures refreshed.
+    /// The text exposition, with the projector's figures refreshed (a few
+    /// single-key reads; nothing per tenant).
     pub async fn render(&self, cache: &ReadModel, noeviction: bool) -> String {
         self.noeviction.set(i64::from(noeviction));
         if let Ok(p) = cache.progress().await {
@@ -151,13 +167,6 @@ impl Metrics {
             self.history_lost.set(counters.history_lost);
             self.window_refills.set(counters.window_refills);
             self.writes_lost.set(counters.writes_lost);
-        }
-        if let Ok(states) = cache.tenant_states().await {
-            for state in ["warming", "warm"] {
-                self.tenants
-                    .with_label_values(&[state])
-                    .set(states.values().filter(|s| s.name() == state).count() as i64);
-            }
         }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

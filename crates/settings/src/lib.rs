@@ -21,6 +21,7 @@ const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
 pub const ENV_KEYS: &[(&str, &str)] = &[
     ("CALLBOARD_HTTP_ADDR", "http.addr"),
     ("CALLBOARD_HTTP_WORKERS", "http.workers"),
+    ("CALLBOARD_METRICS_ADDR", "http.metrics_addr"),
     ("CALLBOARD_MONGODB_URI", "mongodb.uri"),
     ("CALLBOARD_MONGODB_DB", "mongodb.db"),
     ("CALLBOARD_REDIS_URL", "redis.url"),
@@ -115,6 +116,11 @@ pub struct HttpSettings {
     /// A request body must arrive within this, in ms; else 408.
     pub body_timeout_ms: u64,
     pub workers: usize,
+    /// Connections each worker holds at once; past it, new ones wait in
+    /// the accept queue until one closes.
+    pub max_connections_per_worker: usize,
+    /// When set, `/metrics` is served here only, not on `addr`.
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,8 +233,12 @@ impl Settings {
 
     fn validate(&self) -> Result<(), SettingsError> {
         self.http.socket_addr()?;
+        self.http.metrics_socket_addr()?;
         if self.http.max_body_bytes == 0 {
             return Err(invalid("http.max_body_bytes", "must be positive"));
+        }
+        if self.http.max_connections_per_worker == 0 {
+            return Err(invalid("http.max_connections_per_worker", "must be positive"));
         }
         if self.http.body_timeout_ms < 100 || self.http.body_timeout_ms > 600_000 {
             return Err(invalid("http.body_timeout_ms", "must be between 100 and 600000"));
@@ -326,6 +336,17 @@ impl HttpSettings {
         self.addr
             .parse()
             .map_err(|_| invalid("http.addr", format!("{:?} is not an address like 0.0.0.0:8006", self.addr)))
+    }
+
+    /// Where `/metrics` is served on its own, if anywhere.
+    pub fn metrics_socket_addr(&self) -> Result<Option<SocketAddr>, SettingsError> {
+        self.metrics_addr
+            .as_deref()
+            .map(|a| {
+                a.parse()
+                    .map_err(|_| invalid("http.metrics_addr", format!("{a:?} is not an address like 127.0.0.1:9006")))
+            })
+            .transpose()
     }
 }
 
