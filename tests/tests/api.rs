@@ -596,3 +596,98 @@ async fn connections_per_worker_are_bounded() {
     drop((held, third));
     app.stop().await;
 }
+
+/// The admin endpoints' bad input: clear 4xx errors in the envelope, never
+/// a 5xx, and nothing written (no command queued, no job created).
+#[tokio::test]
+async fn bad_admin_input_gets_a_json_error_and_writes_nothing() {
+    let app = spawn_app().await;
+    let admin = app.admin_token(1);
+    let bodies: Vec<(&str, Vec<u8>)> = vec![
+        ("negative tenant", br#"{"tenant_id": -1}"#.to_vec()),
+        ("string tenant", br#"{"tenant_id": "x"}"#.to_vec()),
+        ("huge tenant", br#"{"tenant_id": 1e30}"#.to_vec()),
+        ("fractional tenant", br#"{"tenant_id": 1.5}"#.to_vec()),
+        ("empty object", b"{}".to_vec()),
+        ("both", br#"{"tenant_id": 1, "all": true}"#.to_vec()),
+        ("all false", br#"{"all": false}"#.to_vec()),
+        ("unknown field", br#"{"tenant": 1}"#.to_vec()),
+        ("not JSON", b"tenant_id=1".to_vec()),
+        ("empty body", Vec::new()),
+        ("invalid UTF-8", vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}']),
+        ("an array", b"[1]".to_vec()),
+    ];
+    for path in ["/admin/cache/warm", "/admin/cache/invalidate"] {
+        for (what, body) in &bodies {
+            let r = app
+                .client
+                .post(format!("{}{path}", app.address))
+                .bearer_auth(&admin)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let json: Value = r.json().await.unwrap_or(Value::Null);
+            assert_eq!(status, 422, "{path} {what}: {json}");
+            assert_eq!(
+                (json["status"].as_u64(), json["error"].as_str()),
+                (Some(422), Some("invalid_parameter")),
+                "{path} {what}"
+            );
+        }
+    }
+    let long = "z".repeat(4000);
+    let gets: Vec<(String, u16, &str)> = vec![
+        ("/admin/cache/status?tenant_id=-1".into(), 422, "invalid_parameter"),
+        ("/admin/cache/status?tenant_id=x".into(), 422, "invalid_parameter"),
+        ("/admin/cache/status?tenant_id=1e30".into(), 422, "invalid_parameter"),
+        ("/admin/cache/status?tenant_id=".into(), 422, "invalid_parameter"),
+        ("/admin/cache/status?other=1".into(), 422, "invalid_parameter"),
+        ("/admin/cache/warm/not-a-job".into(), 404, "not_found"),
+        ("/admin/cache/warm/..%2F..%2Fetc".into(), 404, "not_found"),
+        (format!("/admin/cache/warm/{long}"), 404, "not_found"),
+    ];
+    for (path, want, name) in &gets {
+        let r = app.client.get(format!("{}{path}", app.address)).bearer_auth(&admin).send().await.unwrap();
+        let status = r.status().as_u16();
+        let json: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            (status, json["error"].as_str()),
+            (*want, Some(*name)),
+            "GET {}: {json}",
+            &path[..path.len().min(60)]
+        );
+    }
+    for (method, path) in [
+        (reqwest::Method::GET, "/admin/cache/warm"),
+        (reqwest::Method::DELETE, "/admin/cache/status"),
+        (reqwest::Method::POST, "/admin/cache/warm/abc"),
+        (reqwest::Method::PUT, "/admin/cache/invalidate"),
+    ] {
+        let r = app
+            .client
+            .request(method.clone(), format!("{}{path}", app.address))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let json: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!((status, json["error"].as_str()), (405, Some("method_not_allowed")), "{method} {path}: {json}");
+    }
+    // Nothing was written: no command queued, no job, no tenant state.
+    let mut c = app.redis().await;
+    let queued: u64 = redis::AsyncCommands::llen(&mut c, "cb:{g}:cmdq").await.unwrap();
+    assert_eq!(queued, 0, "no command queued");
+    let redis = match app.services.redis.setting() {
+        ("CALLBOARD_REDIS_URL", url) => callboard_readmodel::Redis::single_url(&url, 2).unwrap(),
+        (_, seeds) => callboard_readmodel::Redis::cluster(&seeds.split(',').map(str::to_string).collect::<Vec<_>>())
+            .await
+            .unwrap(),
+    };
+    let written = redis.scan("cb:*").await.unwrap();
+    assert!(written.iter().all(|k| !k.contains(":job:") && !k.ends_with(":state")), "{written:?}");
+    app.stop().await;
+}
