@@ -691,3 +691,41 @@ async fn bad_admin_input_gets_a_json_error_and_writes_nothing() {
     assert!(written.iter().all(|k| !k.contains(":job:") && !k.ends_with(":state")), "{written:?}");
     app.stop().await;
 }
+
+/// Headers that decide what a request means must appear once: two tokens
+/// (which tenant?) or two Content-Types (which body?) are refused, not
+/// resolved by whichever is read first. A repeated harmless header changes
+/// nothing.
+#[tokio::test]
+async fn duplicate_deciding_headers_are_refused() {
+    let (app, _) = seeded_app().await;
+    let (a, b) = (app.token(1), app.token(2));
+    let post = || app.client.post(app.grouped_url());
+    let cases = [
+        (
+            "two tokens",
+            post().header("authorization", format!("Bearer {a}")).header("authorization", format!("Bearer {b}")),
+            401,
+            "invalid_token",
+        ),
+        (
+            "two content types",
+            post()
+                .bearer_auth(&a)
+                .header("content-type", "application/json")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(r#"{"limit": 1}"#),
+            415,
+            "unsupported_media_type",
+        ),
+    ];
+    for (what, request, status, name) in cases {
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{what}");
+        let json: Value = r.json().await.unwrap();
+        assert_eq!((json["status"].as_u64(), json["error"].as_str()), (Some(u64::from(status)), Some(name)), "{what}");
+    }
+    let r = post().bearer_auth(&a).header("accept", "application/json").header("accept", "*/*").send().await.unwrap();
+    assert_eq!(r.status(), 200, "a repeated Accept is harmless");
+    app.stop().await;
+}

@@ -182,6 +182,10 @@ fn authenticate(req: &HttpRequest) -> Result<Caller, ApiError> {
     let keys = req
         .app_data::<web::Data<JwtKeys>>()
         .ok_or_else(|| ApiError::new(ErrorCode::Internal, "authentication is not configured"))?;
+    // Two tokens would leave the tenant to whichever is read first.
+    if req.headers().get_all(header::AUTHORIZATION).count() > 1 {
+        return Err(ApiError::new(ErrorCode::InvalidToken, "give the Authorization header once"));
+    }
     let value = req
         .headers()
         .get(header::AUTHORIZATION)

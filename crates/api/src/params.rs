@@ -93,6 +93,10 @@ fn query_params(query: &str) -> Result<Vec<(String, ParamValue)>, ApiError> {
 }
 
 async fn body_params(headers: &HeaderMap, body: Bytes) -> Result<Vec<(String, ParamValue)>, ApiError> {
+    // Two Content-Types would leave the body's meaning to whichever is read.
+    if headers.get_all(header::CONTENT_TYPE).count() > 1 {
+        return Err(ApiError::new(ErrorCode::UnsupportedMediaType, "give the Content-Type header once"));
+    }
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if body.is_empty() {
