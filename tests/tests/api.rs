@@ -729,3 +729,44 @@ async fn duplicate_deciding_headers_are_refused() {
     assert_eq!(r.status(), 200, "a repeated Accept is harmless");
     app.stop().await;
 }
+
+/// Invalid UTF-8 in the endpoint's parameters, in each encoding: a 4xx in
+/// the envelope, never a 5xx or a partial answer.
+#[tokio::test]
+async fn invalid_utf8_in_parameters_is_a_client_error() {
+    let (app, _) = seeded_app().await;
+    let token = app.token(1);
+    let bad = vec![b'l', b'i', b'm', b'i', b't', b'=', 0xff, 0xfe];
+    let multipart = {
+        let mut b = b"--XyZ\r\nContent-Disposition: form-data; name=\"limit\"\r\n\r\n".to_vec();
+        b.extend_from_slice(&[0xff, 0xfe]);
+        b.extend_from_slice(b"\r\n--XyZ--\r\n");
+        b
+    };
+    let cases = [
+        ("form", "application/x-www-form-urlencoded", bad.clone()),
+        ("json", "application/json", [br#"{"limit": ""#.as_slice(), &[0xff, 0xfe], br#""}"#].concat()),
+        ("multipart", "multipart/form-data; boundary=XyZ", multipart),
+    ];
+    for (what, content_type, body) in cases {
+        let r = app
+            .client
+            .post(app.grouped_url())
+            .bearer_auth(&token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let json: Value = r.json().await.unwrap();
+        assert!((400..500).contains(&status), "{what}: {status} {json}");
+        assert_eq!(json["status"].as_u64(), Some(u64::from(status)), "{what}: {json}");
+        assert!(json["data"].is_null(), "{what}: no answer");
+    }
+    let r = app.client.post(format!("{}?limit=%FF%FE", app.grouped_url())).bearer_auth(&token).send().await.unwrap();
+    let status = r.status().as_u16();
+    let json: Value = r.json().await.unwrap();
+    assert!((400..500).contains(&status), "query string: {status} {json}");
+    app.stop().await;
+}
