@@ -49,7 +49,9 @@ impl AppParts {
     pub async fn from_settings(settings: &Settings) -> Result<Self, ApplicationError> {
         let db = settings.mongodb.database().await?;
         let redis = settings.redis.connect().await?;
-        let noeviction = Arc::new(AtomicBool::new(check_policy(&redis).await?));
+        // A policy that may evict: the process must not start.
+        callboard_readmodel::refuse_eviction(&redis).await.map_err(ApplicationError::Redis)?;
+        let noeviction = Arc::new(AtomicBool::new(true));
         let mut cache = ReadModel::new(redis.clone(), Keys::new(&settings.redis.key_prefix));
         if !settings.redis.is_cluster() {
             cache = cache.with_hot_client(settings.redis.client()?);
@@ -90,22 +92,6 @@ pub fn jwt_keys(settings: &Settings) -> Result<JwtKeys, SettingsError> {
 
 /// How often an API process re-reads Redis's `maxmemory-policy`.
 const POLICY_CHECK: Duration = Duration::from_secs(5);
-
-/// Whether Redis keeps every key (`maxmemory-policy noeviction` on every
-/// master). A policy that may evict is an error: the process must not
-/// start. A policy that cannot be read (Redis unreachable, `CONFIG`
-/// disabled) is not held against it: the start-up check and every later
-/// one act only on a policy they read.
-async fn check_policy(redis: &callboard_readmodel::Redis) -> Result<bool, ApplicationError> {
-    match callboard_readmodel::require_noeviction(redis).await {
-        Ok(()) => Ok(true),
-        Err(e @ callboard_readmodel::ReadModelError::MayEvict { .. }) => Err(ApplicationError::Redis(e)),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read Redis's maxmemory-policy; it will be checked again");
-            Ok(true)
-        }
-    }
-}
 
 /// Recounts the tenants by state every [`metrics::TENANT_COUNT_EVERY`], so
 /// that a scrape does no per-tenant work on Redis.
@@ -200,24 +186,6 @@ fn route(path: &str, handler: actix_web::Route) -> actix_web::Resource {
     web::resource(path).route(handler).default_service(web::to(error::method_not_allowed))
 }
 
-/// `/metrics` alone, for its own address.
-fn metrics_app(
-    state: AppState,
-) -> App<
-    impl ServiceFactory<
-        ServiceRequest,
-        Config = (),
-        Response = ServiceResponse<impl MessageBody>,
-        Error = actix_web::Error,
-        InitError = (),
-    >,
-> {
-    App::new()
-        .app_data(web::Data::new(state))
-        .service(route("/metrics", web::get().to(routes::health::metrics)))
-        .default_service(web::to(error::not_found))
-}
-
 /// The API bound to its port (and `/metrics` to its own, if configured),
 /// ready to run.
 pub struct Application {
@@ -246,11 +214,17 @@ impl Application {
         let metrics = match settings.http.metrics_socket_addr()? {
             Some(addr) => {
                 let state = metrics_state;
-                let bound = HttpServer::new(move || metrics_app(state.clone()))
-                    .disable_signals()
-                    .workers(1)
-                    .bind(addr)
-                    .map_err(|e| ApplicationError::Bind(addr.to_string(), e))?;
+                // `/metrics` alone.
+                let bound = HttpServer::new(move || {
+                    App::new()
+                        .app_data(web::Data::new(state.clone()))
+                        .service(route("/metrics", web::get().to(routes::health::metrics)))
+                        .default_service(web::to(error::not_found))
+                })
+                .disable_signals()
+                .workers(1)
+                .bind(addr)
+                .map_err(|e| ApplicationError::Bind(addr.to_string(), e))?;
                 let port = bound.addrs().first().map_or(addr.port(), |a| a.port());
                 Some((port, bound.run()))
             }

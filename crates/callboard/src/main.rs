@@ -144,16 +144,8 @@ async fn project(settings: Settings) -> anyhow::Result<()> {
 }
 
 /// A projector must not write into a Redis that may drop keys on its own.
-/// (An unreachable Redis is waited for by the projector as usual.)
 async fn refuse_eviction(settings: &Settings) -> anyhow::Result<()> {
-    match callboard_readmodel::require_noeviction(&settings.redis.connect().await?).await {
-        Err(e @ callboard_readmodel::ReadModelError::MayEvict { .. }) => Err(e.into()),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read Redis's maxmemory-policy at start-up");
-            Ok(())
-        }
-        Ok(()) => Ok(()),
-    }
+    Ok(callboard_readmodel::refuse_eviction(&settings.redis.connect().await?).await?)
 }
 
 /// API and projector in one process: both stop on the first signal; if

@@ -61,6 +61,21 @@ pub async fn require_noeviction(redis: &Redis) -> Result<(), ReadModelError> {
     }
 }
 
+/// The start-up check of every process: [`require_noeviction`], where only
+/// a policy read as something else is an error; one that cannot be read
+/// (Redis unreachable, `CONFIG` disabled) is logged and let through, to be
+/// checked again later.
+pub async fn refuse_eviction(redis: &Redis) -> Result<(), ReadModelError> {
+    match require_noeviction(redis).await {
+        Err(e @ ReadModelError::MayEvict { .. }) => Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read Redis's maxmemory-policy; it will be checked again");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
+    }
+}
+
 impl From<redis::ParsingError> for ReadModelError {
     fn from(e: redis::ParsingError) -> Self {
         ReadModelError::Corrupt { key: "reply".into(), detail: e.to_string() }
