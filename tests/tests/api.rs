@@ -485,17 +485,16 @@ async fn a_body_that_trickles_in_is_cut_off() {
 
 /// Commands Redis has processed, summed over every node of the test's Redis.
 fn commands_processed(services: &callboard_testkit::Services) -> u64 {
-    let (_, urls) = services.redis.setting();
-    let cli = std::env::var("CALLBOARD_TEST_REDIS_CLI").unwrap_or_else(|_| "redis-cli".into());
-    urls.split(',')
-        .map(|url| {
-            let port = url.rsplit(':').next().unwrap().trim_end_matches('/').to_string();
-            let out = std::process::Command::new(&cli).args(["-p", &port, "INFO", "stats"]).output().unwrap();
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
+    services
+        .redis
+        .cli_each(&["INFO", "stats"])
+        .unwrap()
+        .iter()
+        .map(|(port, info)| {
+            info.lines()
                 .find_map(|l| l.strip_prefix("total_commands_processed:"))
                 .and_then(|n| n.trim().parse::<u64>().ok())
-                .unwrap()
+                .unwrap_or_else(|| panic!("no total_commands_processed from {port}"))
         })
         .sum()
 }
@@ -510,13 +509,7 @@ async fn metrics_have_an_address_of_their_own_and_a_scrape_does_no_per_tenant_wo
     settings.http.metrics_addr = Some("127.0.0.1:0".into());
     // 50 warm tenants before the process starts.
     let keys = callboard_readmodel::Keys::new(&settings.redis.key_prefix);
-    let redis = match services.redis.setting() {
-        ("CALLBOARD_REDIS_URL", url) => callboard_readmodel::Redis::single_url(&url, 2).unwrap(),
-        (_, seeds) => callboard_readmodel::Redis::cluster(&seeds.split(',').map(str::to_string).collect::<Vec<_>>())
-            .await
-            .unwrap(),
-    };
-    let mut c = redis.get().await.unwrap();
+    let mut c = settings.redis.connect().await.unwrap().get().await.unwrap();
     for t in 1..=50 {
         let tenant = callboard_domain::TenantId::new(t).unwrap();
         let _: () =
@@ -681,13 +674,7 @@ async fn bad_admin_input_gets_a_json_error_and_writes_nothing() {
     let mut c = app.redis().await;
     let queued: u64 = redis::AsyncCommands::llen(&mut c, "cb:{g}:cmdq").await.unwrap();
     assert_eq!(queued, 0, "no command queued");
-    let redis = match app.services.redis.setting() {
-        ("CALLBOARD_REDIS_URL", url) => callboard_readmodel::Redis::single_url(&url, 2).unwrap(),
-        (_, seeds) => callboard_readmodel::Redis::cluster(&seeds.split(',').map(str::to_string).collect::<Vec<_>>())
-            .await
-            .unwrap(),
-    };
-    let written = redis.scan("cb:*").await.unwrap();
+    let written = app.settings.redis.connect().await.unwrap().scan("cb:*").await.unwrap();
     assert!(written.iter().all(|k| !k.contains(":job:") && !k.ends_with(":state")), "{written:?}");
     app.stop().await;
 }

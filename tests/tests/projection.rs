@@ -649,13 +649,7 @@ async fn a_change_stream_whose_cursor_is_killed_carries_on() {
 async fn the_lease_survives_renewals_that_fail_for_a_while() {
     use callboard_projector::lease::Lease;
     let services = callboard_testkit::Services::start().unwrap();
-    let (var, urls) = services.redis.setting();
-    let redis = match var {
-        "CALLBOARD_REDIS_URL" => callboard_readmodel::Redis::single_url(&urls, 2).unwrap(),
-        _ => {
-            callboard_readmodel::Redis::cluster(&urls.split(',').map(str::to_string).collect::<Vec<_>>()).await.unwrap()
-        }
-    };
+    let redis = callboard_tests::test_settings(&services, "lease").redis.connect().await.unwrap();
     let keys = callboard_readmodel::Keys::new("lease");
     let mut lease = Lease::new(redis.clone(), &keys, "me".into(), Duration::from_millis(3000));
     assert!(lease.acquire().await.unwrap());

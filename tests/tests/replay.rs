@@ -76,34 +76,29 @@ fn crash() -> impl Strategy<Value = Crash> {
 /// Applies `changes` in batches cut at `cuts`; with `crash_at`, the batch
 /// of that index stops where the crash says and nothing after it runs.
 async fn apply(writer: &Writer, changes: &[Change], cuts: &[usize], crash_at: Option<(usize, Crash)>) {
-    let mut start = 0;
-    let mut bounds: Vec<usize> = cuts.iter().copied().filter(|c| *c > 0 && *c < changes.len()).collect();
-    bounds.sort();
-    bounds.dedup();
-    bounds.push(changes.len());
-    for (i, end) in bounds.into_iter().enumerate() {
-        let batch = &changes[start..end];
-        start = end;
-        if batch.is_empty() {
-            continue;
-        }
-        let n = needs(batch);
-        let view = writer.load_locators(&n.calls, &n.users, &n.statuses, &n.tenants).await.unwrap();
-        let p = plan(batch, &view, 0);
+    for (i, r) in batches(changes.len(), cuts).into_iter().enumerate() {
+        let p = plan_of(writer, &changes[r]).await;
         match crash_at {
             Some((at, how)) if at == i => {
-                let mut partial = Plan { intents: p.intents.clone(), ..Plan::default() };
-                match how {
-                    Crash::AfterIntents => {}
-                    Crash::AfterTenants(k) => partial.tenants = p.tenants.clone().into_iter().take(k).collect(),
-                    Crash::BeforeShared => partial.tenants = p.tenants.clone(),
-                }
-                writer.apply(&partial).await.unwrap();
+                writer.apply(&partial(p, how)).await.unwrap();
                 return;
             }
             _ => assert_eq!(writer.apply(&p).await.unwrap(), vec![], "no window runs short at these sizes"),
         }
     }
+}
+
+/// The plan of `batch`, from the locators `writer` reads now.
+async fn plan_of(writer: &Writer, batch: &[Change]) -> Plan {
+    let n = needs(batch);
+    let view = writer.load_locators(&n.calls, &n.users, &n.statuses, &n.tenants).await.unwrap();
+    plan(batch, &view, 0)
+}
+
+/// `m` with the key prefix `p` replaced, so that runs under two prefixes
+/// compare.
+fn renamed(m: BTreeMap<String, Vec<String>>, p: &str) -> BTreeMap<String, Vec<String>> {
+    m.into_iter().map(|(k, v)| (k.replacen(p, "x", 1), v)).collect()
 }
 
 /// The events of `ops[from..]` as a restarted projector sees them: an
@@ -198,19 +193,13 @@ proptest! {
             warm_all(&mut conn, &crashed).await;
             let writer = Writer::new(redis.clone(), crashed);
             apply(&writer, &changes, &cuts, Some((crash_batch, how))).await;
-            let mut bounds: Vec<usize> = cuts.iter().copied().filter(|c| *c > 0 && *c < changes.len()).collect();
-            bounds.sort();
-            bounds.dedup();
-            let crash_start = if crash_batch == 0 { 0 } else { bounds.get(crash_batch - 1).copied().unwrap_or(changes.len()) };
+            let crash_start = batches(changes.len(), &cuts).get(crash_batch).map_or(changes.len(), |r| r.start);
             let from = ((crash_start as f64) * from_frac) as usize;
             let replay = replayed(&ops, from);
             apply(&writer, &replay, &replay_cuts, None).await;
             apply(&writer, &replay, &replay_cuts, None).await;
             let state_replayed = dump(&redis, &p_b).await;
-            let rename = |m: BTreeMap<String, Vec<String>>, p: &str| -> BTreeMap<String, Vec<String>> {
-                m.into_iter().map(|(k, v)| (k.replacen(p, "x", 1), v)).collect()
-            };
-            prop_assert_eq!(rename(state_once.clone(), &p_a), rename(state_replayed, &p_b));
+            prop_assert_eq!(renamed(state_once.clone(), &p_a), renamed(state_replayed, &p_b));
 
             // And it is what a snapshot of the final documents gives.
             let mut last: BTreeMap<i64, Option<Document>> = BTreeMap::new();
@@ -231,7 +220,7 @@ proptest! {
                 writer.put_snapshot(TenantId::new(*t).unwrap(), entries).await.unwrap();
             }
             let state_snapshot = dump(&redis, &p_c).await;
-            prop_assert_eq!(rename(state_once, &p_a), rename(state_snapshot, &p_c));
+            prop_assert_eq!(renamed(state_once, &p_a), renamed(state_snapshot, &p_c));
             Ok(())
         })?;
     }
@@ -307,10 +296,7 @@ proptest! {
                 at_j.values().flatten().filter_map(CallEntry::from_document).filter(|e| e.place.tenant == tenant).collect();
             writer.put_snapshot(tenant, &entries).await.unwrap();
             apply(&writer, &changes[i..], &cuts, None).await;
-            let rename = |m: BTreeMap<String, Vec<String>>, p: &str| -> BTreeMap<String, Vec<String>> {
-                m.into_iter().map(|(k, v)| (k.replacen(p, "x", 1), v)).collect()
-            };
-            prop_assert_eq!(rename(dump(&redis, &p_a).await, &p_a), rename(dump(&redis, &p_w).await, &p_w));
+            prop_assert_eq!(renamed(dump(&redis, &p_a).await, &p_a), renamed(dump(&redis, &p_w).await, &p_w));
             Ok(())
         })?;
     }
@@ -391,10 +377,7 @@ impl CallSource for Docs {
 /// batch ending at `end`, as the leader does.
 async fn apply_refilling(writer: &Writer, changes: &[Change], cuts: &[usize], source: &dyn Fn(usize) -> Docs) {
     for r in batches(changes.len(), cuts) {
-        let batch = &changes[r.clone()];
-        let n = needs(batch);
-        let view = writer.load_locators(&n.calls, &n.users, &n.statuses, &n.tenants).await.unwrap();
-        let needy = writer.apply(&plan(batch, &view, 0)).await.unwrap();
+        let needy = writer.apply(&plan_of(writer, &changes[r.clone()]).await).await.unwrap();
         refill_windows(&source(r.end), writer, &needy).await.unwrap();
     }
 }
@@ -414,11 +397,10 @@ fn crowded_op() -> impl Strategy<Value = Op> {
 /// `d` with `min(floor, size) <= d <= window size`, whose documents are
 /// exactly the first `d` members', as the snapshot stores them.
 async fn assert_windows_exact(redis: &Redis, ours: &str, snap: &str, window: DocWindow) -> Result<(), TestCaseError> {
-    let strip = |m: BTreeMap<String, Vec<String>>, p: &str| -> BTreeMap<String, Vec<String>> {
-        m.into_iter()
-            .filter(|(k, _)| !k.ends_with(":doc") && !k.ends_with(":dw"))
-            .map(|(k, v)| (k.replacen(p, "x", 1), v))
-            .collect()
+    let strip = |m: BTreeMap<String, Vec<String>>, p: &str| {
+        let mut m = renamed(m, p);
+        m.retain(|k, _| !k.ends_with(":doc") && !k.ends_with(":dw"));
+        m
     };
     prop_assert_eq!(strip(dump(redis, snap).await, snap), strip(dump(redis, ours).await, ours));
     let mut conn = redis.get().await.unwrap();
@@ -508,10 +490,7 @@ proptest! {
             let ranges = batches(changes.len(), &cuts);
             let crash_at = crash_batch.min(ranges.len() - 1);
             apply_refilling(&writer, &changes[..ranges[crash_at].start], &cuts, &lagged).await;
-            let batch = &changes[ranges[crash_at].clone()];
-            let n = needs(batch);
-            let view = writer.load_locators(&n.calls, &n.users, &n.statuses, &n.tenants).await.unwrap();
-            writer.apply(&partial(plan(batch, &view, 0), how)).await.unwrap();
+            writer.apply(&partial(plan_of(&writer, &changes[ranges[crash_at].clone()]).await, how)).await.unwrap();
             let from = ((ranges[crash_at].start as f64) * from_frac) as usize;
             let replay = replayed(&ops, from);
             let now = |_: usize| Docs::at(&ops, ops.len());
@@ -551,9 +530,10 @@ proptest! {
     /// which raises its fences, replays from the checkpoint (at or before
     /// that batch) and applies some or all of its batches; the old leader
     /// then wakes up and goes on writing, the rest of its batch and maybe
-    /// the next ones, until a fence stops it; then the successor finishes. The end state is exactly
-    /// the state of one uninterrupted run: whatever the stale leader still
-    /// managed to write, it wrote nothing the successor had moved past.
+    /// the next ones, until a fence stops it; then the successor finishes.
+    /// The end state is exactly the state of one uninterrupted run:
+    /// whatever the stale leader still managed to write, it wrote nothing
+    /// the successor had moved past.
     #[test]
     fn a_stale_leader_cannot_write_over_its_successor(
         ops in proptest::collection::vec(op(), 1..25),
@@ -582,10 +562,7 @@ proptest! {
             let ranges = batches(changes.len(), &cuts);
             let frozen = freeze_batch.min(ranges.len() - 1);
             apply(&old, &changes[..ranges[frozen].start], &cuts, None).await;
-            let batch = &changes[ranges[frozen].clone()];
-            let n = needs(batch);
-            let view = old.load_locators(&n.calls, &n.users, &n.statuses, &n.tenants).await.unwrap();
-            let frozen_plan = plan(batch, &view, 0);
+            let frozen_plan = plan_of(&old, &changes[ranges[frozen].clone()]).await;
             old.apply(&partial(frozen_plan.clone(), how)).await.unwrap();
 
             // The lease passes; the successor fences every shard first.
@@ -612,19 +589,13 @@ proptest! {
                     Err(e) => panic!("the stale leader's write failed otherwise: {e}"),
                 }
                 if let Some(r) = later.next() {
-                    let batch = &changes[r.clone()];
-                    let n = needs(batch);
-                    let view = old.load_locators(&n.calls, &n.users, &n.statuses, &n.tenants).await.unwrap();
-                    next = Some(plan(batch, &view, 0));
+                    next = Some(plan_of(&old, &changes[r.clone()]).await);
                 }
             }
             apply(&new, &replay[cut_at..], &replay_cuts, None).await;
             // The lease is this test's, not state.
             let _: () = conn.del(keys.lease()).await.unwrap();
-            let rename = |m: BTreeMap<String, Vec<String>>, p: &str| -> BTreeMap<String, Vec<String>> {
-                m.into_iter().map(|(k, v)| (k.replacen(p, "x", 1), v)).collect()
-            };
-            prop_assert_eq!(rename(dump(&redis, &p_a).await, &p_a), rename(dump(&redis, &p_b).await, &p_b));
+            prop_assert_eq!(renamed(dump(&redis, &p_a).await, &p_a), renamed(dump(&redis, &p_b).await, &p_b));
             Ok(())
         })?;
     }

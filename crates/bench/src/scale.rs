@@ -203,11 +203,8 @@ async fn projection_rate(d: &mut Deployed, processes: usize, events: usize) -> a
     for p in &projectors {
         d.procs[*p].pause();
     }
-    let applied = || async {
-        let mut c = redis.get().await?;
-        let n: Option<u64> = redis::AsyncCommands::hget(&mut c, "cb:{g}:progress", "events_applied").await?;
-        anyhow::Ok(n.unwrap_or(0))
-    };
+    let read_model = callboard_readmodel::ReadModel::new(redis.clone(), callboard_readmodel::Keys::new("cb"));
+    let applied = || async { anyhow::Ok(read_model.progress().await?.events_applied) };
     let at_freeze = applied().await?;
     let mongo = mongodb::Client::with_uri_str(d.services.mongo.uri()).await?.database("bench");
     let calls = mongo.collection::<Document>("calls");

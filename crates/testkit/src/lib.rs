@@ -486,19 +486,30 @@ impl TestRedis {
         }
     }
 
-    /// `CONFIG SET name value` on every node (every master and replica of
-    /// a cluster).
-    pub fn config_set(&self, name: &str, value: &str) -> Result<(), TestkitError> {
+    /// `redis-cli -p <port> args...` on every node (every master and
+    /// replica of a cluster): (port, output) for each.
+    pub fn cli_each(&self, args: &[&str]) -> Result<Vec<(u16, String)>, TestkitError> {
         let ports = match self {
             TestRedis::Single(s) => vec![s.port()],
             TestRedis::Cluster(c) => c.ports(),
         };
-        for port in ports {
-            let out = Command::new(redis_cli())
-                .args(["-p", &port.to_string(), "CONFIG", "SET", name, value])
-                .output()
-                .map_err(|source| TestkitError::Spawn { what: "redis-cli", source })?;
-            let reply = String::from_utf8_lossy(&out.stdout);
+        ports
+            .into_iter()
+            .map(|port| {
+                let out = Command::new(redis_cli())
+                    .arg("-p")
+                    .arg(port.to_string())
+                    .args(args)
+                    .output()
+                    .map_err(|source| TestkitError::Spawn { what: "redis-cli", source })?;
+                Ok((port, String::from_utf8_lossy(&out.stdout).into_owned()))
+            })
+            .collect()
+    }
+
+    /// `CONFIG SET name value` on every node.
+    pub fn config_set(&self, name: &str, value: &str) -> Result<(), TestkitError> {
+        for (port, reply) in self.cli_each(&["CONFIG", "SET", name, value])? {
             if reply.trim() != "OK" {
                 return Err(TestkitError::Cli(format!("CONFIG SET {name} {value} on {port}: {reply}")));
             }
