@@ -42,6 +42,12 @@ pub fn test_settings(services: &Services, db_name: &str) -> Settings {
     Settings::load(None, env.into_iter().map(|(k, v)| (k.to_string(), v))).expect("test settings are valid")
 }
 
+/// Projector partitions the suite runs with: `CALLBOARD_TEST_PARTITIONS`,
+/// else 1.
+pub fn test_partitions() -> u32 {
+    std::env::var("CALLBOARD_TEST_PARTITIONS").ok().and_then(|p| p.parse().ok()).unwrap_or(1)
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_on(Services::start().expect("start Redis and MongoDB")).await
 }
@@ -75,6 +81,18 @@ pub async fn spawn_app_configured(services: Services, configure: impl FnOnce(&mu
 }
 
 impl TestApp {
+    /// The environment a `callboard` process needs to use this app's
+    /// servers and database.
+    pub fn process_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("CALLBOARD_MONGODB_URI".into(), self.services.mongo.uri()),
+            ("CALLBOARD_MONGODB_DB".into(), self.db.name().to_string()),
+            (self.services.redis.setting().0.into(), self.services.redis.setting().1),
+            ("CALLBOARD_JWT_SECRET".into(), SECRET.into()),
+            ("CALLBOARD_LOG".into(), "info".into()),
+        ]
+    }
+
     pub fn token(&self, tenant: i64) -> String {
         self.keys.mint(TenantId::new(tenant).expect("valid tenant"), false, Duration::from_secs(3600))
     }
@@ -135,7 +153,7 @@ impl TestApp {
             doc_window: window,
             // `CALLBOARD_TEST_PARTITIONS` runs the suite with the tenants
             // spread over that many partitions (one process leads them all).
-            partitions: std::env::var("CALLBOARD_TEST_PARTITIONS").ok().and_then(|p| p.parse().ok()).unwrap_or(1),
+            partitions: test_partitions(),
             ..Default::default()
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

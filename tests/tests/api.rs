@@ -369,15 +369,26 @@ async fn a_tenant_sees_only_its_own_data_whatever_it_sends() {
     app.stop().await;
 }
 
+/// Readiness is whether this process can serve: with Redis up and no
+/// projector, it is ready (hits may go stale, cold tenants are answered
+/// live); the projector's absence is reported, and `/projectorz` fails.
 #[tokio::test]
-async fn health_and_readiness_without_a_projector() {
+async fn ready_without_a_projector_which_projectorz_reports_down() {
     let app = spawn_app().await;
     let r = app.client.get(format!("{}/healthz", app.address)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let r = app.client.get(format!("{}/readyz", app.address)).send().await.unwrap();
-    assert_eq!(r.status(), 503, "no projector runs, so not ready");
+    assert_eq!(r.status(), 200, "a missing projector does not take the API out of rotation");
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["checks"], json!({"mongodb": true, "redis": true, "redis_noeviction": true, "projector": false}));
+    assert_eq!(
+        body,
+        json!({"status": "ready", "checks": {"redis": true, "redis_noeviction": true, "shutting_down": false},
+            "dependencies": {"mongodb": true, "projector": false}})
+    );
+    let r = app.client.get(format!("{}/projectorz", app.address)).send().await.unwrap();
+    assert_eq!(r.status(), 503, "no projector runs");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body, json!({"status": "down", "heartbeat_age_ms": null, "lag_ms": null}));
     app.stop().await;
 }
 

@@ -312,6 +312,13 @@ async fn admin_api_warms_reports_and_invalidates() {
     // Readiness with a projector, and the metrics.
     let r = app.client.get(url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["dependencies"], json!({"mongodb": true, "projector": true}));
+    let r = app.client.get(url("/projectorz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "up");
+    assert!(body["heartbeat_age_ms"].as_i64().is_some_and(|a| (0..15_000).contains(&a)), "{body}");
     let metrics = app.client.get(url("/metrics")).send().await.unwrap().text().await.unwrap();
     for name in [
         "callboard_grouped_request_duration_seconds_bucket{cache=\"hit\"",

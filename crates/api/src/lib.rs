@@ -66,7 +66,7 @@ impl AppParts {
         tokio::spawn(watch_policy(redis, noeviction.clone()));
         tokio::spawn(count_tenants(cache.clone(), metrics.clone()));
         Ok(Self {
-            state: AppState { live, cache, metrics, noeviction },
+            state: AppState { live, cache, metrics, noeviction, draining: Arc::default() },
             keys: jwt_keys(settings)?,
             limits: ParamLimits {
                 max_body_bytes: settings.http.max_body_bytes,
@@ -169,6 +169,7 @@ pub fn create_app(
         )
         .service(route("/healthz", web::get().to(routes::health::healthz)))
         .service(route("/readyz", web::get().to(routes::health::readyz)))
+        .service(route("/projectorz", web::get().to(routes::health::projectorz)))
         .configure(|c| {
             if public_metrics {
                 c.service(route("/metrics", web::get().to(routes::health::metrics)));
@@ -192,6 +193,34 @@ pub struct Application {
     port: u16,
     server: Server,
     metrics: Option<(u16, Server)>,
+    draining: Arc<AtomicBool>,
+    shutdown_delay: Duration,
+}
+
+/// Stops an [`Application`] without dropping requests: `/readyz` fails at
+/// once, requests go on being served for the shutdown delay (so that load
+/// balancers stop routing here first), then the listener closes and the
+/// requests in flight get the shutdown timeout to finish.
+#[derive(Clone)]
+pub struct Stopper {
+    handle: actix_web::dev::ServerHandle,
+    draining: Arc<AtomicBool>,
+    delay: Duration,
+}
+
+impl Stopper {
+    /// Stops the API; `hurry` completing (a second signal) cuts the delay
+    /// short.
+    pub async fn stop(&self, hurry: impl std::future::Future<Output = ()>) {
+        self.draining.store(true, Ordering::Relaxed);
+        tracing::info!(delay_ms = self.delay.as_millis() as u64, "shutting down: not ready, still serving");
+        tokio::select! {
+            _ = tokio::time::sleep(self.delay) => {}
+            _ = hurry => tracing::info!("second signal: stopping now"),
+        }
+        tracing::info!("no longer accepting connections; draining requests in flight");
+        self.handle.stop(true).await;
+    }
 }
 
 impl Application {
@@ -205,8 +234,10 @@ impl Application {
         let port = listener.local_addr().map_err(|e| ApplicationError::Bind("listener".into(), e))?.port();
         let parts = AppParts::from_settings(settings).await?;
         let metrics_state = parts.state.clone();
+        let draining = parts.state.draining.clone();
         let mut server = HttpServer::new(move || create_app(parts.clone()))
             .disable_signals()
+            .shutdown_timeout(settings.http.shutdown_timeout_s)
             .max_connections(settings.http.max_connections_per_worker);
         if settings.http.workers > 0 {
             server = server.workers(settings.http.workers);
@@ -231,7 +262,13 @@ impl Application {
             None => None,
         };
         let server = server.listen(listener).map_err(|e| ApplicationError::Bind("listener".into(), e))?.run();
-        Ok(Self { port, server, metrics })
+        Ok(Self {
+            port,
+            server,
+            metrics,
+            draining,
+            shutdown_delay: Duration::from_millis(settings.http.shutdown_delay_ms),
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -243,9 +280,14 @@ impl Application {
         self.metrics.as_ref().map(|(port, _)| *port)
     }
 
-    /// A handle that stops the server gracefully.
+    /// A handle that stops the server gracefully, at once.
     pub fn handle(&self) -> actix_web::dev::ServerHandle {
         self.server.handle()
+    }
+
+    /// What stops the server the way a load balancer needs ([`Stopper`]).
+    pub fn stopper(&self) -> Stopper {
+        Stopper { handle: self.server.handle(), draining: self.draining.clone(), delay: self.shutdown_delay }
     }
 
     /// Runs until the API is stopped (through [`Application::handle`]);

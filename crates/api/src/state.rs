@@ -17,6 +17,8 @@ pub struct AppState {
     /// Redis was last seen with `maxmemory-policy noeviction` everywhere.
     /// While not, the cache is not trusted: every answer is live.
     pub noeviction: Arc<AtomicBool>,
+    /// Set on SIGTERM: `/readyz` fails while requests are still served.
+    pub draining: Arc<AtomicBool>,
 }
 
 /// Where an answer came from.

@@ -106,11 +106,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     let app = Application::build(&settings).await?;
     tracing::info!(addr = %settings.http.addr, port = app.port(), "API listening");
-    let handle = app.handle();
+    let stopper = app.stopper();
     let server = tokio::spawn(app.run_until_stopped());
     shutdown_signal().await;
-    tracing::info!("shutting down");
-    handle.stop(true).await;
+    stopper.stop(shutdown_signal()).await;
     server.await.context("API task")??;
     Ok(())
 }
@@ -154,7 +153,7 @@ async fn run_both(settings: Settings) -> anyhow::Result<()> {
     refuse_eviction(&settings).await?;
     let app = Application::build(&settings).await?;
     tracing::info!(addr = %settings.http.addr, port = app.port(), "API listening");
-    let handle = app.handle();
+    let stopper = app.stopper();
     let projector = projector(&settings, settings.mongodb.database().await?).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut projector_stop = stop_rx.clone();
@@ -163,14 +162,25 @@ async fn run_both(settings: Settings) -> anyhow::Result<()> {
     }));
     let api_task = tokio::spawn(app.run_until_stopped());
     tokio::pin!(projector_task, api_task);
+    let mut projector_done = false;
     tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = shutdown_signal() => {}
         r = &mut api_task => tracing::error!(outcome = ?r, "API stopped on its own"),
-        r = &mut projector_task => tracing::error!(outcome = ?r, "projector stopped on its own"),
+        r = &mut projector_task => {
+            tracing::error!(outcome = ?r, "projector stopped on its own");
+            projector_done = true;
+        }
     }
+    // The projector hands its leases over at once, while the API drains.
     let _ = stop_tx.send(true);
-    handle.stop(true).await;
-    let _ = tokio::time::timeout(Duration::from_secs(10), projector_task).await;
+    let projector = async {
+        if !projector_done {
+            if let Ok(Err(e)) = (&mut projector_task).await {
+                tracing::warn!(error = %e, "projector stopped with an error");
+            }
+        }
+    };
+    tokio::join!(stopper.stop(shutdown_signal()), projector);
     Ok(())
 }
 

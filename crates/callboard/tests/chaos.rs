@@ -108,7 +108,7 @@ async fn deploy(
     let mut projectors = Projectors {
         procs: (0..slots).map(|_| None).collect(),
         config,
-        app_env: env_of(&app),
+        app_env: app.process_env(),
         log_dir: app.services.dir.path().to_path_buf(),
         started: 0,
     };
@@ -116,16 +116,6 @@ async fn deploy(
         projectors.start(slot);
     }
     (app, ds, projectors)
-}
-
-fn env_of(app: &TestApp) -> Vec<(String, String)> {
-    vec![
-        ("CALLBOARD_MONGODB_URI".into(), app.services.mongo.uri()),
-        ("CALLBOARD_MONGODB_DB".into(), app.db.name().to_string()),
-        (app.services.redis.setting().0.into(), app.services.redis.setting().1),
-        ("CALLBOARD_JWT_SECRET".into(), callboard_tests::SECRET.into()),
-        ("CALLBOARD_LOG".into(), "info".into()),
-    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,6 +84,12 @@ impl Leader<'_> {
         let mut last_beat = Instant::now();
         let mut last_idle_checkpoint = Instant::now();
         loop {
+            if self.p.stopping() {
+                // Everything applied is checkpointed (each batch saves its
+                // own); warms still pending are resumed by the next leader.
+                info!("shutting down: leadership handed back");
+                return Ok(());
+            }
             if !self.keeper.wait_safe().await {
                 return Err(ProjectorError::LeaseLost);
             }
@@ -365,6 +371,9 @@ impl Leader<'_> {
     async fn run_commands(&self, pending: &mut HashMap<TenantId, PendingWarm>) -> Result<(), ProjectorError> {
         let reader = &self.p.reader;
         for _ in 0..16 {
+            if self.p.stopping() {
+                return Ok(());
+            }
             // Never take a command this projector might not finish.
             if !self.keeper.wait_safe().await {
                 return Err(ProjectorError::LeaseLost);

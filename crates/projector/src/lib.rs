@@ -100,6 +100,8 @@ pub struct Projector {
     fields: UserFields,
     config: ProjectorConfig,
     id: String,
+    /// Set at shutdown: leaders stop after the batch they are on.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// A process's share of the partitions. It holds at most `ceil` (the
@@ -135,7 +137,13 @@ impl Projector {
             fields,
             config,
             id,
+            stopping: Default::default(),
         }
+    }
+
+    /// Whether the process is shutting down ([`Projector::run`]).
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn id(&self) -> &str {
@@ -213,15 +221,28 @@ impl Projector {
                 _ = &mut shutdown => break,
             }
         }
-        // The batches in flight are dropped before their checkpoints; the
-        // next leaders replay them.
-        for (p, o) in owned {
-            o.task.abort();
-            let _ = o.task.await;
-            let _ = this.lease(p).release().await;
-        }
+        // Each leader finishes the batch it is on, checkpoints it and
+        // returns; the lease is then released, so that a standby takes the
+        // partition at its next round (half a second) rather than after the
+        // lease's TTL. A leader still busy after a lease's time (a long
+        // snapshot) is abandoned: its warm is resumed by the next leader.
+        this.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Out of the membership first, so that the others' shares count
+        // without this process by the time its partitions come free.
         if let Ok(mut c) = this.redis.get().await {
             let _: Result<i64, _> = c.zrem(this.keys.members(), &this.id).await;
+        }
+        let deadline = tokio::time::Instant::now() + this.config.lease_ttl;
+        for (p, mut o) in owned {
+            if tokio::time::timeout_at(deadline, &mut o.task).await.is_err() {
+                warn!(partition = p, "leader still busy at shutdown: abandoning its batch");
+                o.task.abort();
+                let _ = o.task.await;
+            }
+            match this.lease(p).release().await {
+                Ok(_) => info!(partition = p, "lease released"),
+                Err(e) => warn!(partition = p, error = %e, "cannot release the lease; it expires on its own"),
+            }
         }
         info!("projector stopped");
         Ok(())

@@ -121,6 +121,11 @@ pub struct HttpSettings {
     pub max_connections_per_worker: usize,
     /// When set, `/metrics` is served here only, not on `addr`.
     pub metrics_addr: Option<String>,
+    /// On SIGTERM, how long (ms) the API keeps serving with `/readyz`
+    /// failing, so that load balancers stop sending it requests first.
+    pub shutdown_delay_ms: u64,
+    /// Then how long (s) requests in flight get to finish.
+    pub shutdown_timeout_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -242,6 +247,12 @@ impl Settings {
         }
         if self.http.body_timeout_ms < 100 || self.http.body_timeout_ms > 600_000 {
             return Err(invalid("http.body_timeout_ms", "must be between 100 and 600000"));
+        }
+        if self.http.shutdown_delay_ms > 600_000 {
+            return Err(invalid("http.shutdown_delay_ms", "must be at most 600000"));
+        }
+        if self.http.shutdown_timeout_s > 600 {
+            return Err(invalid("http.shutdown_timeout_s", "must be at most 600"));
         }
         let uri = self.mongodb.uri.expose();
         if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {

@@ -89,6 +89,26 @@ impl Guarded {
         self.kill();
     }
 
+    /// SIGTERM, without waiting: what an orchestrator sends first.
+    pub fn sigterm(&self) {
+        // SAFETY: a signal to our own child's pid.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; its status, if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.0.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => return None,
+            }
+        }
+    }
+
     /// SIGSTOP: the process freezes, as in a long pause or a VM stall.
     pub fn pause(&self) {
         // SAFETY: a signal to our own child's pid.
