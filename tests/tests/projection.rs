@@ -685,3 +685,91 @@ async fn the_lease_survives_renewals_that_fail_for_a_while() {
     assert!(!renewer.is_finished(), "still renewing");
     renewer.abort();
 }
+
+/// A write Redis rejects every time (here tenant 1's documents hash
+/// replaced by a string, so every write of its calls fails with WRONGTYPE)
+/// is a poison event: the tenant is quarantined and answered live, the
+/// event and the error are reported, the rest of the stream goes on, and
+/// only an operator's warm brings the tenant back.
+#[tokio::test]
+async fn a_poison_event_quarantines_its_tenant_and_the_stream_goes_on() {
+    let (mut app, _) = seeded(31).await;
+    app.start_projector();
+    warm_up(&app, 1, &[]).await;
+    warm_up(&app, 2, &[]).await;
+    let keys = callboard_readmodel::Keys::new(&app.settings.redis.key_prefix);
+    let one = callboard_domain::TenantId::new(1).unwrap();
+    let mut r = redis(&app).await;
+    let _: () = r.del(keys.docs(one)).await.unwrap();
+    let _: () = r.set(keys.docs(one), "not a hash").await.unwrap();
+    let calls = app.db.collection::<Document>(CALLS);
+    let poison_id = bson::oid::ObjectId::new();
+    calls
+        .insert_one(doc! {"_id": poison_id, "id": 880_001, "tenant_id": 1, "status_id": 1,
+        "start_time": DateTime::from_millis(1_800_000_000_000), "subject": "poison"})
+        .await
+        .unwrap();
+    // Written after the poison event: shown once the stream goes past it.
+    calls
+        .insert_one(doc! {"id": 880_002, "tenant_id": 2, "status_id": 1,
+        "start_time": DateTime::from_millis(1_800_000_000_000), "subject": "after the poison"})
+        .await
+        .unwrap();
+    let (hit, cached, live) = app.wait_for_projection(2, &[], WAIT).await;
+    assert!(hit, "the stream stopped at the poison event");
+    callboard_tests::reference::assert_same(&cached, &live, "tenant 2 after the poison event");
+    assert!(cached.to_string().contains("after the poison"));
+
+    // Tenant 1 is quarantined: answered live, exactly, and not re-warmed.
+    let (cache, answer) = app.grouped_as(&app.token(1), &[], false).await;
+    assert_eq!(cache, "miss");
+    callboard_tests::reference::assert_same(&answer, &app.live(1, &[]).await, "quarantined tenant 1");
+    assert!(answer.to_string().contains("poison"), "the live answer has the call");
+    let admin = app.admin_token(1);
+    let status = |tenant: i64| {
+        let req = app.client.get(format!("{}/admin/cache/status?tenant_id={tenant}", app.address)).bearer_auth(&admin);
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    // Another write of tenant 2, applied after the projector ran the
+    // commands the miss above may have queued.
+    calls
+        .insert_one(doc! {"id": 880_003, "tenant_id": 2, "status_id": 1,
+        "start_time": DateTime::from_millis(1_800_000_100_000), "subject": "later still"})
+        .await
+        .unwrap();
+    let (hit, cached, _) = app.wait_for_projection(2, &[], WAIT).await;
+    assert!(hit && cached.to_string().contains("later still"));
+    let s = status(1).await;
+    assert_eq!(s["tenants"][0]["state"], "quarantined", "{s}");
+    assert_eq!(s["tenants"][0]["calls"], 0, "its calls were removed: {s}");
+    let poison = s["poison_events"].as_array().expect("poison events");
+    assert_eq!(poison.len(), 1, "{s}");
+    assert_eq!(poison[0]["tenant_id"], 1);
+    assert_eq!(poison[0]["operation"], "insert");
+    assert!(poison[0]["document_key"].as_str().unwrap().contains(&poison_id.to_hex()), "{s}");
+    assert!(poison[0]["event_id"].as_str().unwrap().contains("_data"), "{s}");
+    assert!(poison[0]["error"].as_str().unwrap().contains("WRONGTYPE"), "{s}");
+    let metrics = app.client.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("callboard_poison_events_total 1\n"), "{metrics}");
+    assert!(metrics.contains("callboard_cache_misses{reason=\"quarantined\"}"), "{metrics}");
+
+    // An operator's warm brings it back, exactly, and clears the report.
+    let r = app
+        .client
+        .post(format!("{}/admin/cache/warm", app.address))
+        .bearer_auth(&admin)
+        .json(&json!({"tenant_id": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let (hit, cached, live) = app.wait_for_projection(1, &[], WAIT).await;
+    assert!(hit, "tenant 1 never warm again");
+    callboard_tests::reference::assert_same(&cached, &live, "tenant 1 warmed again");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !status(1).await["poison_events"].as_array().unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the poison report was never cleared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+}

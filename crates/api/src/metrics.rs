@@ -26,6 +26,7 @@ pub mod names {
     pub const LIVE_COALESCED: &str = "callboard_live_coalesced_total";
     pub const LIVE_REJECTED: &str = "callboard_live_rejected_total";
     pub const REDIS_NOEVICTION: &str = "callboard_redis_noeviction";
+    pub const POISON_EVENTS: &str = "callboard_poison_events_total";
 }
 
 /// How often an API process recounts its tenants by state.
@@ -41,6 +42,7 @@ pub struct Metrics {
     history_lost: IntGauge,
     window_refills: IntGauge,
     writes_lost: IntGauge,
+    poison_events: IntGauge,
     tenants: IntGaugeVec,
     misses: IntCounterVec,
     live_queries: IntCounter,
@@ -70,13 +72,26 @@ impl Metrics {
             names::WRITES_LOST,
             "times a Redis master held less than a projector checkpoint claimed, and the partition was rebuilt (total)",
         );
+        let poison_events = gauge(
+            names::POISON_EVENTS,
+            "change events whose write Redis rejected every time, each quarantining its tenant (total)",
+        );
         let noeviction = gauge(
             names::REDIS_NOEVICTION,
             "1 while Redis was last seen with maxmemory-policy noeviction on every master; 0 means it may drop keys (or is unknown) and every answer is live",
         );
         let tenants =
             IntGaugeVec::new(Opts::new(names::TENANTS, "tenants by read-model state"), &["state"]).expect("valid");
-        for c in [&events_applied, &lag_ms, &warms, &history_lost, &window_refills, &writes_lost, &noeviction] {
+        for c in [
+            &events_applied,
+            &lag_ms,
+            &warms,
+            &history_lost,
+            &window_refills,
+            &writes_lost,
+            &poison_events,
+            &noeviction,
+        ] {
             registry.register(Box::new(c.clone())).expect("unique metric");
         }
         registry.register(Box::new(grouped.clone())).expect("unique metric");
@@ -113,6 +128,7 @@ impl Metrics {
             history_lost,
             window_refills,
             writes_lost,
+            poison_events,
             tenants,
             misses,
             live_queries,
@@ -126,7 +142,7 @@ impl Metrics {
     /// [`TENANT_COUNT_EVERY`] by a background task, never by a scrape.
     pub async fn refresh_tenant_counts(&self, cache: &ReadModel) {
         if let Ok(states) = cache.tenant_states().await {
-            for state in ["warming", "warm"] {
+            for state in ["warming", "warm", "quarantined"] {
                 self.tenants
                     .with_label_values(&[state])
                     .set(states.values().filter(|s| s.name() == state).count() as i64);
@@ -167,6 +183,7 @@ impl Metrics {
             self.history_lost.set(counters.history_lost);
             self.window_refills.set(counters.window_refills);
             self.writes_lost.set(counters.writes_lost);
+            self.poison_events.set(counters.poison_events);
         }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use callboard_domain::TenantId;
 use callboard_readmodel::state::progress;
 use callboard_readmodel::write::{Scope, Writer};
-use callboard_readmodel::{Command, TenantState};
+use callboard_readmodel::{Command, PoisonEvent, ReadModelError, TenantState};
 use redis::AsyncCommands;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -31,6 +31,13 @@ use crate::lease::Keeper;
 use crate::source::{self, Source, StartAt};
 use crate::transform::{self, Change};
 use crate::{warm, Projector, ProjectorError};
+
+type Event = mongodb::change_stream::event::ChangeStreamEvent<bson::Document>;
+type ResumeToken = mongodb::change_stream::event::ResumeToken;
+
+/// How many times a batch is tried while Redis rejects one of its writes,
+/// before it is applied event by event to find the poison one.
+const POISON_TRIES: u32 = 3;
 
 /// A warm whose snapshot is loaded, waiting for the stream to catch up.
 struct PendingWarm {
@@ -141,7 +148,7 @@ impl Leader<'_> {
             if !self.keeper.wait_safe().await {
                 return Err(ProjectorError::LeaseLost);
             }
-            let reset = self.apply_batch(&events).instrument(span).await?;
+            let reset = self.apply_events(&events).instrument(span).await?;
             let newest_ms = events.iter().filter_map(transform::event_ms).max().unwrap_or(0);
             let caught_up: Vec<TenantId> =
                 pending.iter().filter(|(_, w)| newest_ms > w.snapshot_done_ms + 1000).map(|(t, _)| *t).collect();
@@ -243,12 +250,81 @@ impl Leader<'_> {
         Ok(source)
     }
 
+    /// Applies a batch ([`Leader::apply_batch`]). A write Redis rejects
+    /// (the same error whatever the timing: [`ReadModelError::Rejected`])
+    /// is tried [`POISON_TRIES`] times; then the batch is applied one event
+    /// at a time, so that the event whose write fails is known: its tenant
+    /// is quarantined ([`Leader::quarantine`]) and the rest of the stream
+    /// goes on.
+    async fn apply_events(&self, events: &[Event]) -> Result<Option<ResumeToken>, ProjectorError> {
+        let mut pause = Duration::from_millis(100);
+        for _ in 1..POISON_TRIES {
+            match self.apply_batch(events).await {
+                Err(ProjectorError::ReadModel(ReadModelError::Rejected { tenant, source })) => {
+                    warn!(tenant = %tenant, error = %source, "Redis rejected a write; trying the batch again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
+                }
+                other => return other,
+            }
+        }
+        for event in events {
+            let mut quarantined = Vec::new();
+            loop {
+                match self.apply_batch(std::slice::from_ref(event)).await {
+                    Ok(Some(reset)) => return Ok(Some(reset)),
+                    Ok(None) => break,
+                    // A tenant quarantined no longer has writes planned:
+                    // the same one again means quarantining did not help.
+                    Err(ProjectorError::ReadModel(ReadModelError::Rejected { tenant, source }))
+                        if !quarantined.contains(&tenant) =>
+                    {
+                        self.quarantine(tenant, Some(event), &source).await?;
+                        quarantined.push(tenant);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Takes `tenant` out of the projection: it is answered live until an
+    /// operator warms it again. `event` is the one whose write failed
+    /// (none: its snapshot's).
+    async fn quarantine(
+        &self,
+        tenant: TenantId,
+        event: Option<&Event>,
+        error: &redis::RedisError,
+    ) -> Result<(), ProjectorError> {
+        let extjson = |b: Result<bson::Bson, bson::ser::Error>| {
+            b.map(|b| b.into_relaxed_extjson().to_string()).unwrap_or_default()
+        };
+        let record = PoisonEvent {
+            tenant_id: tenant.get(),
+            event_id: event.map(|e| extjson(bson::to_bson(&e.id))).unwrap_or_default(),
+            operation: event
+                .map(|e| extjson(bson::to_bson(&e.operation_type)).trim_matches('"').to_string())
+                .unwrap_or_else(|| "snapshot".into()),
+            document_key: event
+                .and_then(|e| e.document_key.as_ref())
+                .map(|k| extjson(Ok(k.into())))
+                .unwrap_or_default(),
+            error: error.to_string(),
+            at_ms: now_ms(),
+        };
+        tracing::error!(tenant = %tenant, event_id = %record.event_id, operation = %record.operation,
+            document_key = %record.document_key, error = %record.error,
+            "poison event: Redis rejects this write every time; the tenant is quarantined and answered live");
+        self.writer.quarantine(tenant, &record).await?;
+        self.checkpoint.heartbeat(&[(progress::POISON_EVENTS, 1)]).await?;
+        Ok(())
+    }
+
     /// Applies one batch; returns the token after a reset event if the
     /// batch holds one (events after it are not applied).
-    async fn apply_batch(
-        &self,
-        events: &[mongodb::change_stream::event::ChangeStreamEvent<bson::Document>],
-    ) -> Result<Option<mongodb::change_stream::event::ResumeToken>, ProjectorError> {
+    async fn apply_batch(&self, events: &[Event]) -> Result<Option<ResumeToken>, ProjectorError> {
         let mut changes = Vec::with_capacity(events.len());
         let mut applied = 0;
         let mut reset = None;
@@ -414,8 +490,18 @@ impl Leader<'_> {
         }
         let started = now_ms();
         let span = info_span!("warm", tenant = %tenant, epoch, calls = tracing::field::Empty);
-        let calls =
-            warm::snapshot_tenant(&self.p.db, &self.writer, tenant, &self.keeper).instrument(span.clone()).await?;
+        let calls = match warm::snapshot_tenant(&self.p.db, &self.writer, tenant, &self.keeper)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(calls) => calls,
+            // A snapshot Redis rejects would fail again at every resume.
+            Err(ProjectorError::ReadModel(ReadModelError::Redis(e))) if callboard_readmodel::is_rejection(&e) => {
+                self.quarantine(tenant, None, &e).await?;
+                return self.job_done(job.as_deref()).await;
+            }
+            Err(e) => return Err(e),
+        };
         span.record("calls", calls);
         let done = now_ms();
         info!(tenant = %tenant, calls, ms = done - started, "snapshot loaded");
@@ -456,6 +542,7 @@ impl Leader<'_> {
     async fn finish_warm(&self, tenant: TenantId, warm: PendingWarm) -> Result<(), ProjectorError> {
         if self.writer.mark_warm(tenant, warm.epoch).await? {
             info!(tenant = %tenant, epoch = warm.epoch, "tenant warm");
+            self.writer.clear_poison(tenant).await?;
             self.checkpoint.heartbeat(&[(progress::WARMS, 1)]).await?;
         }
         self.job_done(warm.job.as_deref()).await

@@ -35,7 +35,8 @@
 //! | `P:{g}:members` | ZSET | projector processes, scored by their last heartbeat (ms) |
 //! | `P:{mI}:seq:<p>` | STRING | on a cluster, one per master: the sequence of partition `p`'s last batch written before its checkpoint (durability marker) |
 //! | `P:{g}:fence_seq` | STRING | counter handing each new leader a higher token |
-//! | `P:{g}:progress` | HASH | projector heartbeat, last event time, lag |
+//! | `P:{g}:progress` | HASH | projector heartbeat, last event time, lag, counters |
+//! | `P:{g}:poison` | HASH | tenant id -> the [`crate::PoisonEvent`] (JSON) that quarantined it, until it is warm again |
 
 use callboard_domain::{DocKey, StatusKey, TenantId};
 
@@ -255,6 +256,12 @@ impl Keys {
     pub fn members(&self) -> String {
         self.global("members")
     }
+
+    /// Tenants quarantined by a poison event, with the event.
+    pub fn poison(&self) -> String {
+        self.global("poison")
+    }
+
     pub fn progress(&self) -> String {
         self.global("progress")
     }

@@ -20,7 +20,7 @@ pub mod write;
 pub use conn::{Conn, Redis};
 pub use keys::Keys;
 pub use read::{Counters, JobStatus, Miss, Progress, Read, ReadModel};
-pub use state::{Command, TenantState};
+pub use state::{Command, PoisonEvent, TenantState};
 
 pub use redis;
 
@@ -32,6 +32,11 @@ pub enum ReadModelError {
     Pool(#[from] deadpool_redis::PoolError),
     #[error("a newer projector holds the lease")]
     Fenced,
+    /// Redis answered one tenant's write with an error that retrying does
+    /// not change (a key of the wrong type, a script error): see
+    /// [`is_rejection`].
+    #[error("Redis rejected the write of tenant {tenant}: {source}")]
+    Rejected { tenant: callboard_domain::TenantId, source: redis::RedisError },
     #[error("Redis configuration: {0}")]
     Config(String),
     #[error("corrupt read model value at {key}: {detail}")]
@@ -42,6 +47,35 @@ pub enum ReadModelError {
          for the read model)"
     )]
     MayEvict { found: String },
+}
+
+/// Whether Redis's answer to a write says something about the write itself
+/// (it would fail the same way again), rather than about Redis's state at
+/// the time: no I/O error or time-out, no cluster reconfiguration, and none
+/// of the codes of a passing condition (memory full, loading, a failover,
+/// a busy script, missing replicas) nor the fence's.
+pub fn is_rejection(e: &redis::RedisError) -> bool {
+    const PASSING: &[&str] = &[
+        "OOM",
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "READONLY",
+        "NOREPLICAS",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "MOVED",
+        "ASK",
+        "NOSCRIPT",
+        "FENCED",
+        "MISCONF",
+        "UNBLOCKED",
+    ];
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_cluster_error() {
+        return false;
+    }
+    matches!(e.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) | redis::ErrorKind::Extension)
+        && !e.code().is_some_and(|c| PASSING.contains(&c))
 }
 
 /// Refuses a Redis that may drop keys on its own: every master's

@@ -125,7 +125,7 @@ impl ReadModel {
             .await?
             .into_iter()
             .map(|(t, raw)| (t, TenantState::parse(Some(&raw))))
-            .filter(|(_, s)| s.is_maintained())
+            .filter(|(_, s)| *s != TenantState::Cold)
             .collect())
     }
 
@@ -252,6 +252,7 @@ impl ReadModel {
                 (_, TenantState::Warm(_)) => {}
                 (None, _) | (Some(_), TenantState::Warming(_)) => return Ok(Read::Miss(Miss::Cold)),
                 (Some(_), TenantState::Cold) => return Ok(Read::Miss(Miss::Format)),
+                (_, TenantState::Quarantined) => return Ok(Read::Miss(Miss::Quarantined)),
             }
             let stamps = Stamps { global_statuses, tenant_statuses: parse(next())?, users };
             if !copy.is_current(&stamps) {
@@ -543,24 +544,39 @@ pub struct Counters {
     pub history_lost: i64,
     pub window_refills: i64,
     pub writes_lost: i64,
+    pub poison_events: i64,
 }
 
 impl ReadModel {
     pub async fn progress_counters(&self) -> Result<Counters, ReadModelError> {
         let mut c = self.conn().await?;
-        let (w, h, r, l): (Option<i64>, Option<i64>, Option<i64>, Option<i64>) = redis::pipe()
-            .hget(self.keys.progress(), progress::WARMS)
-            .hget(self.keys.progress(), progress::HISTORY_LOST)
-            .hget(self.keys.progress(), progress::WINDOW_REFILLS)
-            .hget(self.keys.progress(), progress::WRITES_LOST)
-            .query_async(&mut c)
-            .await?;
+        let fields = [
+            progress::WARMS,
+            progress::HISTORY_LOST,
+            progress::WINDOW_REFILLS,
+            progress::WRITES_LOST,
+            progress::POISON_EVENTS,
+        ];
+        let values: Vec<Option<i64>> =
+            redis::cmd("HMGET").arg(self.keys.progress()).arg(&fields[..]).query_async(&mut c).await?;
+        let value = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
         Ok(Counters {
-            warms: w.unwrap_or(0),
-            history_lost: h.unwrap_or(0),
-            window_refills: r.unwrap_or(0),
-            writes_lost: l.unwrap_or(0),
+            warms: value(0),
+            history_lost: value(1),
+            window_refills: value(2),
+            writes_lost: value(3),
+            poison_events: value(4),
         })
+    }
+
+    /// The poison events that quarantined tenants, oldest first (a value
+    /// that does not parse is skipped).
+    pub async fn poison_events(&self) -> Result<Vec<crate::PoisonEvent>, ReadModelError> {
+        let mut c = self.conn().await?;
+        let raw: HashMap<String, String> = c.hgetall(self.keys.poison()).await?;
+        let mut events: Vec<crate::PoisonEvent> = raw.values().filter_map(|v| serde_json::from_str(v).ok()).collect();
+        events.sort_by_key(|e| (e.at_ms, e.tenant_id));
+        Ok(events)
     }
 }
 
@@ -590,6 +606,8 @@ pub enum Miss {
     ShortWindow,
     /// Writes kept landing between the read's round trips.
     Raced,
+    /// The tenant is quarantined after a poison event.
+    Quarantined,
 }
 
 impl Miss {
@@ -600,6 +618,7 @@ impl Miss {
             Miss::Format => "format",
             Miss::ShortWindow => "short_window",
             Miss::Raced => "retries_exhausted",
+            Miss::Quarantined => "quarantined",
         }
     }
 }

@@ -14,6 +14,10 @@ pub enum TenantState {
     Warming(u64),
     /// Snapshot loaded and the stream applied on top: reads are served.
     Warm(u64),
+    /// A write of the tenant failed every time (a poison event): its calls
+    /// were removed and it is answered live, and not warmed again until an
+    /// operator asks (`POST /admin/cache/warm`).
+    Quarantined,
 }
 
 impl TenantState {
@@ -29,6 +33,7 @@ impl TenantState {
         match (kind, epoch) {
             (Some("warm"), Some(e)) => TenantState::Warm(e),
             (Some("warming"), Some(e)) => TenantState::Warming(e),
+            (Some("quarantined"), None) => TenantState::Quarantined,
             _ => TenantState::Cold,
         }
     }
@@ -58,18 +63,40 @@ impl TenantState {
         format!("{SCHEMA}:warm:{epoch}")
     }
 
+    pub fn encode_quarantined() -> String {
+        format!("{SCHEMA}:quarantined")
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             TenantState::Cold => "cold",
             TenantState::Warming(_) => "warming",
             TenantState::Warm(_) => "warm",
+            TenantState::Quarantined => "quarantined",
         }
     }
 
     /// Whether the projector maintains this tenant's calls.
     pub fn is_maintained(self) -> bool {
-        !matches!(self, TenantState::Cold)
+        matches!(self, TenantState::Warming(_) | TenantState::Warm(_))
     }
+}
+
+/// A write Redis rejected every time, and the tenant it quarantined (kept
+/// in `P:{g}:poison`, one per tenant, until the tenant is warm again).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PoisonEvent {
+    pub tenant_id: i64,
+    /// The change event's resume token (`_id`), as extended JSON.
+    pub event_id: String,
+    /// `insert`, `update`, `replace`, `delete`...
+    pub operation: String,
+    /// The changed document's `_id`, as extended JSON.
+    pub document_key: String,
+    /// Redis's error.
+    pub error: String,
+    /// When it was quarantined (ms since the epoch).
+    pub at_ms: i64,
 }
 
 /// A command for the active projector, queued in `P:{g}:cmdq`.
@@ -124,6 +151,7 @@ pub mod progress {
     pub const HISTORY_LOST: &str = "history_lost_total";
     pub const WINDOW_REFILLS: &str = "window_refills_total";
     pub const WRITES_LOST: &str = "writes_lost_total";
+    pub const POISON_EVENTS: &str = "poison_events_total";
 }
 
 /// Whether `id` is a warm job id (`w` and digits).

@@ -124,7 +124,9 @@ pub async fn status(
             "lag_ms": progress.lag_ms,
         }));
     }
-    Ok(HttpResponse::Ok().json(json!({"tenants": rows, "projector": progress})))
+    let poison = state.cache.poison_events().await.map_err(cache_error)?;
+    let poison: Vec<_> = poison.into_iter().filter(|p| query.tenant_id.is_none_or(|t| t == p.tenant_id)).collect();
+    Ok(HttpResponse::Ok().json(json!({"tenants": rows, "projector": progress, "poison_events": poison})))
 }
 
 /// `POST /admin/cache/invalidate`

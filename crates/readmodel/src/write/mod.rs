@@ -232,12 +232,42 @@ impl Writer {
             for op in ops {
                 self.tenant_op(&mut batch, *tenant, op);
             }
-            let short = batch.run(&mut c, self.window).await?;
+            let short = batch.run(&mut c, self.window).await.map_err(|e| rejected(*tenant, e))?;
             needy.extend(short.into_iter().map(|s| (*tenant, s)));
         }
         drop(c);
         self.run_global(&plan.global).await?;
         Ok(needy)
+    }
+
+    /// Takes `tenant` out of the projection after a poison event: its
+    /// state becomes quarantined (fenced, in its slot: it is answered live
+    /// and not warmed on its own), `event` is kept in `P:{g}:poison`, and
+    /// its calls are removed.
+    pub async fn quarantine(&self, tenant: TenantId, event: &crate::PoisonEvent) -> Result<(), ReadModelError> {
+        let mut batch = self.tenant_batch(tenant);
+        batch.push(Op::Set {
+            key: self.keys.state(tenant),
+            value: crate::TenantState::encode_quarantined().into_bytes(),
+        });
+        let mut c = self.conn().await?;
+        batch.run(&mut c, self.window).await?;
+        drop(c);
+        let record = serde_json::to_vec(event)
+            .map_err(|e| ReadModelError::Corrupt { key: self.keys.poison(), detail: e.to_string() })?;
+        self.run_shared(vec![Op::HSet {
+            key: self.keys.poison(),
+            field: tenant.get().to_string().into_bytes(),
+            value: record,
+        }])
+        .await?;
+        self.purge_tenant_calls(tenant).await?;
+        Ok(())
+    }
+
+    /// Forgets `tenant`'s poison event (it is warm again).
+    pub async fn clear_poison(&self, tenant: TenantId) -> Result<(), ReadModelError> {
+        self.run_shared(vec![Op::HDel { key: self.keys.poison(), field: tenant.get().to_string().into_bytes() }]).await
     }
 
     fn tenant_op(&self, batch: &mut Batch, t: TenantId, op: &TenantOp) {
@@ -427,4 +457,13 @@ fn stamp() -> String {
 
 fn split(places: &Option<String>) -> impl Iterator<Item = &str> {
     places.as_deref().unwrap_or("").split(',').filter(|p| !p.is_empty())
+}
+
+/// A tenant write's error: [`ReadModelError::Rejected`] when retrying
+/// would not change it ([`crate::is_rejection`]).
+fn rejected(tenant: TenantId, e: ReadModelError) -> ReadModelError {
+    match e {
+        ReadModelError::Redis(source) if crate::is_rejection(&source) => ReadModelError::Rejected { tenant, source },
+        other => other,
+    }
 }

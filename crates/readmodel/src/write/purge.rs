@@ -20,8 +20,15 @@ impl Writer {
         for z in &zsets {
             let mut cursor: u64 = 0;
             loop {
-                let (next, chunk): (u64, Vec<Vec<u8>>) =
-                    redis::cmd("ZSCAN").arg(z).arg(cursor).arg("COUNT").arg(1000).query_async(&mut c).await?;
+                let scanned: Result<(u64, Vec<Vec<u8>>), _> =
+                    redis::cmd("ZSCAN").arg(z).arg(cursor).arg("COUNT").arg(1000).query_async(&mut c).await;
+                let (next, chunk) = match scanned {
+                    Ok(scanned) => scanned,
+                    // Not a ZSET (a corrupt key, as a poison event may
+                    // leave): nothing to unlocate; it is deleted below.
+                    Err(e) if e.code() == Some("WRONGTYPE") => break,
+                    Err(e) => return Err(e.into()),
+                };
                 let docs: Vec<DocKey> =
                     chunk.iter().step_by(2).filter_map(|m| member_parts(m)).map(|(_, doc)| doc).collect();
                 if !docs.is_empty() {
