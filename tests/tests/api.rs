@@ -768,3 +768,63 @@ async fn invalid_utf8_in_parameters_is_a_client_error() {
     assert!((400..500).contains(&status), "query string: {status} {json}");
     app.stop().await;
 }
+
+/// (status, X-Cache, body) of tenant 1's request for `limit` calls.
+async fn ask(app: &TestApp, limit: &str) -> (u16, Option<String>, Value) {
+    let r = app.client.post(app.grouped_url()).bearer_auth(app.token(1)).json(&json!({"limit": limit})).send().await;
+    let r = r.unwrap();
+    let cache = r.headers().get("x-cache").map(|v| v.to_str().unwrap().to_string());
+    (r.status().as_u16(), cache, r.json::<Value>().await.unwrap())
+}
+
+/// A tenant with hundreds of statuses asking for 1,000 calls per status
+/// would get hundreds of thousands of calls: answers are bounded by
+/// `query.max_response_calls`, on the live path and from the cache alike,
+/// with a 422 that says what to do; a smaller answer is whole.
+#[tokio::test]
+async fn an_answer_over_max_response_calls_is_refused_not_sent() {
+    let mut app = callboard_tests::spawn_app_configured(callboard_testkit::Services::start().unwrap(), |s| {
+        s.query.max_response_calls = 1000;
+    })
+    .await;
+    let statuses: Vec<bson::Document> =
+        (1..=300).map(|i| doc! {"id": i, "name": format!("S{i}"), "color": "#000000", "tenant_id": 1}).collect();
+    app.insert(CALL_STATUS, &statuses).await;
+    let calls: Vec<bson::Document> = (0..1200)
+        .map(|i| {
+            doc! {"id": i + 1, "tenant_id": 1, "status_id": i % 300 + 1,
+            "start_time": DateTime::from_millis(1_760_000_000_000 + i64::from(i) * 1000)}
+        })
+        .collect();
+    app.insert(CALLS, &calls).await;
+    for round in ["live", "cached"] {
+        let (status, _, body) = ask(&app, "1000").await;
+        assert_eq!(status, 422, "{round}: {body}");
+        assert_eq!(body["error"], "response_too_large", "{round}");
+        assert!(body["message"].as_str().unwrap().contains("1200 calls"), "{round}: {body}");
+        // 300 statuses x 3 calls = 900: within the bound, and whole.
+        let (status, _, body) = ask(&app, "3").await;
+        assert_eq!(status, 200, "{round}: {body}");
+        let shown: usize = body["data"].as_array().unwrap().iter().map(|g| g["calls"].as_array().unwrap().len()).sum();
+        assert_eq!(shown, 900, "{round}");
+        if round == "live" {
+            app.start_projector();
+            let (hit, _, _) = app.wait_for_projection(1, &[("limit", "3")], Duration::from_secs(30)).await;
+            assert!(hit, "never warm");
+        }
+    }
+    // The refusal above came after a cache read: the hits counted rose.
+    let hits = || async {
+        let metrics = app.client.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("callboard_grouped_request_duration_seconds_count{cache=\"hit\"}"))
+            .map(str::to_string);
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let before = hits().await;
+    let (status, cache, _) = ask(&app, "1000").await;
+    assert_eq!((status, cache.as_deref()), (422, Some("miss")), "an error shows no cached answer");
+    assert_eq!(hits().await, before + 1, "read from the cache, then refused");
+    app.stop().await;
+}

@@ -25,6 +25,7 @@ pub enum ErrorCode {
     DatabaseBusy,
     DatabaseTimeout,
     CacheUnavailable,
+    ResponseTooLarge,
     Internal,
 }
 
@@ -47,6 +48,7 @@ impl ErrorCode {
             ErrorCode::DatabaseBusy => (StatusCode::SERVICE_UNAVAILABLE, "database_busy"),
             ErrorCode::DatabaseTimeout => (StatusCode::GATEWAY_TIMEOUT, "database_timeout"),
             ErrorCode::CacheUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "cache_unavailable"),
+            ErrorCode::ResponseTooLarge => (StatusCode::UNPROCESSABLE_ENTITY, "response_too_large"),
             ErrorCode::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

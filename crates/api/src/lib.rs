@@ -66,7 +66,14 @@ impl AppParts {
         tokio::spawn(watch_policy(redis, noeviction.clone()));
         tokio::spawn(count_tenants(cache.clone(), metrics.clone()));
         Ok(Self {
-            state: AppState { live, cache, metrics, noeviction, draining: Arc::default() },
+            state: AppState {
+                live,
+                cache,
+                metrics,
+                noeviction,
+                draining: Arc::default(),
+                max_response_calls: settings.query.max_response_calls,
+            },
             keys: jwt_keys(settings)?,
             limits: ParamLimits {
                 max_body_bytes: settings.http.max_body_bytes,

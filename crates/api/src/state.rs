@@ -2,7 +2,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::live::LiveGate;
 use crate::metrics::Metrics;
 use callboard_domain::{GroupedBody, GroupedRequest, TenantId};
@@ -19,6 +19,8 @@ pub struct AppState {
     pub noeviction: Arc<AtomicBool>,
     /// Set on SIGTERM: `/readyz` fails while requests are still served.
     pub draining: Arc<AtomicBool>,
+    /// The most calls one answer may show (`query.max_response_calls`).
+    pub max_response_calls: usize,
 }
 
 /// Where an answer came from.
@@ -43,6 +45,27 @@ impl AppState {
     /// many requests see it cold). `bypass_cache` forces the live answer.
     /// A Redis failure degrades to the live answer rather than an error.
     pub async fn grouped(
+        &self,
+        tenant: TenantId,
+        request: &GroupedRequest,
+        bypass_cache: bool,
+    ) -> Result<(GroupedBody, CacheOutcome), ApiError> {
+        let (body, outcome) = self.answer(tenant, request, bypass_cache).await?;
+        if body.calls() > self.max_response_calls {
+            return Err(ApiError::new(
+                ErrorCode::ResponseTooLarge,
+                format!(
+                    "this answer would show {} calls, more than the {} allowed (query.max_response_calls): ask for \
+                     a lower limit, or include_calls=false for counts only",
+                    body.calls(),
+                    self.max_response_calls
+                ),
+            ));
+        }
+        Ok((body, outcome))
+    }
+
+    async fn answer(
         &self,
         tenant: TenantId,
         request: &GroupedRequest,

@@ -17,15 +17,23 @@ pub const GROUPED_MESSAGE: &str = "Calls grouped by status retrieved successfull
 /// text (from Redis, or rendered once by the live path), and splicing them
 /// in avoids re-parsing every call on the hot path.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupedBody(String);
+pub struct GroupedBody {
+    json: String,
+    calls: usize,
+}
 
 impl GroupedBody {
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.json
     }
 
     pub fn into_string(self) -> String {
-        self.0
+        self.json
+    }
+
+    /// How many calls the body shows, over every group.
+    pub fn calls(&self) -> usize {
+        self.calls
     }
 }
 
@@ -49,7 +57,7 @@ pub fn assemble(
     out.push_str("{\"status\":200,\"message\":");
     out.push_str(&Value::from(GROUPED_MESSAGE).to_string());
     out.push_str(",\"data\":[");
-    let (mut total, count) = (0_u64, statuses.len());
+    let (mut total, count, mut shown) = (0_u64, statuses.len(), 0);
     for (i, s) in statuses.iter().enumerate() {
         let group = groups.remove(&s.key).unwrap_or_default();
         total += group.total;
@@ -66,6 +74,7 @@ pub fn assemble(
             group.total
         );
         if request.include_calls {
+            shown += group.calls.len();
             for (j, call) in group.calls.iter().enumerate() {
                 if j > 0 {
                     out.push(',');
@@ -80,7 +89,7 @@ pub fn assemble(
         "],\"summary\":{{\"total_calls\":{total},\"total_status_groups\":{count},\"limit_per_status\":{}}}}}",
         request.limit.get()
     );
-    GroupedBody(out)
+    GroupedBody { json: out, calls: shown }
 }
 
 #[cfg(test)]
@@ -105,7 +114,9 @@ mod tests {
         groups.insert(StatusKey::new(9), GroupCalls { total: 4, calls: vec!["1".into()] });
         let request =
             GroupedRequest { limit: Limit::new(2, 1000).unwrap(), include_enrichment: true, include_calls: true };
-        let body: Value = serde_json::from_str(assemble(&statuses, groups, &request).as_str()).unwrap();
+        let assembled = assemble(&statuses, groups, &request);
+        assert_eq!(assembled.calls(), 2, "the calls of statuses not shown do not count");
+        let body: Value = serde_json::from_str(assembled.as_str()).unwrap();
         assert_eq!(
             body,
             serde_json::json!({"status": 200, "message": GROUPED_MESSAGE, "data": [

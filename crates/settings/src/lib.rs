@@ -177,6 +177,8 @@ pub struct QuerySettings {
     pub live_queue_wait_ms: u64,
     /// Deadline of a live query, here and as MongoDB's `maxTimeMS`.
     pub live_timeout_ms: u64,
+    /// The most calls one answer may show, over all its statuses.
+    pub max_response_calls: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -319,6 +321,9 @@ impl Settings {
         }
         if self.query.live_timeout_ms < 100 || self.query.live_timeout_ms > 600_000 {
             return Err(invalid("query.live_timeout_ms", "must be between 100 and 600000"));
+        }
+        if self.query.max_response_calls < self.query.max_limit as usize {
+            return Err(invalid("query.max_response_calls", "must be at least query.max_limit"));
         }
         if self.query.live_queue_wait_ms > 600_000 {
             return Err(invalid("query.live_queue_wait_ms", "must be at most 600000"));
