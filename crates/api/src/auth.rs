@@ -297,3 +297,95 @@ mod tests {
         assert!(shared.verify(&minted).is_err(), "an admin token is signed with the operator secret");
     }
 }
+
+/// Fuzzing of token parsing (`make fuzz` runs many more cases). Whatever
+/// the bytes, a token is a caller or a 401; signed claims of any shape are
+/// accepted only when the tenant, times and role are valid.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    const SECRET: &[u8] = b"fuzz-test-tenant-secret-0123456789abcdef";
+
+    fn config() -> ProptestConfig {
+        let cases = std::env::var("CALLBOARD_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(500);
+        ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    fn now() -> i64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    }
+
+    fn is_401(e: &ApiError) -> bool {
+        e.code.meta().0 == actix_web::http::StatusCode::UNAUTHORIZED
+    }
+
+    /// A claim's value: of the right type or not.
+    fn claim() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            Just(None),
+            any::<i64>().prop_map(|n| Some(json!(n))),
+            (-100_000i64..100_000).prop_map(|d| Some(json!(now() + d))),
+            (-3i64..5).prop_map(|n| Some(json!(n))),
+            "[ -~]{0,8}".prop_map(|s| Some(json!(s))),
+            Just(Some(json!(1.5))),
+            Just(Some(json!(null))),
+            Just(Some(json!([1]))),
+            Just(Some(json!("admin"))),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn arbitrary_text_is_a_401(token in "[ -~]{0,200}") {
+            let keys = JwtKeys::new(SECRET);
+            let verdict = keys.verify(&token);
+            prop_assert!(verdict.as_ref().is_err_and(is_401), "{verdict:?}");
+        }
+
+        #[test]
+        fn three_arbitrary_base64_parts_are_a_401(
+            parts in proptest::collection::vec("[A-Za-z0-9_-]{0,80}", 3),
+        ) {
+            let token = parts.join(".");
+            let verdict = JwtKeys::new(SECRET).verify(&token);
+            prop_assert!(verdict.as_ref().is_err_and(is_401), "{verdict:?}");
+        }
+
+        #[test]
+        fn signed_claims_of_any_shape_pass_only_when_valid(
+            tenant in claim(), exp in claim(), nbf in claim(), role in claim(), aud in claim(),
+        ) {
+            let mut claims = serde_json::Map::new();
+            for (name, value) in [("tenant_id", tenant), ("exp", exp), ("nbf", nbf), ("role", role), ("aud", aud)] {
+                if let Some(v) = value {
+                    claims.insert(name.into(), v);
+                }
+            }
+            let token = jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &Value::Object(claims.clone()),
+                &EncodingKey::from_secret(SECRET),
+            )
+            .unwrap();
+            match JwtKeys::new(SECRET).verify(&token) {
+                Ok(caller) => {
+                    let int = |k: &str| claims.get(k).and_then(Value::as_i64);
+                    prop_assert_eq!(Some(caller.tenant.get()), int("tenant_id"));
+                    prop_assert!(caller.tenant.get() >= 0);
+                    prop_assert!(int("exp").is_some_and(|e| e + 5 > now()), "expired {claims:?}");
+                    // `nbf: null` is no constraint, as if absent.
+                    let nbf = claims.get("nbf").filter(|n| !n.is_null());
+                    prop_assert!(nbf.is_none_or(|n| n.as_i64().is_some_and(|n| n - 5 <= now())), "{claims:?}");
+                    let admin = claims.get("role").and_then(Value::as_str) == Some("admin");
+                    prop_assert_eq!(caller.is_admin(), admin);
+                }
+                Err(e) => prop_assert!(is_401(&e), "{e:?}"),
+            }
+        }
+    }
+}

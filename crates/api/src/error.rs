@@ -153,6 +153,7 @@ mod tests {
             DatabaseBusy,
             DatabaseTimeout,
             CacheUnavailable,
+            ResponseTooLarge,
             Internal,
         ];
         let mut names: Vec<&str> = all.iter().map(|c| c.meta().1).collect();

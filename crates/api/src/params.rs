@@ -184,3 +184,158 @@ fn is_empty_multipart(headers: &HeaderMap, body: &[u8]) -> bool {
         None => false,
     }
 }
+
+/// Fuzzing of the four encodings (`make fuzz` runs many more cases:
+/// `CALLBOARD_FUZZ_CASES`). Arbitrary bytes must end in a 4xx, never a
+/// panic; the same parameters sent in each encoding must parse the same.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use actix_web::http::header::HeaderValue;
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        let cases = std::env::var("CALLBOARD_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(500);
+        ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    fn parse(content_type: Option<&str>, query: &str, body: Vec<u8>) -> Result<GroupedRequest, ApiError> {
+        let mut headers = HeaderMap::new();
+        if let Some(v) = content_type.and_then(|ct| HeaderValue::from_str(ct).ok()) {
+            headers.insert(header::CONTENT_TYPE, v);
+        }
+        futures::executor::block_on(async {
+            let mut params = query_params(query)?;
+            params.extend(body_params(&headers, Bytes::from(body)).await?);
+            Ok(GroupedRequest::from_params(params, Limit::new(100, 1000).expect("valid"), 1000)?)
+        })
+    }
+
+    /// What a parse may end in: a valid request, or a client error.
+    fn sane(outcome: &Result<GroupedRequest, ApiError>) -> bool {
+        match outcome {
+            Ok(r) => (1..=1000).contains(&r.limit.get()),
+            Err(e) => matches!(
+                e.code,
+                ErrorCode::InvalidParameter | ErrorCode::MalformedBody | ErrorCode::UnsupportedMediaType
+            ),
+        }
+    }
+
+    fn content_type() -> impl Strategy<Value = Option<String>> {
+        prop_oneof![
+            Just(None),
+            Just(Some("application/json".to_string())),
+            Just(Some("application/x-www-form-urlencoded".to_string())),
+            "[ -~]{0,40}".prop_map(|b| Some(format!("multipart/form-data; boundary={b}"))),
+            "[ -~]{0,60}".prop_map(Some),
+        ]
+    }
+
+    /// A parameter's value as a client might send it.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (-5i64..1200).prop_map(|n| n.to_string()),
+            Just("true".to_string()),
+            Just("false".to_string()),
+            "[a-zA-Z0-9 .+-]{0,12}",
+        ]
+    }
+
+    fn pairs() -> impl Strategy<Value = Vec<(String, String)>> {
+        let name = prop_oneof![
+            Just("limit".to_string()),
+            Just("include_calls".to_string()),
+            Just("include_enrichment".to_string()),
+            "[a-z_]{1,10}",
+        ];
+        proptest::collection::vec((name, value()), 0..5).prop_map(|mut pairs| {
+            // One of each name: repeats are refused by every encoding but
+            // JSON, whose objects cannot hold them.
+            let mut seen = std::collections::BTreeSet::new();
+            pairs.retain(|(k, _)| seen.insert(k.clone()));
+            pairs
+        })
+    }
+
+    /// A boundary as RFC 2046 allows (no trailing space).
+    fn boundary() -> impl Strategy<Value = String> {
+        "[0-9A-Za-z'()+_,./:=?-]{1,69}"
+    }
+
+    fn multipart(pairs: &[(String, String)], boundary: &str, file: bool) -> Vec<u8> {
+        let mut body = String::new();
+        if file {
+            body.push_str(&format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"upload\"; filename=\"a.bin\"\r\nContent-Type: application/octet-stream\r\n\r\nxx\r\n"
+            ));
+        }
+        for (k, v) in pairs {
+            body.push_str(&format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n"));
+        }
+        body.push_str(&format!("--{boundary}--\r\n"));
+        body.into_bytes()
+    }
+
+    fn same(a: &Result<GroupedRequest, ApiError>, b: &Result<GroupedRequest, ApiError>) -> bool {
+        match (a, b) {
+            (Ok(a), Ok(b)) => a == b,
+            (Err(a), Err(b)) => a.code == b.code,
+            _ => false,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn arbitrary_bytes_end_in_a_client_error_or_a_valid_request(
+            ct in content_type(),
+            query in "[ -~]{0,40}",
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            prop_assert!(sane(&parse(ct.as_deref(), &query, body)));
+        }
+
+        #[test]
+        fn every_encoding_parses_the_same_parameters_alike(
+            pairs in pairs(),
+            boundary in boundary(),
+            file in any::<bool>(),
+        ) {
+            let query = serde_urlencoded::to_string(&pairs).expect("encodable");
+            let by_query = parse(None, &query, Vec::new());
+            let form = parse(Some("application/x-www-form-urlencoded"), "", query.clone().into_bytes());
+            let object: serde_json::Map<String, serde_json::Value> =
+                pairs.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str()))).collect();
+            let json = parse(Some("application/json"), "", serde_json::to_vec(&object).expect("JSON"));
+            let ct = format!("multipart/form-data; boundary=\"{boundary}\"");
+            let multi = parse(Some(&ct), "", multipart(&pairs, &boundary, file));
+            prop_assert!(sane(&by_query), "{by_query:?}");
+            prop_assert!(same(&by_query, &form), "form {form:?} vs query {by_query:?}");
+            prop_assert!(same(&by_query, &json), "json {json:?} vs query {by_query:?}");
+            prop_assert!(same(&by_query, &multi), "multipart {multi:?} vs query {by_query:?} for {pairs:?}");
+            // A valid limit is the limit asked for.
+            if let (Ok(r), Some((_, v))) = (&by_query, pairs.iter().find(|(k, _)| k == "limit")) {
+                prop_assert_eq!(Some(i64::from(r.limit.get())), v.trim().parse::<i64>().ok(), "{:?}", v);
+            }
+        }
+
+        #[test]
+        fn a_damaged_multipart_body_is_a_client_error(
+            pairs in pairs(),
+            boundary in boundary(),
+            cuts in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            truncate in any::<prop::sample::Index>(),
+        ) {
+            let mut body = multipart(&pairs, &boundary, false);
+            for (at, byte) in cuts {
+                let i = at.index(body.len());
+                body[i] = byte;
+            }
+            body.truncate(truncate.index(body.len() + 1));
+            let ct = format!("multipart/form-data; boundary={boundary}");
+            prop_assert!(sane(&parse(Some(&ct), "", body)));
+        }
+    }
+}

@@ -291,3 +291,125 @@ mod tests {
         assert_eq!(p.global, vec![GlobalOp::DelLoc(Locator::Call, d)]);
     }
 }
+
+/// Fuzzing of change-event decoding (`make fuzz` runs many more cases):
+/// arbitrary BSON in every field the projector reads, through `change_of`,
+/// `needs` and `plan`. Nothing panics, and a plan puts calls only in warm
+/// tenants the event names.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use bson::{doc, Bson};
+    use callboard_readmodel::TenantState;
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        let cases = std::env::var("CALLBOARD_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(500);
+        ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    /// Any BSON value, nested a little.
+    fn value() -> impl Strategy<Value = Bson> {
+        let leaf = prop_oneof![
+            any::<i32>().prop_map(Bson::Int32),
+            any::<i64>().prop_map(Bson::Int64),
+            (-3i64..12).prop_map(Bson::Int64),
+            any::<f64>().prop_map(Bson::Double),
+            "[ -~]{0,8}".prop_map(Bson::String),
+            (-3i64..12).prop_map(|n| Bson::String(n.to_string())),
+            any::<bool>().prop_map(Bson::Boolean),
+            Just(Bson::Null),
+            any::<i64>().prop_map(|ms| Bson::DateTime(bson::DateTime::from_millis(ms))),
+            Just(Bson::ObjectId(bson::oid::ObjectId::new())),
+            proptest::collection::vec(any::<u8>(), 0..8)
+                .prop_map(|b| Bson::Binary(bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: b })),
+            Just(Bson::Decimal128("1.5".parse().unwrap())),
+        ];
+        leaf.prop_recursive(2, 8, 3, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..3).prop_map(Bson::Array),
+                proptest::collection::btree_map("[a-z_]{1,6}", inner, 0..3)
+                    .prop_map(|m| Bson::Document(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A document with any of the fields calls, users and statuses have,
+    /// each of any type.
+    fn document() -> impl Strategy<Value = Document> {
+        let fields = [
+            "_id",
+            "id",
+            "tenant_id",
+            "status_id",
+            "start_time",
+            "deleted",
+            "owner_id",
+            "user_id",
+            "assigned_to_id",
+            "name",
+            "email",
+            "color",
+            "description",
+            "subject",
+        ];
+        proptest::collection::vec(proptest::option::of(value()), fields.len()).prop_map(move |values| {
+            let mut d = Document::new();
+            for (name, v) in fields.iter().zip(values) {
+                if let Some(v) = v {
+                    d.insert(*name, v);
+                }
+            }
+            d
+        })
+    }
+
+    fn event() -> impl Strategy<Value = Document> {
+        let op = prop_oneof![
+            Just("insert"),
+            Just("update"),
+            Just("replace"),
+            Just("delete"),
+            Just("drop"),
+            Just("rename"),
+            Just("dropDatabase"),
+            Just("invalidate"),
+        ];
+        let coll = prop_oneof![Just(CALLS), Just(USERS), Just(CALL_STATUS), Just("other")];
+        (op, coll, proptest::option::of(document()), proptest::option::of(value())).prop_map(|(op, coll, full, key)| {
+            let mut e = doc! {"_id": {"_data": "x"}, "operationType": op, "ns": {"db": "crm", "coll": coll}};
+            if let Some(full) = full {
+                e.insert("fullDocument", full);
+            }
+            if let Some(key) = key {
+                e.insert("documentKey", doc! {"_id": key});
+            }
+            e
+        })
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn arbitrary_events_plan_without_panicking(events in proptest::collection::vec(event(), 1..6)) {
+            let fields = UserFields::new(vec!["id".into(), "name".into(), "email".into()]).unwrap();
+            let n = events.len();
+            let decoded: Vec<ChangeStreamEvent<Document>> =
+                events.into_iter().filter_map(|e| bson::from_document(e).ok()).collect();
+            // The driver decodes every one of them: the fuzzing reaches
+            // the projector's own decoding.
+            prop_assert_eq!(decoded.len(), n);
+            let changes: Vec<Change> = decoded.iter().filter_map(|e| change_of(e, &fields)).collect();
+            let needs = needs(&changes);
+            let mut view = StateView::default();
+            for t in &needs.tenants {
+                view.tenants.insert(*t, TenantState::Warm(1));
+            }
+            let plan = plan(&changes, &view, 0);
+            for tenant in plan.tenants.keys() {
+                prop_assert!(needs.tenants.contains(tenant), "{tenant:?} was not among {:?}", needs.tenants);
+            }
+        }
+    }
+}

@@ -35,7 +35,7 @@ impl FromRequest for Admin {
 }
 
 /// `{"tenant_id": 6}` or `{"all": true}`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Tenant(TenantId),
     All,
@@ -55,22 +55,27 @@ impl FromRequest for Target {
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let req = req.clone();
         let payload = payload.take();
-        Box::pin(async move {
-            let body = read_body(&req, payload, 4096).await?;
-            let parsed: TargetBody = serde_json::from_slice(&body).map_err(|e| {
-                ApiError::new(
-                    ErrorCode::InvalidParameter,
-                    format!("expected {{\"tenant_id\": N}} or {{\"all\": true}}: {e}"),
-                )
-            })?;
-            match (parsed.tenant_id, parsed.all) {
-                (Some(t), None | Some(false)) => TenantId::new(t)
-                    .map(Target::Tenant)
-                    .map_err(|e| ApiError::new(ErrorCode::InvalidParameter, e.to_string())),
-                (None, Some(true)) => Ok(Target::All),
-                _ => Err(ApiError::new(ErrorCode::InvalidParameter, "give exactly one of tenant_id or \"all\": true")),
-            }
-        })
+        Box::pin(async move { Target::parse(&read_body(&req, payload, 4096).await?) })
+    }
+}
+
+impl Target {
+    /// `{"tenant_id": N}` or `{"all": true}` (`"all": false` beside a
+    /// tenant is allowed); anything else is 422.
+    fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        let parsed: TargetBody = serde_json::from_slice(body).map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidParameter,
+                format!("expected {{\"tenant_id\": N}} or {{\"all\": true}}: {e}"),
+            )
+        })?;
+        match (parsed.tenant_id, parsed.all) {
+            (Some(t), None | Some(false)) => TenantId::new(t)
+                .map(Target::Tenant)
+                .map_err(|e| ApiError::new(ErrorCode::InvalidParameter, e.to_string())),
+            (None, Some(true)) => Ok(Target::All),
+            _ => Err(ApiError::new(ErrorCode::InvalidParameter, "give exactly one of tenant_id or \"all\": true")),
+        }
     }
 }
 
@@ -144,4 +149,64 @@ pub async fn invalidate(_: Admin, target: Target, state: web::Data<AppState>) ->
 fn cache_error(e: callboard_readmodel::ReadModelError) -> ApiError {
     tracing::warn!(error = %e, "read model unavailable");
     ApiError::new(ErrorCode::CacheUnavailable, "the cache is unavailable; try again shortly")
+}
+
+/// Fuzzing of the admin bodies (`make fuzz` runs many more cases).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    fn config() -> ProptestConfig {
+        let cases = std::env::var("CALLBOARD_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(500);
+        ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    fn member() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            Just(None),
+            any::<i64>().prop_map(|n| Some(Value::from(n))),
+            (-2i64..4).prop_map(|n| Some(Value::from(n))),
+            any::<bool>().prop_map(|b| Some(Value::from(b))),
+            Just(Some(Value::from(1e30))),
+            Just(Some(Value::from(1.0))),
+            "[ -~]{0,6}".prop_map(|s| Some(Value::from(s))),
+            Just(Some(Value::Null)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn arbitrary_bytes_are_a_target_or_a_422(body in proptest::collection::vec(any::<u8>(), 0..100)) {
+            if let Err(e) = Target::parse(&body) {
+                prop_assert_eq!(e.code, ErrorCode::InvalidParameter);
+            }
+        }
+
+        #[test]
+        fn an_object_is_a_target_exactly_when_it_names_one(
+            tenant in member(), all in member(), extra in proptest::option::of("[a-z]{1,5}"),
+        ) {
+            let mut object = serde_json::Map::new();
+            if let Some(t) = tenant.clone() { object.insert("tenant_id".into(), t); }
+            if let Some(a) = all.clone() { object.insert("all".into(), a); }
+            if let Some(x) = &extra { object.insert(x.clone(), Value::from(1)); }
+            let known = extra.as_deref().is_none_or(|x| x == "all" || x == "tenant_id");
+            let expected = match (tenant.as_ref().map(|t| (t.as_i64(), t.is_null())), all.as_ref().map(|a| (a.as_bool(), a.is_null()))) {
+                _ if !known => None,
+                (Some((Some(t), _)), None | Some((Some(false), _)) | Some((None, true))) if t >= 0 => Some(Target::Tenant(TenantId::new(t).unwrap())),
+                (None | Some((None, true)), Some((Some(true), _))) => Some(Target::All),
+                _ => None,
+            };
+            let got = Target::parse(&serde_json::to_vec(&Value::Object(object.clone())).unwrap());
+            match (got, expected) {
+                (Ok(got), Some(expected)) => prop_assert_eq!(got, expected, "{:?}", object),
+                (Err(e), None) => prop_assert_eq!(e.code, ErrorCode::InvalidParameter),
+                (got, expected) => prop_assert!(false, "{object:?}: got {got:?}, expected {expected:?}"),
+            }
+        }
+    }
 }
