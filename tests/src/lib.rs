@@ -142,10 +142,20 @@ impl TestApp {
     /// [`TestApp::start_projector`] keeping documents for `window`'s first
     /// calls of each status.
     pub fn start_projector_with(&mut self, window: callboard_readmodel::write::DocWindow) {
+        let fields = self.settings.query.user_fields().expect("user fields");
+        self.start_projector_using(window, fields);
+    }
+
+    /// [`TestApp::start_projector_with`], storing users with `fields`
+    /// rather than the API's allowlist.
+    pub fn start_projector_using(
+        &mut self,
+        window: callboard_readmodel::write::DocWindow,
+        fields: callboard_domain::render::UserFields,
+    ) {
         let db = self.db.clone();
         let redis = self.settings.redis.clone();
         let keys = callboard_readmodel::Keys::new(&self.settings.redis.key_prefix);
-        let fields = self.settings.query.user_fields().expect("user fields");
         let config = callboard_projector::ProjectorConfig {
             lease_ttl: Duration::from_secs(3),
             batch_wait: Duration::from_millis(50),

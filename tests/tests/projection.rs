@@ -773,3 +773,55 @@ async fn a_poison_event_quarantines_its_tenant_and_the_stream_goes_on() {
     }
     app.stop().await;
 }
+
+/// The settings that shape stored data are recorded with it. A projector
+/// started with another `query.user_fields` stores the users again; one
+/// with another `projector.doc_window` rebuilds; and an API process never
+/// shows a user field outside its own allowlist, whatever Redis holds.
+#[tokio::test]
+async fn settings_that_shape_stored_data_are_applied_when_they_change() {
+    use callboard_domain::render::UserFields;
+    use callboard_readmodel::write::DocWindow;
+    let (mut app, _) = seeded(37).await;
+    let fields = |f: &[&str]| UserFields::new(f.iter().map(|s| s.to_string()).collect()).unwrap();
+    // A projector with a longer allowlist than the API's, and a small
+    // window: users stored with `password_hash`, windows of 2 calls.
+    let window = |size| DocWindow { size, floor: size };
+    app.start_projector_using(window(2), fields(&["id", "name", "email", "password_hash"]));
+    let small = [("limit", "2")];
+    warm_up(&app, 1, &small).await;
+    let (cache, body) = app.grouped_as(&app.token(1), &small, false).await;
+    assert_eq!(cache, "hit");
+    assert!(body.to_string().contains("u1@example.com") || body.to_string().contains("@"), "enriched: {body}");
+    assert!(!body.to_string().contains("password_hash"), "the API showed a field outside its allowlist: {body}");
+    callboard_tests::reference::assert_same(&body, &app.live(1, &small).await, "API allowlist over Redis's users");
+    // Limits past the window are answered live meanwhile.
+    let (cache, _) = app.grouped_as(&app.token(1), &[("limit", "50")], false).await;
+    assert_eq!(cache, "miss", "a window of 2 cannot serve limit 50");
+
+    // The same window, a shorter allowlist than the API's: users are
+    // stored again without email, which the API then cannot show.
+    app.stop_projector().await;
+    app.start_projector_using(window(2), fields(&["id", "name"]));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (cache, body) = app.grouped_as(&app.token(1), &small, false).await;
+        if cache == "hit" && !body.to_string().contains("@example.com") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "users were not stored again: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The API's allowlist and the default window: users stored again with
+    // email, the partition rebuilt with full windows, and limit 50 is a
+    // hit equal to the live answer.
+    app.stop_projector().await;
+    app.start_projector();
+    for fields in [&small[..], &[("limit", "50")][..]] {
+        let (hit, cached, live) = app.wait_for_projection(1, fields, WAIT).await;
+        assert!(hit, "{fields:?} never a hit after the settings changed");
+        callboard_tests::reference::assert_same(&cached, &live, &format!("{fields:?} after the settings changed"));
+    }
+    app.stop().await;
+}

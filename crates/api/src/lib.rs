@@ -52,7 +52,8 @@ impl AppParts {
         // A policy that may evict: the process must not start.
         callboard_readmodel::refuse_eviction(&redis).await.map_err(ApplicationError::Redis)?;
         let noeviction = Arc::new(AtomicBool::new(true));
-        let mut cache = ReadModel::new(redis.clone(), Keys::new(&settings.redis.key_prefix));
+        let mut cache = ReadModel::new(redis.clone(), Keys::new(&settings.redis.key_prefix))
+            .with_user_fields(settings.query.user_fields()?);
         if !settings.redis.is_cluster() {
             cache = cache.with_hot_client(settings.redis.client()?);
         }

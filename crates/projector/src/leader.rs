@@ -165,6 +165,15 @@ impl Leader<'_> {
         }
     }
 
+    /// The settings this leader stores data with.
+    fn fingerprint(&self) -> callboard_readmodel::Fingerprint {
+        callboard_readmodel::Fingerprint {
+            user_fields: self.p.fields.names().to_vec(),
+            doc_window: self.p.config.doc_window.size,
+            doc_window_floor: self.p.config.doc_window.floor,
+        }
+    }
+
     async fn open_source(&self) -> Result<Source, ProjectorError> {
         let checkpoint = self.checkpoint.load().await?.map(|c| c.token);
         let schema = self.writer.schema().await?;
@@ -172,6 +181,33 @@ impl Leader<'_> {
         if checkpoint.is_some() && schema.as_deref() != Some(wanted.as_str()) {
             warn!(found = ?schema, %wanted, "read model in another format (or partition count): rebuilding the partition");
             return self.restart_read_model().await;
+        }
+        if checkpoint.is_some() {
+            let found = self.writer.fingerprint().await?;
+            let wanted = self.fingerprint();
+            match found {
+                Some(found) if found == wanted => {}
+                Some(found)
+                    if (found.doc_window, found.doc_window_floor) != (wanted.doc_window, wanted.doc_window_floor) =>
+                {
+                    warn!(
+                        found = found.doc_window,
+                        wanted = wanted.doc_window,
+                        "projector.doc_window changed: rebuilding the partition"
+                    );
+                    return self.restart_read_model().await;
+                }
+                // Other user fields (or none recorded, from a version
+                // before the record): the users are stored again with
+                // this allowlist; windows of an unrecorded size adapt at
+                // each status's next change.
+                found => {
+                    warn!(found = ?found.map(|f| f.user_fields), wanted = ?wanted.user_fields, "query.user_fields changed: storing the users again");
+                    let (users, statuses) = warm::bootstrap_globals(&self.p.db, &self.writer, &self.p.fields).await?;
+                    info!(users, statuses, "users and statuses stored again");
+                    self.writer.set_fingerprint(&wanted).await?;
+                }
+            }
         }
         match checkpoint {
             Some(token) => match Source::open(&self.p.db, StartAt::ResumeAfter(token)).await {
@@ -246,6 +282,7 @@ impl Leader<'_> {
         let source = Source::open(&self.p.db, start).await?;
         let (users, statuses) = warm::bootstrap_globals(&self.p.db, &self.writer, &self.p.fields).await?;
         self.writer.set_schema().await?;
+        self.writer.set_fingerprint(&self.fingerprint()).await?;
         info!(users, statuses, "users and statuses loaded");
         Ok(source)
     }

@@ -29,6 +29,7 @@
 //! | `P:{g}:epoch` | STRING | warm epoch counter |
 //! | `P:{g}:cmdq` | LIST | commands for the active projector ([`crate::Command`]) |
 //! | `P:{g}:job:<id>` | HASH | a warm job's progress ([`crate::job`] fields) |
+//! | `P:{g}:settings:<p>` | STRING | the [`crate::Fingerprint`] (JSON) of the settings partition `p` stored its data with |
 //! | `P:{g}:schema:<p>` | STRING | the format partition `p` built its keys in ([`SCHEMA`] and the partition count) |
 //! | `P:{g}:ckpt:<p>` | STRING | partition `p`'s resume token of its last applied batch (BSON) |
 //! | `P:{g}:lease:<p>` | STRING | the id of partition `p`'s active projector, with a TTL |
@@ -240,6 +241,10 @@ impl Keys {
     /// The read model's format ([`SCHEMA`]), set when the projector builds it.
     pub fn schema(&self) -> String {
         self.global(&format!("schema:{}", self.partition))
+    }
+    /// The settings the partition's data was stored with ([`crate::Fingerprint`]).
+    pub fn fingerprint(&self) -> String {
+        self.global(&format!("settings:{}", self.partition))
     }
     pub fn checkpoint(&self) -> String {
         self.global(&format!("ckpt:{}", self.partition))

@@ -1,7 +1,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use callboard_domain::render::{self, GroupCalls};
+use callboard_domain::render::{self, GroupCalls, UserFields};
 use callboard_domain::{GroupedBody, GroupedRequest, Status, StatusRecord, TenantId, UserId};
 use redis::AsyncCommands;
 
@@ -38,6 +38,7 @@ pub struct ReadModel {
     keys: Keys,
     local: LocalCopies,
     hot: Option<HotConnections>,
+    user_fields: UserFields,
 }
 
 /// The grouped read's connections: one multiplexed, self-reconnecting
@@ -74,7 +75,14 @@ impl HotConnections {
 
 impl ReadModel {
     pub fn new(redis: Redis, keys: Keys) -> Self {
-        Self { redis, keys, local: LocalCopies::default(), hot: None }
+        Self { redis, keys, local: LocalCopies::default(), hot: None, user_fields: UserFields::default() }
+    }
+
+    /// The user fields this process may show: a user read from Redis is
+    /// cut down to them, whatever the projector stored.
+    pub fn with_user_fields(mut self, fields: UserFields) -> Self {
+        self.user_fields = fields;
+        self
     }
 
     /// Serves grouped reads over per-thread multiplexed connections to
@@ -315,8 +323,11 @@ impl ReadModel {
                 let raw: Vec<i64> = missing.iter().map(|u| u.get()).collect();
                 let read: Vec<Option<String>> =
                     redis::cmd("HMGET").arg(self.keys.users()).arg(&raw).query_async(c).await?;
-                let read: Vec<(UserId, Option<Arc<str>>)> =
-                    missing.into_iter().zip(read).map(|(id, u)| (id, u.map(Arc::from))).collect();
+                let read: Vec<(UserId, Option<Arc<str>>)> = missing
+                    .into_iter()
+                    .zip(read)
+                    .map(|(id, u)| (id, u.map(|u| Arc::from(restrict_user(&u, &self.user_fields)))))
+                    .collect();
                 self.local.put_users(&stamps.users, read.iter().cloned());
                 users.extend(read);
             }
@@ -578,6 +589,23 @@ impl ReadModel {
         events.sort_by_key(|e| (e.at_ms, e.tenant_id));
         Ok(events)
     }
+}
+
+/// A cached user (`<tenant>|<JSON>`) with only the `fields` this process
+/// may show: a projector configured with a longer allowlist (or a value
+/// written by hand) cannot widen what a response shows. Once per user per
+/// process (the result is kept in the local copy).
+fn restrict_user(stored: &str, fields: &UserFields) -> String {
+    let Some((owner, json)) = stored.split_once('|') else { return stored.to_string() };
+    let Ok(mut user) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json) else {
+        // Not an object: nothing to show of it.
+        return format!("{owner}|{{}}");
+    };
+    if user.keys().all(|k| fields.names().contains(k)) {
+        return stored.to_string();
+    }
+    user.retain(|k, _| fields.names().contains(k));
+    format!("{owner}|{}", serde_json::Value::Object(user))
 }
 
 fn parse<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, ReadModelError> {

@@ -82,6 +82,16 @@ impl TenantState {
     }
 }
 
+/// The settings that shape what a partition stores: the user fields kept
+/// for each user (partition 0 stores the users), and the document window.
+/// A projector finding other ones re-stores the users or rebuilds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Fingerprint {
+    pub user_fields: Vec<String>,
+    pub doc_window: u64,
+    pub doc_window_floor: u64,
+}
+
 /// A write Redis rejected every time, and the tenant it quarantined (kept
 /// in `P:{g}:poison`, one per tenant, until the tenant is warm again).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -415,6 +415,21 @@ impl Writer {
 
     /// Records that the partition's read model is in this version's format
     /// (guarded).
+    /// The settings this partition's data was stored with, if recorded
+    /// (a value that does not parse counts as none).
+    pub async fn fingerprint(&self) -> Result<Option<crate::Fingerprint>, ReadModelError> {
+        let mut c = self.conn().await?;
+        let raw: Option<String> = c.get(self.keys.fingerprint()).await?;
+        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+    }
+
+    /// Records `fingerprint` as the settings of this partition's data.
+    pub async fn set_fingerprint(&self, fingerprint: &crate::Fingerprint) -> Result<(), ReadModelError> {
+        let value = serde_json::to_vec(fingerprint)
+            .map_err(|e| ReadModelError::Corrupt { key: self.keys.fingerprint(), detail: e.to_string() })?;
+        self.run_shared(vec![Op::Set { key: self.keys.fingerprint(), value }]).await
+    }
+
     pub async fn set_schema(&self) -> Result<(), ReadModelError> {
         self.run_shared(vec![Op::Set { key: self.keys.schema(), value: self.schema_mark().into_bytes() }]).await
     }
