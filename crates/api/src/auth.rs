@@ -357,6 +357,18 @@ mod fuzz {
         }
 
         #[test]
+        fn valid_claims_are_accepted(tenant in 0i64..i64::MAX, ttl in 1i64..100_000, admin in any::<bool>()) {
+            let mut claims = json!({"tenant_id": tenant, "exp": now() + ttl});
+            if admin {
+                claims["role"] = json!("admin");
+            }
+            let token =
+                jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap();
+            let caller = JwtKeys::new(SECRET).verify(&token);
+            prop_assert!(caller.as_ref().is_ok_and(|c| c.tenant.get() == tenant && c.is_admin() == admin), "{caller:?}");
+        }
+
+        #[test]
         fn signed_claims_of_any_shape_pass_only_when_valid(
             tenant in claim(), exp in claim(), nbf in claim(), role in claim(), aud in claim(),
         ) {

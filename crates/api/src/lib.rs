@@ -261,6 +261,7 @@ impl Application {
                         .default_service(web::to(error::not_found))
                 })
                 .disable_signals()
+                .shutdown_timeout(settings.http.shutdown_timeout_s)
                 .workers(1)
                 .bind(addr)
                 .map_err(|e| ApplicationError::Bind(addr.to_string(), e))?;

@@ -168,9 +168,8 @@ impl Leader<'_> {
     /// The settings this leader stores data with.
     fn fingerprint(&self) -> callboard_readmodel::Fingerprint {
         callboard_readmodel::Fingerprint {
-            user_fields: self.p.fields.names().to_vec(),
-            doc_window: self.p.config.doc_window.size,
-            doc_window_floor: self.p.config.doc_window.floor,
+            user_fields: Some(self.p.fields.names().to_vec()),
+            doc_window: Some(self.p.config.doc_window.size),
         }
     }
 
@@ -183,30 +182,27 @@ impl Leader<'_> {
             return self.restart_read_model().await;
         }
         if checkpoint.is_some() {
-            let found = self.writer.fingerprint().await?;
+            let found = self
+                .writer
+                .fingerprint()
+                .await?
+                .unwrap_or(callboard_readmodel::Fingerprint { user_fields: None, doc_window: None });
             let wanted = self.fingerprint();
-            match found {
-                Some(found) if found == wanted => {}
-                Some(found)
-                    if (found.doc_window, found.doc_window_floor) != (wanted.doc_window, wanted.doc_window_floor) =>
-                {
-                    warn!(
-                        found = found.doc_window,
-                        wanted = wanted.doc_window,
-                        "projector.doc_window changed: rebuilding the partition"
-                    );
-                    return self.restart_read_model().await;
-                }
-                // Other user fields (or none recorded, from a version
-                // before the record): the users are stored again with
-                // this allowlist; windows of an unrecorded size adapt at
-                // each status's next change.
-                found => {
-                    warn!(found = ?found.map(|f| f.user_fields), wanted = ?wanted.user_fields, "query.user_fields changed: storing the users again");
-                    let (users, statuses) = warm::bootstrap_globals(&self.p.db, &self.writer, &self.p.fields).await?;
-                    info!(users, statuses, "users and statuses stored again");
-                    self.writer.set_fingerprint(&wanted).await?;
-                }
+            if found.doc_window.is_some() && found.doc_window != wanted.doc_window {
+                warn!(found = ?found.doc_window, wanted = ?wanted.doc_window, "projector.doc_window changed: rebuilding the partition");
+                return self.restart_read_model().await;
+            }
+            // Other user fields (or none recorded, as after an upgrade):
+            // the users are stored again with this allowlist (by the
+            // partition that stores them). A window not recorded adapts at
+            // each status's next change.
+            if self.scope.owns_globals() && found.user_fields != wanted.user_fields {
+                warn!(found = ?found.user_fields, wanted = ?wanted.user_fields, "query.user_fields changed: storing the users again");
+                let (users, statuses) = warm::bootstrap_globals(&self.p.db, &self.writer, &self.p.fields).await?;
+                info!(users, statuses, "users and statuses stored again");
+            }
+            if found != wanted {
+                self.writer.set_fingerprint(&wanted).await?;
             }
         }
         match checkpoint {
@@ -291,17 +287,23 @@ impl Leader<'_> {
     /// (the same error whatever the timing: [`ReadModelError::Rejected`])
     /// is tried [`POISON_TRIES`] times; then the batch is applied one event
     /// at a time, so that the event whose write fails is known: its tenant
-    /// is quarantined ([`Leader::quarantine`]) and the rest of the stream
-    /// goes on.
+    /// is quarantined ([`Leader::quarantine`]) and the event applied again
+    /// without it. An event still rejected for the same tenant (a write
+    /// quarantining does not stop, such as the tenant's own statuses) is
+    /// skipped: logged, counted, and checkpointed past. The rest of the
+    /// stream goes on.
     async fn apply_events(&self, events: &[Event]) -> Result<Option<ResumeToken>, ProjectorError> {
         let mut pause = Duration::from_millis(100);
-        for _ in 1..POISON_TRIES {
+        for attempt in 1..=POISON_TRIES {
             match self.apply_batch(events).await {
-                Err(ProjectorError::ReadModel(ReadModelError::Rejected { tenant, source })) => {
+                Err(ProjectorError::ReadModel(ReadModelError::Rejected { tenant, source }))
+                    if attempt < POISON_TRIES =>
+                {
                     warn!(tenant = %tenant, error = %source, "Redis rejected a write; trying the batch again");
                     tokio::time::sleep(pause).await;
                     pause *= 4;
                 }
+                Err(ProjectorError::ReadModel(ReadModelError::Rejected { .. })) => break,
                 other => return other,
             }
         }
@@ -311,13 +313,19 @@ impl Leader<'_> {
                 match self.apply_batch(std::slice::from_ref(event)).await {
                     Ok(Some(reset)) => return Ok(Some(reset)),
                     Ok(None) => break,
-                    // A tenant quarantined no longer has writes planned:
-                    // the same one again means quarantining did not help.
                     Err(ProjectorError::ReadModel(ReadModelError::Rejected { tenant, source }))
                         if !quarantined.contains(&tenant) =>
                     {
                         self.quarantine(tenant, Some(event), &source).await?;
                         quarantined.push(tenant);
+                    }
+                    Err(ProjectorError::ReadModel(ReadModelError::Rejected { tenant, source })) => {
+                        tracing::error!(tenant = %tenant, event_id = ?event.id, error = %source,
+                            "poison event still rejected after its tenant's quarantine: skipped");
+                        self.checkpoint.heartbeat(&[(progress::POISON_EVENTS, 1)]).await?;
+                        let stats = BatchStats { events: 1, last_event_ms: transform::event_ms(event), lag_ms: None };
+                        self.save_checkpoint(&event.id, stats).await?;
+                        break;
                     }
                     Err(e) => return Err(e),
                 }
@@ -351,6 +359,11 @@ impl Leader<'_> {
             error: error.to_string(),
             at_ms: now_ms(),
         };
+        if !self.p.may_quarantine() {
+            tracing::error!(tenant = %tenant, error = %error,
+                "Redis rejects many tenants' writes: not quarantining more; the partition retries from its checkpoint");
+            return Err(ProjectorError::ReadModel(ReadModelError::Rejected { tenant, source: error.clone() }));
+        }
         tracing::error!(tenant = %tenant, event_id = %record.event_id, operation = %record.operation,
             document_key = %record.document_key, error = %record.error,
             "poison event: Redis rejects this write every time; the tenant is quarantined and answered live");
@@ -532,9 +545,10 @@ impl Leader<'_> {
             .await
         {
             Ok(calls) => calls,
-            // A snapshot Redis rejects would fail again at every resume.
-            Err(ProjectorError::ReadModel(ReadModelError::Redis(e))) if callboard_readmodel::is_rejection(&e) => {
-                self.quarantine(tenant, None, &e).await?;
+            // A snapshot Redis rejects (in the tenant's own slot) would
+            // fail again at every resume.
+            Err(ProjectorError::ReadModel(ReadModelError::Rejected { tenant: t, source })) if t == tenant => {
+                self.quarantine(tenant, None, &source).await?;
                 return self.job_done(job.as_deref()).await;
             }
             Err(e) => return Err(e),

@@ -102,7 +102,15 @@ pub struct Projector {
     id: String,
     /// Set at shutdown: leaders stop after the batch they are on.
     stopping: std::sync::atomic::AtomicBool,
+    /// When this process last quarantined tenants (the breaker).
+    quarantines: std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>,
 }
+
+/// At most this many quarantines per [`QUARANTINE_WINDOW`] in a process:
+/// past it Redis is taken to reject writes in general, and partitions
+/// retry from their checkpoints rather than quarantine every tenant.
+const MAX_QUARANTINES: usize = 5;
+const QUARANTINE_WINDOW: Duration = Duration::from_secs(60);
 
 /// A process's share of the partitions. It holds at most `ceil` (the
 /// partitions over the live members, rounded up) and takes free ones up to
@@ -138,7 +146,22 @@ impl Projector {
             config,
             id,
             stopping: Default::default(),
+            quarantines: Default::default(),
         }
+    }
+
+    /// Whether one more quarantine is allowed now (and counts it if so).
+    pub(crate) fn may_quarantine(&self) -> bool {
+        let mut recent = self.quarantines.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        while recent.front().is_some_and(|t| now.duration_since(*t) > QUARANTINE_WINDOW) {
+            recent.pop_front();
+        }
+        if recent.len() >= MAX_QUARANTINES {
+            return false;
+        }
+        recent.push_back(now);
+        true
     }
 
     /// Whether the process is shutting down ([`Projector::run`]).

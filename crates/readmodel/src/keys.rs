@@ -13,7 +13,7 @@
 //! | `P:{tN}:doc` | HASH | member -> `<owner>,<user>,<assignee>\|<call JSON without details>`, for the first ranks of each ZSET only |
 //! | `P:{tN}:dw` | HASH | status -> how many first ranks of its ZSET have their document |
 //! | `P:{tN}:ver` | STRING | bumped by every write to the tenant's calls (a rebuild deletes it) |
-//! | `P:{tN}:state` | STRING | [`crate::TenantState`] with the format mark: `<schema>:warming:<epoch>:<job>` or `<schema>:warm:<epoch>`; absent = cold |
+//! | `P:{tN}:state` | STRING | [`crate::TenantState`] with the format mark: `<schema>:warming:<epoch>:<job>`, `<schema>:warm:<epoch>` or `<schema>:quarantined`; absent = cold |
 //! | `P:{tN}:st` | HASH | status `_id` -> the tenant's own status (JSON `StatusRecord`) |
 //! | `P:{tN}:meta` | HASH | `last_event_ms` |
 //! | `P:{tN}:stv` | STRING | a unique stamp, replaced whenever the tenant's statuses change |

@@ -49,33 +49,23 @@ pub enum ReadModelError {
     MayEvict { found: String },
 }
 
-/// Whether Redis's answer to a write says something about the write itself
-/// (it would fail the same way again), rather than about Redis's state at
-/// the time: no I/O error or time-out, no cluster reconfiguration, and none
-/// of the codes of a passing condition (memory full, loading, a failover,
-/// a busy script, missing replicas) nor the fence's.
+/// Whether Redis's answer to one of callboard's write scripts says
+/// something about the write itself, so that it would fail the same way
+/// again: a key of the wrong type (`WRONGTYPE`), an operation or guard the
+/// script refuses (`BADOP`, `BADGUARD`), or a Lua runtime error (`ERR ...
+/// user_script ...`). An allow-list: anything else (I/O, time-outs, cluster
+/// moves, `OOM`, `LOADING`, `BUSY`, a failover, the fence, an error inside
+/// a pipeline, which carries no code) is taken as passing. Redis 7 or
+/// later keeps a script's inner error code (6.2 wraps an `OOM` as `ERR`).
 pub fn is_rejection(e: &redis::RedisError) -> bool {
-    const PASSING: &[&str] = &[
-        "OOM",
-        "LOADING",
-        "BUSY",
-        "MASTERDOWN",
-        "READONLY",
-        "NOREPLICAS",
-        "TRYAGAIN",
-        "CLUSTERDOWN",
-        "MOVED",
-        "ASK",
-        "NOSCRIPT",
-        "FENCED",
-        "MISCONF",
-        "UNBLOCKED",
-    ];
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_cluster_error() {
         return false;
     }
-    matches!(e.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) | redis::ErrorKind::Extension)
-        && !e.code().is_some_and(|c| PASSING.contains(&c))
+    match e.code() {
+        Some("WRONGTYPE" | "BADOP" | "BADGUARD") => true,
+        Some("ERR") => e.detail().is_some_and(|d| d.contains("user_script")) && !e.to_string().contains("OOM"),
+        _ => false,
+    }
 }
 
 /// Refuses a Redis that may drop keys on its own: every master's

@@ -580,12 +580,24 @@ impl ReadModel {
         })
     }
 
-    /// The poison events that quarantined tenants, oldest first (a value
-    /// that does not parse is skipped).
+    /// The poison events of the tenants quarantined now, oldest first (a
+    /// record of a tenant no longer quarantined, after a rebuild or an
+    /// invalidation, or one that does not parse, is left out).
     pub async fn poison_events(&self) -> Result<Vec<crate::PoisonEvent>, ReadModelError> {
+        let quarantined: BTreeSet<i64> = self
+            .tenant_states()
+            .await?
+            .into_iter()
+            .filter(|(_, s)| *s == TenantState::Quarantined)
+            .map(|(t, _)| t.get())
+            .collect();
         let mut c = self.conn().await?;
         let raw: HashMap<String, String> = c.hgetall(self.keys.poison()).await?;
-        let mut events: Vec<crate::PoisonEvent> = raw.values().filter_map(|v| serde_json::from_str(v).ok()).collect();
+        let mut events: Vec<crate::PoisonEvent> = raw
+            .values()
+            .filter_map(|v| serde_json::from_str::<crate::PoisonEvent>(v).ok())
+            .filter(|e| quarantined.contains(&e.tenant_id))
+            .collect();
         events.sort_by_key(|e| (e.at_ms, e.tenant_id));
         Ok(events)
     }

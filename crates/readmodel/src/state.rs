@@ -87,9 +87,11 @@ impl TenantState {
 /// A projector finding other ones re-stores the users or rebuilds.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Fingerprint {
-    pub user_fields: Vec<String>,
-    pub doc_window: u64,
-    pub doc_window_floor: u64,
+    /// `None` in a record without it (a field added later reads as unknown).
+    #[serde(default)]
+    pub user_fields: Option<Vec<String>>,
+    #[serde(default)]
+    pub doc_window: Option<u64>,
 }
 
 /// A write Redis rejected every time, and the tenant it quarantined (kept

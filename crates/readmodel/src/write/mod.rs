@@ -476,7 +476,7 @@ fn split(places: &Option<String>) -> impl Iterator<Item = &str> {
 
 /// A tenant write's error: [`ReadModelError::Rejected`] when retrying
 /// would not change it ([`crate::is_rejection`]).
-fn rejected(tenant: TenantId, e: ReadModelError) -> ReadModelError {
+pub(crate) fn rejected(tenant: TenantId, e: ReadModelError) -> ReadModelError {
     match e {
         ReadModelError::Redis(source) if crate::is_rejection(&source) => ReadModelError::Rejected { tenant, source },
         other => other,

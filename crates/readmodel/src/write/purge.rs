@@ -105,7 +105,9 @@ impl Writer {
                 None => scope.owns_globals(),
             },
             Some(crate::keys::GLOBAL_TAG) => {
-                let shared = ["cmdq", "epoch", "progress", "fence_seq", "members", "tenants"];
+                // `poison`: records of quarantined tenants of every
+                // partition (a stale one is not shown: see `poison_events`).
+                let shared = ["cmdq", "epoch", "progress", "fence_seq", "members", "tenants", "poison"];
                 if shared.contains(&rest) || rest.starts_with("job:") || rest.starts_with("lease:") {
                     return false;
                 }

@@ -52,7 +52,7 @@ impl Writer {
         // which is harmless; the other order could hide a placed call. The
         // places this tenant's script emptied are dropped after it ran.
         self.run_global(&locators).await?;
-        let short = batch.run(&mut self.conn().await?, self.window).await?;
+        let short = batch.run(&mut self.conn().await?, self.window).await.map_err(|e| super::rejected(tenant, e))?;
         self.run_global(&narrowed).await?;
         Ok(short.into_iter().map(|s| (tenant, s)).collect())
     }
