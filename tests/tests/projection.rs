@@ -876,3 +876,81 @@ async fn a_poison_event_that_quarantine_cannot_stop_is_skipped() {
     callboard_tests::reference::assert_same(&answer, &app.live(2, &[]).await, "quarantined tenant 2");
     app.stop().await;
 }
+
+/// Every client's connection killed (a proxy restart, a network fault):
+/// the API answers live meanwhile, the projector's pool replaces its
+/// connections, no new leadership is taken (the fence counter does not
+/// move), and writes made meanwhile show.
+#[tokio::test]
+async fn killed_redis_connections_cost_no_leadership() {
+    let (mut app, _) = seeded(43).await;
+    app.start_projector();
+    warm_up(&app, 1, &[]).await;
+    let keys = callboard_readmodel::Keys::new(&app.settings.redis.key_prefix);
+    let fence = || async {
+        redis::AsyncCommands::get::<_, Option<u64>>(&mut redis(&app).await, keys.fence_seq()).await.unwrap()
+    };
+    let before = fence().await;
+    assert!(before.is_some());
+    for round in 0..3 {
+        app.services.redis.cli_each(&["CLIENT", "KILL", "TYPE", "normal"]).unwrap();
+        app.db
+            .collection::<Document>(CALLS)
+            .insert_one(doc! {"id": 880_200 + round, "tenant_id": 1, "status_id": 1,
+            "start_time": DateTime::from_millis(1_800_000_000_000 + round * 1000), "subject": format!("blip {round}")})
+            .await
+            .unwrap();
+        let (hit, cached, live) = app.wait_for_projection(1, &[], WAIT).await;
+        assert!(hit, "round {round}: never a hit again");
+        callboard_tests::reference::assert_same(&cached, &live, &format!("after blip {round}"));
+        assert!(cached.to_string().contains(&format!("blip {round}")));
+    }
+    assert_eq!(fence().await, before, "a blip ended a leadership (a new fence token was taken)");
+    app.stop().await;
+}
+
+/// Redis refusing writes for a moment (here `NOREPLICAS`, as during a
+/// failover or with too few replicas) is retried in place by the leader:
+/// the write made meanwhile shows once Redis takes writes again, and no new
+/// leadership was needed (the fence counter did not move).
+#[tokio::test]
+async fn writes_refused_for_a_moment_are_retried_in_place() {
+    let (mut app, _) = seeded(47).await;
+    app.start_projector();
+    warm_up(&app, 1, &[]).await;
+    let keys = callboard_readmodel::Keys::new(&app.settings.redis.key_prefix);
+    let fence = || async {
+        redis::AsyncCommands::get::<_, Option<u64>>(&mut redis(&app).await, keys.fence_seq()).await.unwrap()
+    };
+    let refused = || {
+        // `errorstat_NOREPLICAS:count=N` on every node, summed.
+        let info = app.services.redis.cli_each(&["INFO", "errorstats"]).unwrap();
+        info.iter()
+            .flat_map(|(_, text)| text.lines().filter_map(|l| l.strip_prefix("errorstat_NOREPLICAS:count=")))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let before = fence().await;
+    let refused_before = refused();
+    app.services.redis.config_set("min-replicas-to-write", "10").unwrap();
+    app.db
+        .collection::<Document>(CALLS)
+        .insert_one(doc! {"id": 880_300, "tenant_id": 1, "status_id": 1,
+        "start_time": DateTime::from_millis(1_800_000_000_000), "subject": "while refused"})
+        .await
+        .unwrap();
+    // The leader's writes were refused several times (the lease renewer
+    // alone is refused once a second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while refused() < refused_before + 4 {
+        assert!(std::time::Instant::now() < deadline, "Redis never refused the projector's writes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.services.redis.config_set("min-replicas-to-write", "0").unwrap();
+    let (hit, cached, live) = app.wait_for_projection(1, &[], WAIT).await;
+    assert!(hit, "never a hit again");
+    callboard_tests::reference::assert_same(&cached, &live, "after writes were refused");
+    assert!(cached.to_string().contains("while refused"));
+    assert_eq!(fence().await, before, "refused writes ended a leadership (a new fence token was taken)");
+    app.stop().await;
+}

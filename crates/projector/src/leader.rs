@@ -35,6 +35,34 @@ use crate::{warm, Projector, ProjectorError};
 type Event = mongodb::change_stream::event::ChangeStreamEvent<bson::Document>;
 type ResumeToken = mongodb::change_stream::event::ResumeToken;
 
+/// Evaluates `$step` (a `Result<_, ProjectorError>` expression) until it
+/// succeeds, again after a passing Redis error
+/// ([`ReadModelError::is_passing`]: a dropped connection, a failover,
+/// writes refused) with a growing pause (50 ms to 1 s), for as long as the
+/// lease holds: while renewals fail too it waits, writing nothing, until
+/// one gets through ([`Keeper::wait_safe`]). Every step retried this way
+/// is idempotent (a batch replays to the same state). Anything else, or
+/// the lease lost, ends the leadership as before: it is led again from the
+/// checkpoint.
+macro_rules! retrying {
+    ($leader:expr, $what:literal, $step:expr) => {{
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match $step {
+                Err(ProjectorError::ReadModel(e)) if e.is_passing() => {
+                    warn!(step = $what, error = %e, pause_ms = pause.as_millis() as u64, "Redis error; retrying in place");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    if !$leader.keeper.wait_safe().await {
+                        break Err(ProjectorError::LeaseLost);
+                    }
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
 /// How many times a batch is tried while Redis rejects one of its writes,
 /// before it is applied event by event to find the poison one.
 const POISON_TRIES: u32 = 3;
@@ -101,8 +129,8 @@ impl Leader<'_> {
                 return Err(ProjectorError::LeaseLost);
             }
             if last_beat.elapsed() >= Duration::from_secs(1) {
-                self.checkpoint.heartbeat(&[]).await?;
-                if self.check_durability().await? == Durability::MasterBehind {
+                retrying!(self, "heartbeat", self.checkpoint.heartbeat(&[]).await.map_err(ProjectorError::from))?;
+                if retrying!(self, "durability check", self.check_durability().await)? == Durability::MasterBehind {
                     source = self.restart_read_model().await?;
                     pending.clear();
                 }
@@ -126,14 +154,14 @@ impl Leader<'_> {
             if events.is_empty() {
                 // Caught up: every snapshot loaded so far is complete.
                 for (tenant, warm) in pending.drain() {
-                    self.finish_warm(tenant, warm).await?;
+                    retrying!(self, "finish warm", self.finish_warm(tenant, &warm).await)?;
                 }
                 // Keep the checkpoint moving on an idle stream (the
                 // server's post-batch token), so a long quiet spell cannot
                 // outlive the oplog window.
                 if last_idle_checkpoint.elapsed() >= self.p.config.idle_checkpoint {
                     if let Some(token) = source.resume_token() {
-                        self.save_checkpoint(&token, BatchStats::default()).await?;
+                        retrying!(self, "idle checkpoint", self.save_checkpoint(&token, BatchStats::default()).await)?;
                     }
                     last_idle_checkpoint = Instant::now();
                 }
@@ -148,13 +176,13 @@ impl Leader<'_> {
             if !self.keeper.wait_safe().await {
                 return Err(ProjectorError::LeaseLost);
             }
-            let reset = self.apply_events(&events).instrument(span).await?;
+            let reset = retrying!(self, "apply", self.apply_events(&events).instrument(span.clone()).await)?;
             let newest_ms = events.iter().filter_map(transform::event_ms).max().unwrap_or(0);
             let caught_up: Vec<TenantId> =
                 pending.iter().filter(|(_, w)| newest_ms > w.snapshot_done_ms + 1000).map(|(t, _)| *t).collect();
             for tenant in caught_up {
                 if let Some(warm) = pending.remove(&tenant) {
-                    self.finish_warm(tenant, warm).await?;
+                    retrying!(self, "finish warm", self.finish_warm(tenant, &warm).await)?;
                 }
             }
             if let Some(token) = reset {
@@ -590,7 +618,7 @@ impl Leader<'_> {
         Ok(())
     }
 
-    async fn finish_warm(&self, tenant: TenantId, warm: PendingWarm) -> Result<(), ProjectorError> {
+    async fn finish_warm(&self, tenant: TenantId, warm: &PendingWarm) -> Result<(), ProjectorError> {
         if self.writer.mark_warm(tenant, warm.epoch).await? {
             info!(tenant = %tenant, epoch = warm.epoch, "tenant warm");
             self.writer.clear_poison(tenant).await?;

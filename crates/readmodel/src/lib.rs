@@ -68,6 +68,38 @@ pub fn is_rejection(e: &redis::RedisError) -> bool {
     }
 }
 
+impl ReadModelError {
+    /// Whether the error is about Redis's state at the time (a connection
+    /// lost or refused, a time-out, a failover or resharding under way,
+    /// loading, a busy script, too few replicas, memory full): the same
+    /// write may succeed a moment later. Never the fence, nor a rejection.
+    pub fn is_passing(&self) -> bool {
+        const PASSING: &[&str] = &[
+            "TRYAGAIN",
+            "CLUSTERDOWN",
+            "LOADING",
+            "MASTERDOWN",
+            "READONLY",
+            "BUSY",
+            "NOREPLICAS",
+            "OOM",
+            "MOVED",
+            "ASK",
+        ];
+        match self {
+            ReadModelError::Pool(_) => true,
+            ReadModelError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || e.code().is_some_and(|c| PASSING.contains(&c))
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Refuses a Redis that may drop keys on its own: every master's
 /// `maxmemory-policy` must be `noeviction`.
 pub async fn require_noeviction(redis: &Redis) -> Result<(), ReadModelError> {
