@@ -1,0 +1,94 @@
+#!/bin/bash
+# The other tenants' projection lag while a big tenant warms: tenant 1 has
+# CALLS calls and is cold, tenant 2 is warm; a probe inserts a call into
+# tenant 2 every 50 ms and times how long until the API serves it as the
+# newest call (a hit). Lag is reported for a quiet spell, then while tenant
+# 1's warm runs (from its request until its job is done).
+# usage: crates/bench/warm-lag.sh BIN LABEL [CALLS]   (from the checkout; needs `make deps`)
+set -u
+BIN=$1; LABEL=$2; CALLS=${3:-100000}
+cd "$(dirname "$0")/../.."
+D=$(mktemp -d)
+port() { python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])"; }
+MP=$(port); RP=$(port); HP=$(port)
+.venv/bin/python ../shared/standin/nx_standin.py --db memory -p $MP --pid-file $D/nx.pid --log-file $D/nx.log > /dev/null 2>&1 &
+redis-server --port $RP --save "" --appendonly no --dir $D --daemonize yes --pidfile $D/r.pid > /dev/null
+export CALLBOARD_MONGODB_URI="mongodb://127.0.0.1:$MP/?directConnection=true" CALLBOARD_MONGODB_DB=warmlag \
+  CALLBOARD_REDIS_URL="redis://127.0.0.1:$RP" CALLBOARD_JWT_SECRET=warmlag-secret-0123456789abcdef-0123456789 \
+  CALLBOARD_HTTP_ADDR="127.0.0.1:$HP" CALLBOARD_LOG=warn
+for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$MP) 2>/dev/null && break; sleep 0.1; done
+$BIN seed --tenants 1 --calls $CALLS --users 100 --statuses 5 --drop > /dev/null
+$BIN create-indexes > /dev/null
+$BIN run > $D/run.log 2>&1 & SP=$!
+for i in $(seq 100); do curl -sf http://127.0.0.1:$HP/healthz > /dev/null && break; sleep 0.1; done
+URI=$CALLBOARD_MONGODB_URI API=http://127.0.0.1:$HP TWO=$($BIN token --tenant 2) ADMIN=$($BIN token --tenant 1 --admin) \
+  LABEL=$LABEL .venv/bin/python - <<'PY'
+import json, os, threading, time, urllib.request
+import pymongo
+
+api, label = os.environ["API"], os.environ["LABEL"]
+calls = pymongo.MongoClient(os.environ["URI"])["warmlag"]["calls"]
+
+def post(path, token, body):
+    req = urllib.request.Request(api + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        return r.headers.get("x-cache"), json.load(r)
+
+def get(path, token):
+    req = urllib.request.Request(api + path, headers={"Authorization": "Bearer " + token})
+    with urllib.request.urlopen(req) as r:
+        return json.load(r)
+
+def newest_two():
+    cache, body = post("/crm/calls/get-grouped-by-status", os.environ["TWO"], {"limit": 1})
+    ids = [c["id"] for g in body["data"] for c in g["calls"]]
+    return cache, ids
+
+# Tenant 2: a few calls, warmed.
+base = 1_900_000_000_000
+calls.insert_many([{"id": 10_000_000 + i, "tenant_id": 2, "status_id": 1, "start_time": base + i} for i in range(50)])
+deadline = time.time() + 60
+while newest_two()[0] != "hit":
+    assert time.time() < deadline, "tenant 2 never warm"
+    time.sleep(0.1)
+
+def probe(seconds, first_id, stop=None):
+    """Inserts a newest call every 50 ms; the lag of each, ms."""
+    lags, n, end = [], 0, time.time() + seconds
+    while (stop is None and time.time() < end) or (stop is not None and not stop.is_set()):
+        cid = first_id + n
+        calls.insert_one({"id": cid, "tenant_id": 2, "status_id": 1, "start_time": base + 1_000_000 + cid})
+        acked = time.time()
+        while True:
+            cache, ids = newest_two()
+            if cache == "hit" and cid in ids:
+                break
+            time.sleep(0.002)
+        lags.append((time.time() - acked) * 1000)
+        n += 1
+        time.sleep(max(0.0, 0.05 - (time.time() - acked)))
+    return lags
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p / 100))]
+
+quiet = probe(5, 20_000_000)
+# Tenant 1's warm, from an operator, while the probe runs.
+stop = threading.Event()
+out = {}
+t = threading.Thread(target=lambda: out.setdefault("lags", probe(0, 30_000_000, stop)))
+t.start()
+started = time.time()
+job = post("/admin/cache/warm", os.environ["ADMIN"], {"tenant_id": 1})[1]["job_id"]
+while get("/admin/cache/warm/" + job, os.environ["ADMIN"])["state"] != "done":
+    time.sleep(0.05)
+warm_s = time.time() - started
+stop.set(); t.join()
+during = out["lags"]
+print(f"{label}: quiet: {len(quiet)} writes, p50 {pct(quiet, 50):.0f} ms, p99 {pct(quiet, 99):.0f} ms, max {max(quiet):.0f} ms")
+print(f"{label}: while a {calls.count_documents({'tenant_id': 1})}-call tenant warms ({warm_s:.1f} s): {len(during)} writes, "
+      f"p50 {pct(during, 50):.0f} ms, p99 {pct(during, 99):.0f} ms, max {max(during):.0f} ms")
+PY
+kill $SP; wait $SP 2>/dev/null; kill $(cat $D/nx.pid); kill $(cat $D/r.pid); rm -rf $D
