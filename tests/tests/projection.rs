@@ -878,11 +878,11 @@ async fn a_poison_event_that_quarantine_cannot_stop_is_skipped() {
 }
 
 /// Every client's connection killed (a proxy restart, a network fault):
-/// the API answers live meanwhile, the projector's pool replaces its
-/// connections, no new leadership is taken (the fence counter does not
-/// move), and writes made meanwhile show.
+/// the API answers live meanwhile, the projector is led again from its
+/// checkpoint (a lost connection is not retried in place: Redis may have
+/// been restarted from older data), and writes made meanwhile show.
 #[tokio::test]
-async fn killed_redis_connections_cost_no_leadership() {
+async fn killed_redis_connections_lose_no_write() {
     let (mut app, _) = seeded(43).await;
     app.start_projector();
     warm_up(&app, 1, &[]).await;
@@ -905,7 +905,6 @@ async fn killed_redis_connections_cost_no_leadership() {
         callboard_tests::reference::assert_same(&cached, &live, &format!("after blip {round}"));
         assert!(cached.to_string().contains(&format!("blip {round}")));
     }
-    assert_eq!(fence().await, before, "a blip ended a leadership (a new fence token was taken)");
     app.stop().await;
 }
 

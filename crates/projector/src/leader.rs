@@ -37,19 +37,21 @@ type ResumeToken = mongodb::change_stream::event::ResumeToken;
 
 /// Evaluates `$step` (a `Result<_, ProjectorError>` expression) until it
 /// succeeds, again after a passing Redis error
-/// ([`ReadModelError::is_passing`]: a dropped connection, a failover,
-/// writes refused) with a growing pause (50 ms to 1 s), for as long as the
-/// lease holds: while renewals fail too it waits, writing nothing, until
-/// one gets through ([`Keeper::wait_safe`]). Every step retried this way
+/// ([`ReadModelError::is_passing`]: a failover under way, writes refused) with a growing pause (50 ms to 1 s), up to
+/// [`PASSING_TRIES`] times and for as long as the lease holds: while
+/// renewals fail too it waits, writing nothing, until one gets through
+/// ([`Keeper::wait_safe`]). Every step retried this way
 /// is idempotent (a batch replays to the same state). Anything else, or
 /// the lease lost, ends the leadership as before: it is led again from the
 /// checkpoint.
 macro_rules! retrying {
     ($leader:expr, $what:literal, $step:expr) => {{
         let mut pause = Duration::from_millis(50);
+        let mut tries = 0;
         loop {
+            tries += 1;
             match $step {
-                Err(ProjectorError::ReadModel(e)) if e.is_passing() => {
+                Err(ProjectorError::ReadModel(e)) if e.is_passing() && tries < PASSING_TRIES => {
                     warn!(step = $what, error = %e, pause_ms = pause.as_millis() as u64, "Redis error; retrying in place");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
@@ -62,6 +64,11 @@ macro_rules! retrying {
         }
     }};
 }
+
+/// How many times [`retrying!`] tries a step (about 3 s of pauses): a
+/// condition that lasts longer ends the leadership, and the partition is
+/// led again from its checkpoint, as any other failure.
+const PASSING_TRIES: u32 = 7;
 
 /// How many times a batch is tried while Redis rejects one of its writes,
 /// before it is applied event by event to find the poison one.

@@ -69,31 +69,20 @@ pub fn is_rejection(e: &redis::RedisError) -> bool {
 }
 
 impl ReadModelError {
-    /// Whether the error is about Redis's state at the time (a connection
-    /// lost or refused, a time-out, a failover or resharding under way,
-    /// loading, a busy script, too few replicas, memory full): the same
-    /// write may succeed a moment later. Never the fence, nor a rejection.
+    /// Whether Redis answered that it cannot take the write *now*, with a
+    /// server's code for a passing condition (a resharding or failover
+    /// under way, loading, a busy script, too few replicas, memory full):
+    /// the same write may succeed a moment later on the same node. Not a
+    /// lost or refused connection nor a time-out: a master may have been
+    /// lost and replaced, whose markers must be checked again, which a new
+    /// leadership does. Never the fence, nor a rejection.
     pub fn is_passing(&self) -> bool {
-        const PASSING: &[&str] = &[
-            "TRYAGAIN",
-            "CLUSTERDOWN",
-            "LOADING",
-            "MASTERDOWN",
-            "READONLY",
-            "BUSY",
-            "NOREPLICAS",
-            "OOM",
-            "MOVED",
-            "ASK",
-        ];
+        const PASSING: &[&str] =
+            &["TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "READONLY", "BUSY", "NOREPLICAS", "OOM"];
         match self {
-            ReadModelError::Pool(_) => true,
             ReadModelError::Redis(e) => {
-                e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_timeout()
-                    || e.code().is_some_and(|c| PASSING.contains(&c))
+                !(e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout())
+                    && e.code().is_some_and(|c| PASSING.contains(&c))
             }
             _ => false,
         }
