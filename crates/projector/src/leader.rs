@@ -342,19 +342,24 @@ impl Leader<'_> {
                 other => return other,
             }
         }
+        // Tenants quarantined during this pass (or before it: their state
+        // says so), whose rejections skip the event rather than quarantine
+        // them again.
+        let mut quarantined = Vec::new();
         for event in events {
-            let mut quarantined = Vec::new();
             loop {
                 match self.apply_batch(std::slice::from_ref(event)).await {
                     Ok(Some(reset)) => return Ok(Some(reset)),
                     Ok(None) => break,
                     Err(ProjectorError::ReadModel(ReadModelError::Rejected { tenant, source }))
-                        if !quarantined.contains(&tenant) =>
+                        if !quarantined.contains(&tenant)
+                            && self.p.reader.tenant_state(tenant).await? != TenantState::Quarantined =>
                     {
                         self.quarantine(tenant, Some(event), &source).await?;
                         quarantined.push(tenant);
                     }
                     Err(ProjectorError::ReadModel(ReadModelError::Rejected { tenant, source })) => {
+                        quarantined.push(tenant);
                         tracing::error!(tenant = %tenant, event_id = ?event.id, error = %source,
                             "poison event still rejected after its tenant's quarantine: skipped");
                         self.checkpoint.heartbeat(&[(progress::POISON_EVENTS, 1)]).await?;
@@ -625,13 +630,23 @@ impl Leader<'_> {
         Ok(())
     }
 
+    /// Marks the tenant warm and counts its job done; the poison report's
+    /// removal and the warm's count come after and are best-effort, so that
+    /// a failure there (the leadership ending with the tenant already warm,
+    /// which no one resumes) cannot leave the job running for ever.
     async fn finish_warm(&self, tenant: TenantId, warm: &PendingWarm) -> Result<(), ProjectorError> {
-        if self.writer.mark_warm(tenant, warm.epoch).await? {
+        let marked = self.writer.mark_warm(tenant, warm.epoch).await?;
+        self.job_done(warm.job.as_deref()).await?;
+        if marked {
             info!(tenant = %tenant, epoch = warm.epoch, "tenant warm");
-            self.writer.clear_poison(tenant).await?;
-            self.checkpoint.heartbeat(&[(progress::WARMS, 1)]).await?;
+            if let Err(e) = self.writer.clear_poison(tenant).await {
+                warn!(tenant = %tenant, error = %e, "could not remove the tenant's poison report");
+            }
+            if let Err(e) = self.checkpoint.heartbeat(&[(progress::WARMS, 1)]).await {
+                warn!(tenant = %tenant, error = %e, "could not count the warm");
+            }
         }
-        self.job_done(warm.job.as_deref()).await
+        Ok(())
     }
 
     async fn job_done(&self, job: Option<&str>) -> Result<(), ProjectorError> {

@@ -70,21 +70,24 @@ pub fn is_rejection(e: &redis::RedisError) -> bool {
 
 impl ReadModelError {
     /// Whether Redis answered that it cannot take the write *now*, with a
-    /// server's code for a passing condition (a resharding or failover
-    /// under way, loading, a busy script, too few replicas, memory full):
-    /// the same write may succeed a moment later on the same node. Not a
-    /// lost or refused connection nor a time-out: a master may have been
-    /// lost and replaced, whose markers must be checked again, which a new
-    /// leadership does. Never the fence, nor a rejection.
+    /// server's code for a passing condition on the same, intact node
+    /// (writes refused for want of replicas, memory full, a busy script, a
+    /// resharding under way): the same write may succeed a moment later.
+    /// For a pipeline or transaction, every failed command must carry such
+    /// a code. Not a lost or refused connection, a time-out, `LOADING`,
+    /// `READONLY` or `MASTERDOWN`: the node may have restarted from older
+    /// data or been replaced, which a new leadership checks (a retried
+    /// checkpoint could otherwise be saved over it). Never the fence, nor a
+    /// rejection.
     pub fn is_passing(&self) -> bool {
-        const PASSING: &[&str] =
-            &["TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "READONLY", "BUSY", "NOREPLICAS", "OOM"];
-        match self {
-            ReadModelError::Redis(e) => {
-                !(e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout())
-                    && e.code().is_some_and(|c| PASSING.contains(&c))
-            }
-            _ => false,
+        const PASSING: &[&str] = &["NOREPLICAS", "OOM", "BUSY", "TRYAGAIN", "CLUSTERDOWN"];
+        let ReadModelError::Redis(e) = self else { return false };
+        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+            return false;
+        }
+        match e.clone().into_server_errors() {
+            Some(items) => !items.is_empty() && items.iter().all(|(_, item)| PASSING.contains(&item.code())),
+            None => e.code().is_some_and(|c| PASSING.contains(&c)),
         }
     }
 }
