@@ -8,19 +8,8 @@
 set -u
 BIN=$1; LABEL=$2; CALLS=${3:-100000}
 cd "$(dirname "$0")/../.."
-D=$(mktemp -d)
-port() { python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])"; }
-MP=$(port); RP=$(port); HP=$(port)
-.venv/bin/python ../shared/standin/nx_standin.py --db memory -p $MP --pid-file $D/nx.pid --log-file $D/nx.log > /dev/null 2>&1 &
-redis-server --port $RP --save "" --appendonly no --dir $D --daemonize yes --pidfile $D/r.pid > /dev/null
-export CALLBOARD_MONGODB_URI="mongodb://127.0.0.1:$MP/?directConnection=true" CALLBOARD_MONGODB_DB=warmlag \
-  CALLBOARD_REDIS_URL="redis://127.0.0.1:$RP" CALLBOARD_JWT_SECRET=warmlag-secret-0123456789abcdef-0123456789 \
-  CALLBOARD_HTTP_ADDR="127.0.0.1:$HP" CALLBOARD_LOG=warn
-for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$MP) 2>/dev/null && break; sleep 0.1; done
-$BIN seed --tenants 1 --calls $CALLS --users 100 --statuses 5 --drop > /dev/null
-$BIN create-indexes > /dev/null
-$BIN run > $D/run.log 2>&1 & SP=$!
-for i in $(seq 100); do curl -sf http://127.0.0.1:$HP/healthz > /dev/null && break; sleep 0.1; done
+DB=warmlag; . crates/bench/servers.sh
+seed_and_start run 1 $CALLS
 URI=$CALLBOARD_MONGODB_URI API=http://127.0.0.1:$HP TWO=$($BIN token --tenant 2) ADMIN=$($BIN token --tenant 1 --admin) \
   LABEL=$LABEL .venv/bin/python - <<'PY'
 import json, os, threading, time, urllib.request
@@ -91,4 +80,3 @@ print(f"{label}: quiet: {len(quiet)} writes, p50 {pct(quiet, 50):.0f} ms, p99 {p
 print(f"{label}: while a {calls.count_documents({'tenant_id': 1})}-call tenant warms ({warm_s:.1f} s): {len(during)} writes, "
       f"p50 {pct(during, 50):.0f} ms, p99 {pct(during, 99):.0f} ms, max {max(during):.0f} ms")
 PY
-kill $SP; wait $SP 2>/dev/null; kill $(cat $D/nx.pid); kill $(cat $D/r.pid); rm -rf $D

@@ -93,6 +93,22 @@ impl TestApp {
         ]
     }
 
+    /// The app's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.client.get(format!("{}/metrics", self.address)).send().await.unwrap().text().await.unwrap()
+    }
+
+    /// The value of a metric in `/metrics`, summed over the lines that
+    /// start with `name` (0 if absent).
+    pub async fn counter(&self, name: &str) -> u64 {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
     pub fn token(&self, tenant: i64) -> String {
         self.keys.mint(TenantId::new(tenant).expect("valid tenant"), false, Duration::from_secs(3600))
     }

@@ -434,7 +434,7 @@ async fn a_redis_that_may_evict_keys_is_refused_and_noticed() {
         (readyz["status"].as_str(), &readyz["checks"]["redis_noeviction"]),
         (Some("unavailable"), &json!(false))
     );
-    let metrics = app.client.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.lines().any(|l| l == "callboard_redis_noeviction 0"), "{metrics}");
     let (cache, body) = app.grouped_as(&app.token(1), &[], false).await;
     assert_eq!((cache.as_str(), &body), ("miss", &live), "the cache is not trusted: answered live");
@@ -814,14 +814,7 @@ async fn an_answer_over_max_response_calls_is_refused_not_sent() {
         }
     }
     // The refusal above came after a cache read: the hits counted rose.
-    let hits = || async {
-        let metrics = app.client.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
-        let line = metrics
-            .lines()
-            .find(|l| l.starts_with("callboard_grouped_request_duration_seconds_count{cache=\"hit\"}"))
-            .map(str::to_string);
-        line.and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).unwrap_or(0)
-    };
+    let hits = || app.counter("callboard_grouped_request_duration_seconds_count{cache=\"hit\"}");
     let before = hits().await;
     let (status, cache, _) = ask(&app, "1000").await;
     assert_eq!((status, cache.as_deref()), (422, Some("miss")), "an error shows no cached answer");

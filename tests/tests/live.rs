@@ -13,19 +13,10 @@ use callboard_tests::dataset::generate;
 use callboard_tests::{spawn_app_configured, TestApp};
 use serde_json::Value;
 
-/// The value of a counter in the app's `/metrics` (0 if absent).
-async fn counter(app: &TestApp, name: &str) -> u64 {
-    let text = app.client.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 /// Waits (bounded) until `name` reaches `at_least`.
 async fn until_counter(app: &TestApp, name: &str, at_least: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while counter(app, name).await < at_least {
+    while app.counter(name).await < at_least {
         assert!(Instant::now() < deadline, "{name} never reached {at_least}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -56,8 +47,8 @@ async fn identical_cold_requests_share_one_aggregation() {
     let token = app.token(1);
     let fields: &[(&str, &str)] = &[("limit", "7")];
     let expected = app.live(1, fields).await;
-    let before = counter(&app, "callboard_live_queries_total").await;
-    let coalesced_before = counter(&app, "callboard_live_coalesced_total").await;
+    let before = app.counter("callboard_live_queries_total").await;
+    let coalesced_before = app.counter("callboard_live_coalesced_total").await;
     let frozen = freeze(&app, true);
     let requests: Vec<_> = (0..32)
         .map(|_| {
@@ -79,15 +70,15 @@ async fn identical_cold_requests_share_one_aggregation() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body, expected, "a shared answer is the live answer");
     }
-    let ran = counter(&app, "callboard_live_queries_total").await - before;
-    let joined = counter(&app, "callboard_live_coalesced_total").await - coalesced_before;
+    let ran = app.counter("callboard_live_queries_total").await - before;
+    let joined = app.counter("callboard_live_coalesced_total").await - coalesced_before;
     assert_eq!(ran + joined, 32, "each request ran a query or joined one");
     if frozen {
         assert_eq!(ran, 1, "32 identical concurrent requests cost one aggregation");
     }
     // Once it is done, the next request runs a query of its own.
     app.live(1, fields).await;
-    assert_eq!(counter(&app, "callboard_live_queries_total").await - before, ran + 1, "the shared query is not kept");
+    assert_eq!(app.counter("callboard_live_queries_total").await - before, ran + 1, "the shared query is not kept");
     app.stop().await;
 }
 
@@ -104,7 +95,7 @@ async fn live_queries_are_bounded_in_number_and_time() {
         app.stop().await;
         return;
     }
-    let before = counter(&app, "callboard_live_queries_total").await;
+    let before = app.counter("callboard_live_queries_total").await;
     let post = |limit: &'static str| {
         let (client, url, token) = (app.client.clone(), app.grouped_url(), app.token(1));
         tokio::spawn(async move {

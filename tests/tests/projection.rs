@@ -57,6 +57,12 @@ async fn redis(app: &TestApp) -> callboard_readmodel::Conn {
     app.redis().await
 }
 
+/// The fence counter: it moves whenever a leadership starts.
+async fn fence_seq(app: &TestApp) -> Option<u64> {
+    let keys = callboard_readmodel::Keys::new(&app.settings.redis.key_prefix);
+    redis::AsyncCommands::get(&mut redis(app).await, keys.fence_seq()).await.unwrap()
+}
+
 #[tokio::test]
 async fn cached_answers_equal_live_ones_through_every_kind_of_change() {
     let (mut app, ds) = seeded(21).await;
@@ -749,7 +755,7 @@ async fn a_poison_event_quarantines_its_tenant_and_the_stream_goes_on() {
     assert!(poison[0]["document_key"].as_str().unwrap().contains(&poison_id.to_hex()), "{s}");
     assert!(poison[0]["event_id"].as_str().unwrap().contains("_data"), "{s}");
     assert!(poison[0]["error"].as_str().unwrap().contains("WRONGTYPE"), "{s}");
-    let metrics = app.client.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains("callboard_poison_events_total 1\n"), "{metrics}");
     assert!(metrics.contains("callboard_cache_misses{reason=\"quarantined\"}"), "{metrics}");
 
@@ -853,7 +859,7 @@ async fn a_poison_event_that_quarantine_cannot_stop_is_skipped() {
     // Quarantined, then skipped: counted twice.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let metrics = app.client.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
+        let metrics = app.metrics().await;
         if metrics.contains("callboard_poison_events_total 2\n") {
             break;
         }
@@ -886,10 +892,7 @@ async fn killed_redis_connections_lose_no_write() {
     let (mut app, _) = seeded(43).await;
     app.start_projector();
     warm_up(&app, 1, &[]).await;
-    let keys = callboard_readmodel::Keys::new(&app.settings.redis.key_prefix);
-    let fence = || async {
-        redis::AsyncCommands::get::<_, Option<u64>>(&mut redis(&app).await, keys.fence_seq()).await.unwrap()
-    };
+    let fence = || fence_seq(&app);
     let before = fence().await;
     assert!(before.is_some());
     for round in 0..3 {
@@ -917,10 +920,7 @@ async fn writes_refused_for_a_moment_are_retried_in_place() {
     let (mut app, _) = seeded(47).await;
     app.start_projector();
     warm_up(&app, 1, &[]).await;
-    let keys = callboard_readmodel::Keys::new(&app.settings.redis.key_prefix);
-    let fence = || async {
-        redis::AsyncCommands::get::<_, Option<u64>>(&mut redis(&app).await, keys.fence_seq()).await.unwrap()
-    };
+    let fence = || fence_seq(&app);
     let refused = || {
         // `errorstat_NOREPLICAS:count=N` on every node, summed.
         let info = app.services.redis.cli_each(&["INFO", "errorstats"]).unwrap();

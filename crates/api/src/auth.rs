@@ -309,11 +309,6 @@ mod fuzz {
 
     const SECRET: &[u8] = b"fuzz-test-tenant-secret-0123456789abcdef";
 
-    fn config() -> ProptestConfig {
-        let cases = std::env::var("CALLBOARD_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(500);
-        ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
-    }
-
     fn now() -> i64 {
         SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
     }
@@ -338,7 +333,7 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(config())]
+        #![proptest_config(crate::fuzz_config())]
 
         #[test]
         fn arbitrary_text_is_a_401(token in "[ -~]{0,200}") {

@@ -35,6 +35,14 @@ pub use state::{AppState, CacheOutcome};
 
 pub const GROUPED_PATH: &str = "/crm/calls/get-grouped-by-status";
 
+/// The fuzzing properties' cases: `CALLBOARD_FUZZ_CASES` (`make fuzz`),
+/// else 500 each.
+#[cfg(test)]
+pub(crate) fn fuzz_config() -> proptest::test_runner::Config {
+    let cases = std::env::var("CALLBOARD_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(500);
+    proptest::test_runner::Config { cases, failure_persistence: None, ..Default::default() }
+}
+
 /// Everything the app needs, built from settings.
 #[derive(Clone)]
 pub struct AppParts {

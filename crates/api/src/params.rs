@@ -194,11 +194,6 @@ mod fuzz {
     use actix_web::http::header::HeaderValue;
     use proptest::prelude::*;
 
-    fn config() -> ProptestConfig {
-        let cases = std::env::var("CALLBOARD_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(500);
-        ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
-    }
-
     fn parse(content_type: Option<&str>, query: &str, body: Vec<u8>) -> Result<GroupedRequest, ApiError> {
         let mut headers = HeaderMap::new();
         if let Some(v) = content_type.and_then(|ct| HeaderValue::from_str(ct).ok()) {
@@ -286,7 +281,7 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(config())]
+        #![proptest_config(crate::fuzz_config())]
 
         #[test]
         fn arbitrary_bytes_end_in_a_client_error_or_a_valid_request(

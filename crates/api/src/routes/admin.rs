@@ -158,11 +158,6 @@ mod fuzz {
     use proptest::prelude::*;
     use serde_json::Value;
 
-    fn config() -> ProptestConfig {
-        let cases = std::env::var("CALLBOARD_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(500);
-        ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
-    }
-
     fn member() -> impl Strategy<Value = Option<Value>> {
         prop_oneof![
             Just(None),
@@ -177,7 +172,7 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(config())]
+        #![proptest_config(crate::fuzz_config())]
 
         #[test]
         fn arbitrary_bytes_are_a_target_or_a_422(body in proptest::collection::vec(any::<u8>(), 0..100)) {
