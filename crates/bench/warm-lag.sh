@@ -1,8 +1,8 @@
 #!/bin/bash
 # The other tenants' projection lag while a big tenant warms: tenant 1 has
 # CALLS calls and is cold, tenant 2 is warm; a probe inserts a call into
-# tenant 2 every 50 ms and times how long until the API serves it as the
-# newest call (a hit). Lag is reported for a quiet spell, then while tenant
+# tenant 2 every 50 ms, on a fixed schedule, and a reader times how long
+# until the API serves each as a hit. Lag is reported for a quiet spell, then while tenant
 # 1's warm runs (from its request until its job is done).
 # usage: crates/bench/warm-lag.sh BIN LABEL [CALLS]   (from the checkout; needs `make deps`)
 set -u
@@ -43,21 +43,39 @@ while newest_two()[0] != "hit":
     time.sleep(0.1)
 
 def probe(seconds, first_id, stop=None):
-    """Inserts a newest call every 50 ms; the lag of each, ms."""
-    lags, n, end = [], 0, time.time() + seconds
-    while (stop is None and time.time() < end) or (stop is not None and not stop.is_set()):
-        cid = first_id + n
-        calls.insert_one({"id": cid, "tenant_id": 2, "status_id": 1, "start_time": base + 1_000_000 + cid})
-        acked = time.time()
-        while True:
-            cache, ids = newest_two()
-            if cache == "hit" and cid in ids:
+    """Inserts a newest call of tenant 2 every 50 ms, on a fixed schedule
+    whatever the lag (a writer thread), while a reader polls the newest call
+    served from the cache: a write is shown once the newest hit's id is at
+    least its own (tenant 2's events apply in commit order, and an answer is
+    one moment). Returns the lag of each write, ms."""
+    acked, shown, lock, done = {}, {}, threading.Lock(), threading.Event()
+    def writer():
+        n, end, t0 = 0, time.time() + seconds, time.time()
+        while (stop is None and time.time() < end) or (stop is not None and not stop.is_set()):
+            cid = first_id + n
+            calls.insert_one({"id": cid, "tenant_id": 2, "status_id": 1, "start_time": base + 1_000_000 + cid})
+            with lock:
+                acked[cid] = time.time()
+            n += 1
+            time.sleep(max(0.0, t0 + n * 0.05 - time.time()))
+        done.set()
+    w = threading.Thread(target=writer)
+    w.start()
+    while True:
+        finished = done.is_set()
+        cache, ids = newest_two()
+        now = time.time()
+        if cache == "hit" and ids:
+            with lock:
+                for cid, at in acked.items():
+                    if cid <= max(ids) and cid not in shown:
+                        shown[cid] = (now - at) * 1000
+        with lock:
+            if finished and len(shown) == len(acked):
                 break
-            time.sleep(0.002)
-        lags.append((time.time() - acked) * 1000)
-        n += 1
-        time.sleep(max(0.0, 0.05 - (time.time() - acked)))
-    return lags
+        time.sleep(0.002)
+    w.join()
+    return [shown[c] for c in sorted(shown)]
 
 def pct(xs, p):
     xs = sorted(xs)

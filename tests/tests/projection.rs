@@ -197,6 +197,65 @@ async fn concurrent_cold_requests_start_exactly_one_warm() {
     app.stop().await;
 }
 
+/// Warms queued before the projector first leads (an operator's "warm
+/// all" while it starts): its bootstrap empties the read model, and each
+/// warming tenant keeps its warm, epoch and job. Given a new one instead,
+/// the queued command would be skipped as superseded and count the job
+/// done while the tenant was still warming.
+#[tokio::test]
+async fn warms_queued_before_a_bootstrap_keep_their_epoch_and_job() {
+    let (mut app, ds) = seeded(26).await;
+    let admin = app.admin_token(1);
+    let r = app
+        .client
+        .post(format!("{}/admin/cache/warm", app.address))
+        .bearer_auth(&admin)
+        .json(&json!({"all": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let job: Value = r.json().await.unwrap();
+    let job_id = job["job_id"].as_str().unwrap().to_string();
+    let keys = callboard_readmodel::Keys::new(&app.settings.redis.key_prefix);
+    let mut r = redis(&app).await;
+    let mut epochs = Vec::new();
+    for &t in &ds.tenants {
+        let raw: Option<String> = r.get(keys.state(callboard_domain::TenantId::new(t).unwrap())).await.unwrap();
+        let TenantState::Warming(epoch) = TenantState::parse(raw.as_deref()) else { panic!("tenant {t}: {raw:?}") };
+        epochs.push((t, epoch));
+    }
+    app.start_projector();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let job: Value = app
+            .client
+            .get(format!("{}/admin/cache/warm/{job_id}", app.address))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if job["state"] == "done" {
+            assert_eq!(job["done"], ds.tenants.len(), "{job}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the job never finished: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Done means warm, under the warm the job queued.
+    for (t, epoch) in epochs {
+        let raw: Option<String> = r.get(keys.state(callboard_domain::TenantId::new(t).unwrap())).await.unwrap();
+        assert_eq!(TenantState::parse(raw.as_deref()), TenantState::Warm(epoch), "tenant {t}: {raw:?}");
+        let (cache, cached) = app.grouped_as(&app.token(t), &[], false).await;
+        assert_eq!(cache, "hit", "tenant {t}");
+        callboard_tests::reference::assert_same(&cached, &app.live(t, &[]).await, &format!("tenant {t}"));
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn admin_api_warms_reports_and_invalidates() {
     let (mut app, ds) = seeded(24).await;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use bson::{doc, Bson, DateTime, Document};
 use callboard_domain::TenantId;
 use callboard_projector::transform::{needs, plan, Change};
-use callboard_projector::warm::{refill_windows, CallSource};
+use callboard_projector::warm::{refill_windows, CallSource, Touched};
 use callboard_readmodel::codec::CallEntry;
 use callboard_readmodel::write::{DocWindow, Guard, Plan, Writer};
 use callboard_readmodel::{Conn, Keys, Redis, TenantState};
@@ -296,6 +296,84 @@ proptest! {
                 at_j.values().flatten().filter_map(CallEntry::from_document).filter(|e| e.place.tenant == tenant).collect();
             writer.put_snapshot(tenant, &entries).await.unwrap();
             apply(&writer, &changes[i..], &cuts, None).await;
+            prop_assert_eq!(renamed(dump(&redis, &p_a).await, &p_a), renamed(dump(&redis, &p_w).await, &p_w));
+            Ok(())
+        })?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// A warm loaded in chunks between the stream's batches (`warm::Load`):
+    /// the load begins at stream position `i`; chunk `k` holds the warming
+    /// tenant's documents (each document in one chunk) as they were at a
+    /// read position `r_k`, and is put once the stream has applied up to
+    /// `a_k`, without the calls the events since `i` touched
+    /// (`warm::Touched`). A read may be ahead of the stream or behind it
+    /// (the cursor's batch fetched earlier). Whatever the positions, the
+    /// result is the state after all events. Putting a chunk whole fails
+    /// this: a call read before an event applied ahead of its chunk.
+    #[test]
+    fn a_snapshot_loaded_in_chunks_between_batches_converges(
+        ops in proptest::collection::vec(op(), 1..25),
+        cuts in proptest::collection::vec(0..25_usize, 0..5),
+        i_frac in 0.0..1.0_f64,
+        applied in proptest::collection::vec(0.0..1.0_f64, 1..4),
+        read in proptest::collection::vec(0.0..1.0_f64, 4),
+        chunk_of in proptest::collection::vec(0..4_usize, 4),
+        warmed in 1..4_i64,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let redis = connect().await;
+            let mut conn = redis.get().await.unwrap();
+            let changes: Vec<Change> = ops.iter().map(change).collect();
+            let (p_a, p_w) = (fresh(), fresh());
+            let once = Keys::new(&p_a);
+            warm_all(&mut conn, &once).await;
+            apply(&Writer::new(redis.clone(), once), &changes, &cuts, None).await;
+
+            let n = ops.len();
+            let i = ((n as f64) * i_frac) as usize;
+            let at = |f: f64| i + (((n - i) as f64) * f) as usize;
+            let chunks = applied.len();
+            let mut a: Vec<usize> = applied.iter().map(|f| at(*f)).collect();
+            let mut r: Vec<usize> = read[..chunks].iter().map(|f| at(*f)).collect();
+            a.sort();
+            r.sort();
+            let state_at = |pos: usize| {
+                let mut docs: BTreeMap<i64, Option<Document>> = BTreeMap::new();
+                for op in &ops[..pos] {
+                    docs.insert(doc_of(op), document(op));
+                }
+                docs
+            };
+            let warm = Keys::new(&p_w);
+            warm_all(&mut conn, &warm).await;
+            let writer = Writer::new(redis.clone(), warm);
+            apply(&writer, &changes[..i], &cuts, None).await;
+            let tenant = TenantId::new(warmed).unwrap();
+            writer.purge_tenant_calls(tenant).await.unwrap();
+            let mut touched = Touched::default();
+            let mut pos = i;
+            for k in 0..chunks {
+                for c in &changes[pos..a[k]] {
+                    let Change::Call { doc, .. } = c else { unreachable!() };
+                    touched.touch(doc.clone());
+                }
+                apply(&writer, &changes[pos..a[k]], &cuts, None).await;
+                pos = a[k];
+                let entries: Vec<CallEntry> = state_at(r[k])
+                    .into_iter()
+                    .filter(|(d, _)| chunk_of[(*d - 1) as usize] % chunks == k)
+                    .filter_map(|(_, d)| d)
+                    .filter_map(|d| CallEntry::from_document(&d))
+                    .filter(|e| e.place.tenant == tenant)
+                    .collect();
+                writer.put_snapshot(tenant, &touched.untouched(entries)).await.unwrap();
+            }
+            apply(&writer, &changes[pos..], &cuts, None).await;
             prop_assert_eq!(renamed(dump(&redis, &p_a).await, &p_a), renamed(dump(&redis, &p_w).await, &p_w));
             Ok(())
         })?;

@@ -74,13 +74,23 @@ const PASSING_TRIES: u32 = 7;
 /// before it is applied event by event to find the poison one.
 const POISON_TRIES: u32 = 3;
 
-/// A warm whose snapshot is loaded, waiting for the stream to catch up.
+/// A warm under way: its snapshot loading (`load`), then, once loaded,
+/// waiting for the stream to catch up.
 struct PendingWarm {
     epoch: u64,
     job: Option<String>,
+    /// The snapshot still loading, a chunk per round ([`warm::Load`]).
+    load: Option<warm::Load>,
+    started_ms: i64,
     /// When the snapshot read ended (ms): events committed after it were
-    /// not in it.
+    /// not in it. Meaningless while `load` is some.
     snapshot_done_ms: i64,
+}
+
+impl PendingWarm {
+    fn loaded(&self) -> bool {
+        self.load.is_none()
+    }
 }
 
 /// What one partition's leader works with.
@@ -149,7 +159,11 @@ impl Leader<'_> {
                 last_resume = Instant::now();
             }
             self.run_commands(&mut pending).await?;
-            let events = match source.next_batch(self.p.config.batch_max, self.p.config.batch_wait).await {
+            // One chunk of a loading snapshot per round; while one loads,
+            // the stream is not waited on for long.
+            let loading = self.load_chunk(&mut pending).await?;
+            let wait = if loading { Duration::from_millis(5) } else { self.p.config.batch_wait };
+            let events = match source.next_batch(self.p.config.batch_max, wait).await {
                 Ok(events) => events,
                 Err(e) if source::is_history_lost(&e) => {
                     source = self.recover_history_lost(&e).await?;
@@ -160,8 +174,15 @@ impl Leader<'_> {
             };
             if events.is_empty() {
                 // Caught up: every snapshot loaded so far is complete.
-                for (tenant, warm) in pending.drain() {
-                    retrying!(self, "finish warm", self.finish_warm(tenant, &warm).await)?;
+                let loaded: Vec<TenantId> = pending.iter().filter(|(_, w)| w.loaded()).map(|(t, _)| *t).collect();
+                for tenant in loaded {
+                    if let Some(warm) = pending.remove(&tenant) {
+                        retrying!(
+                            self,
+                            "finish warm",
+                            self.finish_warm(tenant, warm.epoch, warm.job.as_deref()).await
+                        )?;
+                    }
                 }
                 // Keep the checkpoint moving on an idle stream (the
                 // server's post-batch token), so a long quiet spell cannot
@@ -183,13 +204,23 @@ impl Leader<'_> {
             if !self.keeper.wait_safe().await {
                 return Err(ProjectorError::LeaseLost);
             }
+            // Calls these events change: a loading snapshot's chunks skip
+            // them from now on (`warm::Load`).
+            for load in pending.values_mut().filter_map(|w| w.load.as_mut()) {
+                for key in events.iter().filter_map(transform::call_key) {
+                    load.touch(key);
+                }
+            }
             let reset = retrying!(self, "apply", self.apply_events(&events).instrument(span.clone()).await)?;
             let newest_ms = events.iter().filter_map(transform::event_ms).max().unwrap_or(0);
-            let caught_up: Vec<TenantId> =
-                pending.iter().filter(|(_, w)| newest_ms > w.snapshot_done_ms + 1000).map(|(t, _)| *t).collect();
+            let caught_up: Vec<TenantId> = pending
+                .iter()
+                .filter(|(_, w)| w.loaded() && newest_ms > w.snapshot_done_ms + 1000)
+                .map(|(t, _)| *t)
+                .collect();
             for tenant in caught_up {
                 if let Some(warm) = pending.remove(&tenant) {
-                    retrying!(self, "finish warm", self.finish_warm(tenant, &warm).await)?;
+                    retrying!(self, "finish warm", self.finish_warm(tenant, warm.epoch, warm.job.as_deref()).await)?;
                 }
             }
             if let Some(token) = reset {
@@ -266,16 +297,22 @@ impl Leader<'_> {
     }
 
     /// Empties and rebuilds the read model, and queues a warm of every
-    /// tenant that was warm or warming.
+    /// tenant that was warm. A tenant that was warming keeps its warm (its
+    /// epoch and job): its command, if still queued, runs, and otherwise it
+    /// is resumed. Were it given a new warm, the queued one would be skipped
+    /// as superseded and count its job done while the tenant is still
+    /// warming.
     async fn restart_read_model(&self) -> Result<Source, ProjectorError> {
         let reader = &self.p.reader;
         let warm: Vec<TenantId> = reader
             .tenant_states()
             .await?
             .into_iter()
-            .filter(|(t, s)| s.is_maintained() && self.scope.owns_tenant(*t))
+            .filter(|(t, s)| matches!(s, TenantState::Warm(_)) && self.scope.owns_tenant(*t))
             .map(|(t, _)| t)
             .collect();
+        let warming: Vec<(TenantId, u64, Option<String>)> =
+            reader.warming().await?.into_iter().filter(|(t, _, _)| self.scope.owns_tenant(*t)).collect();
         let source = self.rebuild(StartAt::Now).await?;
         for t in &warm {
             reader.request_warm(*t).await?;
@@ -289,6 +326,12 @@ impl Leader<'_> {
         let queued: Vec<String> = c.lrange(self.p.keys.commands(), 0, -1).await?;
         let commands: Vec<Command> = queued.iter().filter_map(|q| Command::parse(q)).collect();
         let mut restored = 0;
+        for (t, epoch, job) in &warming {
+            let purged = commands.iter().any(|c| matches!(c, Command::Purge { tenant } if tenant == t));
+            if !purged {
+                restored += u32::from(reader.restore_warming(*t, *epoch, job.as_deref()).await?);
+            }
+        }
         for (i, command) in commands.iter().enumerate() {
             let Command::Warm { tenant, epoch, job } = command else { continue };
             let purged_later =
@@ -297,7 +340,7 @@ impl Leader<'_> {
                 restored += u32::from(reader.restore_warming(*tenant, *epoch, job.as_deref()).await?);
             }
         }
-        info!(tenants = warm.len(), restored, "re-warm queued");
+        info!(tenants = warm.len(), warming = warming.len(), restored, "re-warm queued");
         Ok(source)
     }
 
@@ -552,7 +595,10 @@ impl Leader<'_> {
                 Some(Command::Purge { tenant }) => {
                     if reader.tenant_state(tenant).await? == TenantState::Cold {
                         let removed = self.writer.purge_tenant_calls(tenant).await?;
-                        pending.remove(&tenant);
+                        // A warm under way is over: invalidated.
+                        if let Some(dropped) = pending.remove(&tenant) {
+                            self.job_done(dropped.job.as_deref()).await?;
+                        }
                         info!(tenant = %tenant, removed, "tenant invalidated");
                     }
                 }
@@ -578,30 +624,51 @@ impl Leader<'_> {
         if pending.get(&tenant).is_some_and(|p| p.epoch == epoch) {
             return Ok(()); // already loaded, waiting to catch up
         }
-        let started = now_ms();
-        let span = info_span!("warm", tenant = %tenant, epoch, calls = tracing::field::Empty);
-        let calls = match warm::snapshot_tenant(&self.p.db, &self.writer, tenant, &self.keeper)
-            .instrument(span.clone())
-            .await
-        {
-            Ok(calls) => calls,
-            // A snapshot Redis rejects (in the tenant's own slot) would
-            // fail again at every resume.
-            Err(ProjectorError::ReadModel(ReadModelError::Rejected { tenant: t, source })) if t == tenant => {
-                self.quarantine(tenant, None, &source).await?;
-                return self.job_done(job.as_deref()).await;
-            }
-            Err(e) => return Err(e),
-        };
-        span.record("calls", calls);
-        let done = now_ms();
-        info!(tenant = %tenant, calls, ms = done - started, "snapshot loaded");
-        // Warm once the stream is past the snapshot's *end*: events from
-        // during the read may be older than what it saw.
-        if let Some(previous) = pending.insert(tenant, PendingWarm { epoch, job, snapshot_done_ms: done }) {
+        // The snapshot loads a chunk per round ([`Leader::load_chunk`]).
+        let load = warm::Load::start(&self.p.db, &self.writer, tenant).await?;
+        let warm = PendingWarm { epoch, job, load: Some(load), started_ms: now_ms(), snapshot_done_ms: 0 };
+        if let Some(previous) = pending.insert(tenant, warm) {
             self.job_done(previous.job.as_deref()).await?;
         }
         Ok(())
+    }
+
+    /// Loads one chunk of the first snapshot still loading (by tenant id);
+    /// returns whether one is loading. A tenant whose state moved on
+    /// (invalidated, or a newer warm) is dropped; a chunk Redis rejects
+    /// quarantines its tenant.
+    async fn load_chunk(&self, pending: &mut HashMap<TenantId, PendingWarm>) -> Result<bool, ProjectorError> {
+        let Some(tenant) = pending.iter().filter(|(_, w)| !w.loaded()).map(|(t, _)| *t).min() else {
+            return Ok(false);
+        };
+        let warm = pending.get_mut(&tenant).expect("just found");
+        if self.p.reader.tenant_state(tenant).await? != TenantState::Warming(warm.epoch) {
+            let dropped = pending.remove(&tenant).expect("just found");
+            self.job_done(dropped.job.as_deref()).await?;
+            return Ok(true);
+        }
+        let load = warm.load.as_mut().expect("loading");
+        let span = info_span!("warm_chunk", tenant = %tenant, epoch = warm.epoch, calls = load.calls());
+        match load.next_chunk(&self.p.db, &self.writer).instrument(span).await {
+            Ok(false) => {}
+            Ok(true) => {
+                let done = now_ms();
+                info!(tenant = %tenant, calls = load.calls(), ms = done - warm.started_ms, "snapshot loaded");
+                // Warm once the stream is past the snapshot's *end*:
+                // events from during the read may be older than what it saw.
+                warm.load = None;
+                warm.snapshot_done_ms = done;
+            }
+            // A snapshot Redis rejects (in the tenant's own slot) would
+            // fail again at every resume.
+            Err(ProjectorError::ReadModel(ReadModelError::Rejected { tenant: t, source })) if t == tenant => {
+                let dropped = pending.remove(&tenant).expect("just found");
+                self.quarantine(tenant, None, &source).await?;
+                self.job_done(dropped.job.as_deref()).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(true)
     }
 
     /// Warms a previous leader left unfinished (its progress was in its
@@ -611,6 +678,9 @@ impl Leader<'_> {
         // One read of the queue for all of them: linear in the tenants.
         let mut queued = None;
         for (tenant, epoch, job) in reader.warming().await? {
+            if self.p.stopping() {
+                return Ok(());
+            }
             if !self.scope.owns_tenant(tenant) {
                 continue;
             }
@@ -634,11 +704,11 @@ impl Leader<'_> {
     /// removal and the warm's count come after and are best-effort, so that
     /// a failure there (the leadership ending with the tenant already warm,
     /// which no one resumes) cannot leave the job running for ever.
-    async fn finish_warm(&self, tenant: TenantId, warm: &PendingWarm) -> Result<(), ProjectorError> {
-        let marked = self.writer.mark_warm(tenant, warm.epoch).await?;
-        self.job_done(warm.job.as_deref()).await?;
+    async fn finish_warm(&self, tenant: TenantId, epoch: u64, job: Option<&str>) -> Result<(), ProjectorError> {
+        let marked = self.writer.mark_warm(tenant, epoch).await?;
+        self.job_done(job).await?;
         if marked {
-            info!(tenant = %tenant, epoch = warm.epoch, "tenant warm");
+            info!(tenant = %tenant, epoch, "tenant warm");
             if let Err(e) = self.writer.clear_poison(tenant).await {
                 warn!(tenant = %tenant, error = %e, "could not remove the tenant's poison report");
             }

@@ -237,6 +237,17 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
     plan
 }
 
+/// The call an event of `calls` is about (its `documentKey._id`).
+pub fn call_key(event: &ChangeStreamEvent<Document>) -> Option<DocKey> {
+    let coll = event.ns.as_ref().and_then(|ns| ns.coll.as_deref());
+    if coll != Some(CALLS) {
+        return None;
+    }
+    let id =
+        event.document_key.as_ref().and_then(|k| k.get("_id")).or_else(|| event.full_document.as_ref()?.get("_id"))?;
+    Some(DocKey::from_bson(id))
+}
+
 /// The event's commit time in ms (MongoDB's cluster time has second
 /// precision in its high word).
 pub fn event_ms(event: &ChangeStreamEvent<Document>) -> Option<i64> {

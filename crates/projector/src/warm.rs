@@ -1,12 +1,12 @@
 //! Snapshots: the shared users and statuses (at bootstrap), and one
 //! tenant's calls (a warm).
 //!
-//! Consistency: a snapshot is read while the change stream is open and
-//! paused at an earlier position; the events after that position are
-//! applied after the snapshot, in order, so any newer write wins over the
-//! older snapshot data and the state converges on MongoDB's. A tenant is
-//! marked warm only once the stream has caught up past the snapshot's start
-//! (docs/ARCHITECTURE.md, "Warm and cold").
+//! Consistency: a tenant's snapshot is loaded a chunk at a time between
+//! the stream's batches ([`Load`]); a chunk skips the calls the events
+//! applied meanwhile touched, and every other call's later events are
+//! applied after its chunk, in order, so the state converges on MongoDB's.
+//! A tenant is marked warm only once the stream has caught up past the
+//! snapshot's end (docs/ARCHITECTURE.md, "Warm and cold").
 
 use bson::{doc, Document};
 use callboard_domain::render::UserFields;
@@ -21,7 +21,6 @@ use mongodb::Database;
 
 use tracing::warn;
 
-use crate::lease::Keeper;
 use crate::ProjectorError;
 
 const CHUNK: usize = 1000;
@@ -79,40 +78,98 @@ async fn load_users(
     Ok(n_users)
 }
 
-/// Replaces `tenant`'s calls with MongoDB's current ones. Returns how many.
-pub async fn snapshot_tenant(
-    db: &Database,
-    writer: &Writer,
+/// A tenant's snapshot loaded one chunk at a time, between the
+/// partition's batches, so that other tenants' events do not wait for a
+/// big tenant's warm (the leader loads one chunk per round).
+///
+/// The stream goes on meanwhile, and its events are applied to the
+/// warming tenant as they come. A chunk may then hold a call older than an
+/// event already applied (the cursor read it earlier, or the event came
+/// late), so a chunk skips every call an event touched since the load
+/// began ([`Load::touch`]): that call's state is the last applied event's,
+/// and the events after it are still to come, in order. A call no event
+/// touched is put from the chunk, and any event for it still to come is
+/// applied over it, as after an inline snapshot. The tenant turns warm
+/// once the stream is past the end of the load, as before.
+pub struct Load {
     tenant: TenantId,
-    keeper: &Keeper,
-) -> Result<u64, ProjectorError> {
-    writer.purge_tenant_calls(tenant).await?;
-    let mut cursor = db
-        .collection::<Document>(CALLS)
-        .find(doc! {"tenant_id": tenant.get(), "deleted": {"$ne": 1}})
-        .batch_size(CHUNK as u32)
-        .await?;
-    let mut chunk = Vec::with_capacity(CHUNK);
-    let mut total = 0;
-    let mut needy = Vec::new();
-    while let Some(call) = cursor.try_next().await? {
-        if let Some(entry) = CallEntry::from_document(&call).filter(|e| e.place.tenant == tenant) {
-            chunk.push(entry);
-        }
-        if chunk.len() == CHUNK {
-            if !keeper.wait_safe().await {
-                return Err(ProjectorError::LeaseLost);
-            }
-            total += chunk.len() as u64;
-            needy.extend(writer.put_snapshot(tenant, &std::mem::take(&mut chunk)).await?);
-        }
+    cursor: mongodb::Cursor<Document>,
+    touched: Touched,
+    calls: u64,
+    needy: Vec<(TenantId, StatusKey)>,
+}
+
+impl Load {
+    /// Purges the tenant's calls and opens its cursor.
+    pub async fn start(db: &Database, writer: &Writer, tenant: TenantId) -> Result<Self, ProjectorError> {
+        writer.purge_tenant_calls(tenant).await?;
+        let cursor = db
+            .collection::<Document>(CALLS)
+            .find(doc! {"tenant_id": tenant.get(), "deleted": {"$ne": 1}})
+            .batch_size(CHUNK as u32)
+            .await?;
+        Ok(Self { tenant, cursor, touched: Default::default(), calls: 0, needy: Vec::new() })
     }
-    total += chunk.len() as u64;
-    needy.extend(writer.put_snapshot(tenant, &chunk).await?);
-    needy.sort();
-    needy.dedup();
-    refill_windows(db, writer, &needy).await?;
-    Ok(total)
+
+    pub fn tenant(&self) -> TenantId {
+        self.tenant
+    }
+
+    /// The calls loaded so far.
+    pub fn calls(&self) -> u64 {
+        self.calls
+    }
+
+    /// An event about call `doc` is (being) applied: its chunk copy, if
+    /// any, is older or the same, and is skipped.
+    pub fn touch(&mut self, doc: DocKey) {
+        self.touched.touch(doc);
+    }
+
+    /// Loads the next chunk; `true` once the snapshot is complete (its
+    /// windows refilled).
+    pub async fn next_chunk(&mut self, db: &Database, writer: &Writer) -> Result<bool, ProjectorError> {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        let mut read = 0;
+        let mut done = false;
+        while read < CHUNK {
+            let Some(call) = self.cursor.try_next().await? else {
+                done = true;
+                break;
+            };
+            read += 1;
+            if let Some(entry) = CallEntry::from_document(&call).filter(|e| e.place.tenant == self.tenant) {
+                chunk.push(entry);
+            }
+        }
+        let chunk = self.touched.untouched(chunk);
+        self.calls += chunk.len() as u64;
+        self.needy.extend(writer.put_snapshot(self.tenant, &chunk).await?);
+        if done {
+            self.needy.sort();
+            self.needy.dedup();
+            refill_windows(db, writer, &self.needy).await?;
+        }
+        Ok(done)
+    }
+}
+
+/// The calls the stream's events changed since a load began: a chunk
+/// read before such an event (or after it, but older than the events still
+/// to come) must not be put over it ([`Load`]).
+#[derive(Debug, Default)]
+pub struct Touched(std::collections::HashSet<DocKey>);
+
+impl Touched {
+    /// An event about call `doc` is (being) applied.
+    pub fn touch(&mut self, doc: DocKey) {
+        self.0.insert(doc);
+    }
+
+    /// The entries no applied event touched: those a chunk puts.
+    pub fn untouched(&self, entries: Vec<CallEntry>) -> Vec<CallEntry> {
+        entries.into_iter().filter(|e| !self.0.contains(&e.doc)).collect()
+    }
 }
 
 /// Where a window refill reads the calls it puts back: MongoDB's `calls`,
