@@ -74,22 +74,42 @@ const PASSING_TRIES: u32 = 7;
 /// before it is applied event by event to find the poison one.
 const POISON_TRIES: u32 = 3;
 
-/// A warm under way: its snapshot loading (`load`), then, once loaded,
-/// waiting for the stream to catch up.
+/// A warm under way: waiting for its turn, its snapshot loading, then,
+/// once loaded, waiting for the stream to catch up.
 struct PendingWarm {
     epoch: u64,
     job: Option<String>,
-    /// The snapshot still loading, a chunk per round ([`warm::Load`]).
-    load: Option<warm::Load>,
+    stage: Stage,
+    /// The order warms were taken in: snapshots load first come, first
+    /// served.
+    seq: u64,
     started_ms: i64,
     /// When the snapshot read ended (ms): events committed after it were
-    /// not in it. Meaningless while `load` is some.
+    /// not in it. Meaningless before [`Stage::Loaded`].
     snapshot_done_ms: i64,
+}
+
+/// Where a warm's snapshot is. One loads at a time per partition: its
+/// purge, cursor and touched calls exist only from its turn on, so a
+/// warm-all over thousands of tenants holds one cursor, and a cursor is
+/// never left idle long enough for the server to time it out.
+enum Stage {
+    Queued,
+    /// A chunk per round ([`warm::Load`]).
+    Loading(Box<warm::Load>),
+    Loaded,
 }
 
 impl PendingWarm {
     fn loaded(&self) -> bool {
-        self.load.is_none()
+        matches!(self.stage, Stage::Loaded)
+    }
+
+    fn loading(&mut self) -> Option<&mut warm::Load> {
+        match &mut self.stage {
+            Stage::Loading(load) => Some(load.as_mut()),
+            _ => None,
+        }
     }
 }
 
@@ -206,7 +226,7 @@ impl Leader<'_> {
             }
             // Calls these events change: a loading snapshot's chunks skip
             // them from now on (`warm::Load`).
-            for load in pending.values_mut().filter_map(|w| w.load.as_mut()) {
+            for load in pending.values_mut().filter_map(PendingWarm::loading) {
                 for key in events.iter().filter_map(transform::call_key) {
                     load.touch(key);
                 }
@@ -226,7 +246,10 @@ impl Leader<'_> {
             if let Some(token) = reset {
                 warn!("a watched collection was dropped or renamed; rebuilding the read model");
                 source = self.rebuild(StartAt::StartAfter(token)).await?;
-                pending.clear();
+                // The rebuild purged their states: nothing resumes them.
+                for (_, dropped) in pending.drain() {
+                    self.job_done(dropped.job.as_deref()).await?;
+                }
             }
         }
     }
@@ -617,37 +640,51 @@ impl Leader<'_> {
         job: Option<String>,
         pending: &mut HashMap<TenantId, PendingWarm>,
     ) -> Result<(), ProjectorError> {
-        let reader = &self.p.reader;
-        if reader.tenant_state(tenant).await? != TenantState::Warming(epoch) {
+        // The warm already pending counts its own job, whatever the state
+        // says now.
+        if pending.get(&tenant).is_some_and(|p| p.epoch == epoch) {
+            return Ok(());
+        }
+        if self.p.reader.tenant_state(tenant).await? != TenantState::Warming(epoch) {
             return self.job_done(job.as_deref()).await;
         }
-        if pending.get(&tenant).is_some_and(|p| p.epoch == epoch) {
-            return Ok(()); // already loaded, waiting to catch up
-        }
-        // The snapshot loads a chunk per round ([`Leader::load_chunk`]).
-        let load = warm::Load::start(&self.p.db, &self.writer, tenant).await?;
-        let warm = PendingWarm { epoch, job, load: Some(load), started_ms: now_ms(), snapshot_done_ms: 0 };
+        // The snapshot loads in its turn, a chunk per round
+        // ([`Leader::load_chunk`]).
+        let seq = pending.values().map(|w| w.seq + 1).max().unwrap_or(0);
+        let warm = PendingWarm { epoch, job, stage: Stage::Queued, seq, started_ms: now_ms(), snapshot_done_ms: 0 };
         if let Some(previous) = pending.insert(tenant, warm) {
             self.job_done(previous.job.as_deref()).await?;
         }
         Ok(())
     }
 
-    /// Loads one chunk of the first snapshot still loading (by tenant id);
-    /// returns whether one is loading. A tenant whose state moved on
-    /// (invalidated, or a newer warm) is dropped; a chunk Redis rejects
-    /// quarantines its tenant.
+    /// Loads one chunk of the snapshot loading, or starts the next one in
+    /// line (first come, first served); returns whether one is loading. A
+    /// tenant whose state moved on (invalidated, or a newer warm) is
+    /// dropped; a chunk Redis rejects quarantines its tenant.
     async fn load_chunk(&self, pending: &mut HashMap<TenantId, PendingWarm>) -> Result<bool, ProjectorError> {
-        let Some(tenant) = pending.iter().filter(|(_, w)| !w.loaded()).map(|(t, _)| *t).min() else {
+        let current = pending.iter().find(|(_, w)| matches!(w.stage, Stage::Loading(_))).map(|(t, _)| *t);
+        let next = || {
+            pending.iter().filter(|(_, w)| matches!(w.stage, Stage::Queued)).min_by_key(|(_, w)| w.seq).map(|(t, _)| *t)
+        };
+        let Some(tenant) = current.or_else(next) else {
             return Ok(false);
         };
+        // Like a batch, a chunk starts only with time left on the lease.
+        if !self.keeper.wait_safe().await {
+            return Err(ProjectorError::LeaseLost);
+        }
         let warm = pending.get_mut(&tenant).expect("just found");
         if self.p.reader.tenant_state(tenant).await? != TenantState::Warming(warm.epoch) {
             let dropped = pending.remove(&tenant).expect("just found");
             self.job_done(dropped.job.as_deref()).await?;
             return Ok(true);
         }
-        let load = warm.load.as_mut().expect("loading");
+        if matches!(warm.stage, Stage::Queued) {
+            warm.stage = Stage::Loading(Box::new(warm::Load::start(&self.p.db, &self.writer, tenant).await?));
+            warm.started_ms = now_ms();
+        }
+        let Stage::Loading(load) = &mut warm.stage else { unreachable!("loading") };
         let span = info_span!("warm_chunk", tenant = %tenant, epoch = warm.epoch, calls = load.calls());
         match load.next_chunk(&self.p.db, &self.writer).instrument(span).await {
             Ok(false) => {}
@@ -656,7 +693,7 @@ impl Leader<'_> {
                 info!(tenant = %tenant, calls = load.calls(), ms = done - warm.started_ms, "snapshot loaded");
                 // Warm once the stream is past the snapshot's *end*:
                 // events from during the read may be older than what it saw.
-                warm.load = None;
+                warm.stage = Stage::Loaded;
                 warm.snapshot_done_ms = done;
             }
             // A snapshot Redis rejects (in the tenant's own slot) would
