@@ -84,11 +84,19 @@ cat <<MSG
 callboard is serving demo data on http://$HTTP_ADDR (tenant 6's token below, valid 12h),
 on ${CALLBOARD_REDIS_CLUSTER_NODES:-one Redis at $CALLBOARD_REDIS_URL}.
 The first request is answered live (X-Cache: miss) and warms tenant 6; the
-next ones come from Redis (X-Cache: hit). Add -i to see the header.
+next ones come from Redis (X-Cache: hit). -i shows the headers: X-Cache,
+X-Callboard-As-Of (every change committed before it is in the answer) and
+X-Callboard-Lag-Ms.
 
-  curl -X POST "http://$HTTP_ADDR/crm/calls/get-grouped-by-status" \\
+  curl -i -X POST "http://$HTTP_ADDR/crm/calls/get-grouped-by-status" \\
     -H "Authorization: Bearer $TOKEN" \\
     -F "limit=20" -F "include_enrichment=true"
+
+Read your writes (waits up to 1 s for the projector to pass the instant),
+and a bound on staleness (older than 5 s: answered live):
+  curl -i -X POST "http://$HTTP_ADDR/crm/calls/get-grouped-by-status" \\
+    -H "Authorization: Bearer $TOKEN" -F "limit=5" \\
+    -F "min_as_of=\$(date +%s%3N)" -F "max_staleness_ms=5000"
 
 Operators (admin token):
   curl -H "Authorization: Bearer $ADMIN" http://$HTTP_ADDR/admin/cache/status

@@ -38,6 +38,8 @@ pub fn test_settings(services: &Services, db_name: &str) -> Settings {
         ("CALLBOARD_HTTP_ADDR", "127.0.0.1:0".to_string()),
         ("CALLBOARD_JWT_SECRET", SECRET.to_string()),
         ("CALLBOARD_HTTP_WORKERS", "2".to_string()),
+        // The API maps tenants to partitions for their watermarks.
+        ("CALLBOARD_PROJECTOR_PARTITIONS", test_partitions().to_string()),
     ];
     Settings::load(None, env.into_iter().map(|(k, v)| (k.to_string(), v))).expect("test settings are valid")
 }
@@ -169,19 +171,29 @@ impl TestApp {
         window: callboard_readmodel::write::DocWindow,
         fields: callboard_domain::render::UserFields,
     ) {
+        self.start_projector_configured(fields, |c| c.doc_window = window);
+    }
+
+    /// [`TestApp::start_projector`] with its configuration changed by
+    /// `configure`.
+    pub fn start_projector_configured(
+        &mut self,
+        fields: callboard_domain::render::UserFields,
+        configure: impl FnOnce(&mut callboard_projector::ProjectorConfig),
+    ) {
         let db = self.db.clone();
         let redis = self.settings.redis.clone();
         let keys = callboard_readmodel::Keys::new(&self.settings.redis.key_prefix);
-        let config = callboard_projector::ProjectorConfig {
+        let mut config = callboard_projector::ProjectorConfig {
             lease_ttl: Duration::from_secs(3),
             batch_wait: Duration::from_millis(50),
             idle_checkpoint: Duration::from_millis(200),
-            doc_window: window,
             // `CALLBOARD_TEST_PARTITIONS` runs the suite with the tenants
             // spread over that many partitions (one process leads them all).
             partitions: test_partitions(),
             ..Default::default()
         };
+        configure(&mut config);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let redis = redis.connect().await.expect("connect to Redis");

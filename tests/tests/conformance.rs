@@ -144,3 +144,69 @@ async fn projection_dates_and_indexes() {
         Err(e) => assert!(matches!(*e.kind, mongodb::error::ErrorKind::Command(ref c) if c.code == 26), "{e}"),
     }
 }
+
+/// The watermarks (`crates/projector/src/watermark.rs`) rely on: a change
+/// stream on the database filtered by `ns.coll $in` delivers the events
+/// of writes acknowledged one after another in that order, across
+/// collections; an insert's event carries the inserted document as
+/// `fullDocument` (also with `updateLookup`, and even once the document
+/// has been deleted); cluster times do not decrease along the stream; and
+/// a getMore after the stream has returned everything comes back empty.
+#[tokio::test]
+async fn change_stream_order_and_insert_documents_for_watermarks() {
+    use mongodb::change_stream::event::OperationType;
+    use mongodb::options::FullDocumentType;
+    let services = Services::start().unwrap();
+    let db = database(&services).await;
+    let marks = db.collection::<Document>("marks");
+    let calls = db.collection::<Document>("calls");
+    // Create both collections before watching.
+    marks.insert_one(doc! {"_id": 0_i64, "at_ms": 0_i64}).await.unwrap();
+    calls.insert_one(doc! {"_id": 0_i64}).await.unwrap();
+    let mut stream = db
+        .watch()
+        .pipeline([doc! {"$match": {"ns.coll": {"$in": ["marks", "calls"]}}}])
+        .full_document(FullDocumentType::UpdateLookup)
+        .max_await_time(std::time::Duration::from_millis(50))
+        .await
+        .unwrap();
+    let mut written = Vec::new();
+    for i in 1..=20_i64 {
+        if i % 3 == 0 {
+            marks.insert_one(doc! {"_id": 1000 + i, "at_ms": 1000 + i}).await.unwrap();
+            written.push(("marks", 1000 + i));
+        } else {
+            calls.insert_one(doc! {"_id": i}).await.unwrap();
+            written.push(("calls", i));
+        }
+    }
+    // Deleted before its event is read: the event still has the document.
+    marks.delete_one(doc! {"_id": 1003_i64}).await.unwrap();
+    let mut seen = Vec::new();
+    let mut last_time = None;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while seen.len() < written.len() + 1 && std::time::Instant::now() < deadline {
+        let Some(event) = stream.next_if_any().await.unwrap() else { continue };
+        let time = event.cluster_time.expect("a cluster time");
+        assert!(last_time.is_none_or(|t: bson::Timestamp| (t.time, t.increment) <= (time.time, time.increment)));
+        last_time = Some(time);
+        let coll = event.ns.as_ref().and_then(|ns| ns.coll.clone()).unwrap();
+        if event.operation_type == OperationType::Delete {
+            seen.push((coll, -1));
+            continue;
+        }
+        assert_eq!(event.operation_type, OperationType::Insert);
+        let full = event.full_document.expect("an insert carries its document");
+        let id = full.get("_id").and_then(Bson::as_i64).or_else(|| full.get_i32("_id").ok().map(i64::from)).unwrap();
+        if coll == "marks" {
+            let at = full.get("at_ms").and_then(Bson::as_i64).or_else(|| full.get_i32("at_ms").ok().map(i64::from));
+            assert_eq!(at, Some(id), "the mark's own document");
+        }
+        seen.push((coll, id));
+    }
+    let mut expected: Vec<(String, i64)> = written.iter().map(|(c, i)| (c.to_string(), *i)).collect();
+    expected.push(("marks".to_string(), -1));
+    assert_eq!(seen, expected, "events in the order the writes were acknowledged");
+    // Everything returned: the next getMore is empty.
+    assert!(stream.next_if_any().await.unwrap().is_none());
+}

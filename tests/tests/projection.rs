@@ -682,7 +682,7 @@ async fn a_change_stream_whose_cursor_is_killed_carries_on() {
     }));
     let db = mongodb::Client::with_options(options).unwrap().database(app.db.name());
     let calls = app.db.collection::<Document>(CALLS);
-    let mut source = Source::open(&db, StartAt::Now).await.unwrap();
+    let mut source = Source::open(&db, StartAt::Now, None).await.unwrap();
     let ids = |events: &[mongodb::change_stream::event::ChangeStreamEvent<Document>]| -> Vec<i64> {
         // Numbers below 2^31 may come back as Int32 (the stand-in).
         events

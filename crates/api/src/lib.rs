@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod freshness;
 pub mod live;
 pub mod metrics;
 pub mod params;
@@ -22,16 +23,18 @@ use std::time::Duration;
 use actix_web::body::MessageBody;
 use actix_web::dev::{Server, ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::{web, App, HttpServer};
+use callboard_readmodel::keys::Partitioning;
 use callboard_readmodel::{Keys, ReadModel};
 use callboard_settings::{Settings, SettingsError};
 use callboard_store::LiveQuery;
 use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder, TracingLogger};
 
 pub use auth::{Caller, JwtKeys, Role, TokenRules};
+pub use freshness::Watermarks;
 pub use live::{LiveGate, LiveLimits};
 pub use metrics::Metrics;
 pub use params::ParamLimits;
-pub use state::{AppState, CacheOutcome};
+pub use state::{Answer, AppState, CacheOutcome};
 
 pub const GROUPED_PATH: &str = "/crm/calls/get-grouped-by-status";
 
@@ -74,6 +77,7 @@ impl AppParts {
         let live = LiveGate::new(LiveQuery::new(db, settings.query.user_fields()?), limits, metrics.clone());
         tokio::spawn(watch_policy(redis, noeviction.clone()));
         tokio::spawn(count_tenants(cache.clone(), metrics.clone()));
+        let watermarks = Watermarks::spawn(cache.clone(), Partitioning::new(settings.projector.partitions));
         Ok(Self {
             state: AppState {
                 live,
@@ -82,6 +86,11 @@ impl AppParts {
                 noeviction,
                 draining: Arc::default(),
                 max_response_calls: settings.query.max_response_calls,
+                watermarks,
+                max_wait: Duration::from_millis(settings.query.max_wait_ms),
+                max_staleness_ms: settings.query.max_staleness_ms,
+                partitions: settings.projector.partitions,
+                history_warn_share: settings.projector.history_warn_share,
             },
             keys: jwt_keys(settings)?,
             limits: ParamLimits {

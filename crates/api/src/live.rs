@@ -7,7 +7,11 @@
 //!   it completes however many of the waiting clients go away; the task
 //!   removes itself from the table when it ends, so a request that arrives
 //!   after that runs a new query and never gets an older answer than one
-//!   started after it arrived, except by joining one already running.
+//!   started after it arrived, except by joining one already running. A
+//!   request that must see writes up to some instant (`min_as_of`) joins
+//!   only a query started after it; otherwise it starts one of its own,
+//!   which later requests join.
+//! - Every answer carries the time its query started (its `as_of`).
 //! - At most `max_concurrency` aggregations run at once per process. A
 //!   query waits at most `queue_wait` for a slot, then fails as
 //!   `database_busy` (503 with `Retry-After`).
@@ -55,21 +59,58 @@ impl From<Failure> for ApiError {
 /// How long after `maxTimeMS` callboard's own timer gives up.
 const TIMER_GRACE: Duration = Duration::from_millis(500);
 
-/// Removes a running query from the table when dropped.
+/// A query under way, in the table.
+#[derive(Clone)]
+struct Running {
+    id: u64,
+    /// When its task was spawned (ms): the query starts no earlier.
+    spawned_ms: u64,
+    answer: Shared<BoxFuture<'static, Answer>>,
+}
+
+type Table = Arc<Mutex<HashMap<Key, Running>>>;
+
+/// Removes a running query from the table when dropped (unless a newer
+/// query for the same key has taken its place).
 struct Leave {
-    running: Arc<Mutex<HashMap<Key, Shared<BoxFuture<'static, Answer>>>>>,
+    running: Table,
     key: Key,
+    id: u64,
 }
 
 impl Drop for Leave {
     fn drop(&mut self) {
-        // Only this query's task removes this key, and no other entry for
-        // it can exist while this one does.
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.get(&self.key).is_some_and(|r| r.id == self.id) {
+            running.remove(&self.key);
+        }
     }
 }
 
-type Answer = Result<GroupedBody, Failure>;
+/// Which running query a request may join.
+#[derive(Debug, Clone, Copy)]
+pub enum Joinable {
+    Any,
+    /// One spawned at this ms or later (so it started after a write
+    /// committed before then).
+    SpawnedFromMs(u64),
+    /// One spawned since [`LiveGate::now`] said this (after the request
+    /// arrived, so after every write acknowledged before it was sent).
+    SpawnedSince(u64),
+}
+
+impl Joinable {
+    fn allows(self, r: &Running) -> bool {
+        match self {
+            Joinable::Any => true,
+            Joinable::SpawnedFromMs(ms) => r.spawned_ms >= ms,
+            Joinable::SpawnedSince(id) => r.id >= id,
+        }
+    }
+}
+
+/// The body, and when its query started (ms since the epoch).
+type Answer = Result<(GroupedBody, u64), Failure>;
 type Key = (TenantId, GroupedRequest);
 
 /// The bounds of the live path.
@@ -86,45 +127,67 @@ pub struct LiveGate {
     live: LiveQuery,
     limits: LiveLimits,
     slots: Arc<Semaphore>,
-    running: Arc<Mutex<HashMap<Key, Shared<BoxFuture<'static, Answer>>>>>,
+    running: Table,
+    ids: Arc<std::sync::atomic::AtomicU64>,
     metrics: Metrics,
 }
 
 impl LiveGate {
     pub fn new(live: LiveQuery, limits: LiveLimits, metrics: Metrics) -> Self {
         let live = live.with_max_time(limits.timeout);
-        Self { slots: Arc::new(Semaphore::new(limits.max_concurrency)), live, limits, running: Arc::default(), metrics }
+        Self {
+            slots: Arc::new(Semaphore::new(limits.max_concurrency)),
+            live,
+            limits,
+            running: Arc::default(),
+            ids: Arc::default(),
+            metrics,
+        }
     }
 
     pub fn query(&self) -> &LiveQuery {
         &self.live
     }
 
-    /// The live answer for `tenant`: the running one for the same
-    /// parameters if there is one, else a new one.
-    pub async fn grouped(&self, tenant: TenantId, request: &GroupedRequest) -> Result<GroupedBody, ApiError> {
+    /// Where the queries stand now: one spawned later has an id at least
+    /// this ([`Joinable::SpawnedSince`]).
+    pub fn now(&self) -> u64 {
+        self.ids.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The live answer for `tenant`, and when its query started: the
+    /// running one for the same parameters if `join` allows it, else a
+    /// new one.
+    pub async fn grouped(
+        &self,
+        tenant: TenantId,
+        request: &GroupedRequest,
+        join: Joinable,
+    ) -> Result<(GroupedBody, u64), ApiError> {
         let key = (tenant, *request);
         let answer = {
             let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
             match running.get(&key) {
-                Some(shared) => {
+                Some(r) if join.allows(r) => {
                     self.metrics.observe_live_coalesced();
-                    shared.clone()
+                    r.answer.clone()
                 }
-                None => {
+                _ => {
                     // Spawned while the table is locked: the task's own
                     // removal waits for this insert.
                     let gate = self.clone();
+                    let id = self.ids.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let spawned_ms = crate::freshness::now_ms();
                     let task = tokio::spawn(async move {
                         // Leaves the table however the task ends (done,
                         // panicked, or cancelled with its runtime), so no
                         // finished answer is ever joined.
-                        let _leave = Leave { running: gate.running.clone(), key };
+                        let _leave = Leave { running: gate.running.clone(), key, id };
                         gate.run(key).await
                     });
-                    let shared = async move { task.await.unwrap_or(Err(Failure::Internal)) }.boxed().shared();
-                    running.insert(key, shared.clone());
-                    shared
+                    let answer = async move { task.await.unwrap_or(Err(Failure::Internal)) }.boxed().shared();
+                    running.insert(key, Running { id, spawned_ms, answer: answer.clone() });
+                    answer
                 }
             }
         };
@@ -138,11 +201,12 @@ impl LiveGate {
             return Err(Failure::Busy);
         };
         self.metrics.observe_live_started();
+        let started_ms = crate::freshness::now_ms();
         // MongoDB's own limit (`maxTimeMS`) fires first and stops the
         // server's work; the timer, a little later, holds when MongoDB does
         // not answer at all.
         match tokio::time::timeout(self.limits.timeout + TIMER_GRACE, self.live.grouped(tenant, &request)).await {
-            Ok(Ok(body)) => Ok(body),
+            Ok(Ok(body)) => Ok((body, started_ms)),
             Ok(Err(e)) if e.is_time_limit() => {
                 self.metrics.observe_live_rejected("timeout");
                 tracing::warn!(tenant = %tenant, "live query exceeded maxTimeMS");

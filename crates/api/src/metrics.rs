@@ -27,6 +27,10 @@ pub mod names {
     pub const LIVE_REJECTED: &str = "callboard_live_rejected_total";
     pub const REDIS_NOEVICTION: &str = "callboard_redis_noeviction";
     pub const POISON_EVENTS: &str = "callboard_poison_events_total";
+    pub const FRESHNESS_WAIT: &str = "callboard_freshness_wait_seconds";
+    pub const CHECKPOINT_AGE: &str = "callboard_checkpoint_age_seconds";
+    pub const HISTORY_WINDOW: &str = "callboard_history_window_seconds";
+    pub const HISTORY_AT_RISK: &str = "callboard_history_at_risk";
 }
 
 /// How often an API process recounts its tenants by state.
@@ -49,6 +53,10 @@ pub struct Metrics {
     live_coalesced: IntCounter,
     live_rejected: IntCounterVec,
     noeviction: IntGauge,
+    freshness_wait: HistogramVec,
+    checkpoint_age: IntGauge,
+    history_window: IntGauge,
+    history_at_risk: IntGauge,
 }
 
 impl Metrics {
@@ -80,6 +88,18 @@ impl Metrics {
             names::REDIS_NOEVICTION,
             "1 while Redis was last seen with maxmemory-policy noeviction on every master; 0 means it may drop keys (or is unknown) and every answer is live",
         );
+        let checkpoint_age = gauge(
+            names::CHECKPOINT_AGE,
+            "how far behind now the oldest partition checkpoint stands, s (-1: not every partition has one)",
+        );
+        let history_window = gauge(
+            names::HISTORY_WINDOW,
+            "how much history MongoDB keeps (now less the oldest oplog entry), s (-1: unknown)",
+        );
+        let history_at_risk = gauge(
+            names::HISTORY_AT_RISK,
+            "1 while the oldest checkpoint's age is past projector.history_warn_share of the history window",
+        );
         let tenants =
             IntGaugeVec::new(Opts::new(names::TENANTS, "tenants by read-model state"), &["state"]).expect("valid");
         for c in [
@@ -91,6 +111,9 @@ impl Metrics {
             &writes_lost,
             &poison_events,
             &noeviction,
+            &checkpoint_age,
+            &history_window,
+            &history_at_risk,
         ] {
             registry.register(Box::new(c.clone())).expect("unique metric");
         }
@@ -99,7 +122,7 @@ impl Metrics {
         let misses = IntCounterVec::new(
             Opts::new(
                 names::MISSES,
-                "answers given live, by reason (cold, format, short_window, retries_exhausted, redis_error, bypass, redis_may_evict)",
+                "answers given live, by reason (cold, format, short_window, retries_exhausted, redis_error, bypass, redis_may_evict, min_as_of: the wait for the projector ran out, stale: older than max_staleness_ms)",
             ),
             &["reason"],
         )
@@ -119,6 +142,16 @@ impl Metrics {
         registry.register(Box::new(live_queries.clone())).expect("unique metric");
         registry.register(Box::new(live_coalesced.clone())).expect("unique metric");
         registry.register(Box::new(live_rejected.clone())).expect("unique metric");
+        let freshness_wait = HistogramVec::new(
+            HistogramOpts::new(
+                names::FRESHNESS_WAIT,
+                "time a min_as_of request waited for the projector, by outcome (met: answered from the cache; timed_out: answered live)",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            &["outcome"],
+        )
+        .expect("valid histogram");
+        registry.register(Box::new(freshness_wait.clone())).expect("unique metric");
         Self {
             registry,
             grouped,
@@ -135,7 +168,16 @@ impl Metrics {
             live_coalesced,
             live_rejected,
             noeviction,
+            freshness_wait,
+            checkpoint_age,
+            history_window,
+            history_at_risk,
         }
+    }
+
+    pub fn observe_freshness_wait(&self, met: bool, waited: Duration) {
+        let outcome = if met { "met" } else { "timed_out" };
+        self.freshness_wait.with_label_values(&[outcome]).observe(waited.as_secs_f64());
     }
 
     /// Counts the tenants by state (a read per tenant): run every
@@ -172,8 +214,13 @@ impl Metrics {
 
     /// The text exposition, with the projector's figures refreshed (a few
     /// single-key reads; nothing per tenant).
-    pub async fn render(&self, cache: &ReadModel, noeviction: bool) -> String {
+    pub async fn render(&self, cache: &ReadModel, noeviction: bool, history: (u32, f64)) -> String {
         self.noeviction.set(i64::from(noeviction));
+        if let Ok(h) = cache.history_window(history.0, history.1).await {
+            self.checkpoint_age.set(h.checkpoint_age_ms.map_or(-1, |ms| ms / 1000));
+            self.history_window.set(h.window_ms.map_or(-1, |ms| ms / 1000));
+            self.history_at_risk.set(i64::from(h.at_risk));
+        }
         if let Ok(p) = cache.progress().await {
             self.events_applied.set(p.events_applied as i64);
             self.lag_ms.set(p.lag_ms.unwrap_or(0));

@@ -10,7 +10,7 @@ use actix_web::dev::Payload;
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::web::{Bytes, BytesMut};
 use actix_web::{web, FromRequest, HttpRequest};
-use callboard_domain::{GroupedRequest, Limit, ParamValue};
+use callboard_domain::{Freshness, GroupedRequest, Limit, ParamValue};
 use futures::StreamExt;
 
 use crate::error::{ApiError, ErrorCode};
@@ -25,9 +25,26 @@ pub struct ParamLimits {
     pub max_limit: u32,
 }
 
-/// A validated `get-grouped-by-status` request.
+/// A validated `get-grouped-by-status` request: what to show, and how
+/// fresh.
 #[derive(Debug, Clone, Copy)]
-pub struct GroupedParams(pub GroupedRequest);
+pub struct GroupedParams {
+    pub request: GroupedRequest,
+    pub freshness: Freshness,
+}
+
+/// Whether `name` is one of the endpoint's parameters.
+fn is_parameter(name: &str) -> bool {
+    GroupedRequest::is_parameter(name) || Freshness::is_parameter(name)
+}
+
+impl GroupedParams {
+    fn from_params(params: Vec<(String, ParamValue)>, limits: &ParamLimits) -> Result<Self, ApiError> {
+        let freshness = Freshness::from_params(&params)?;
+        let request = GroupedRequest::from_params(params, limits.default_limit, limits.max_limit)?;
+        Ok(Self { request, freshness })
+    }
+}
 
 impl FromRequest for GroupedParams {
     type Error = ApiError;
@@ -44,7 +61,7 @@ impl FromRequest for GroupedParams {
             let body = read_body(&req, payload, limits.max_body_bytes).await?;
             let mut params = query_params(req.query_string())?;
             params.extend(body_params(req.headers(), body).await?);
-            Ok(GroupedParams(GroupedRequest::from_params(params, limits.default_limit, limits.max_limit)?))
+            GroupedParams::from_params(params, &limits)
         })
     }
 }
@@ -161,7 +178,7 @@ async fn multipart_params(headers: &HeaderMap, body: Bytes) -> Result<Vec<(Strin
         while let Some(chunk) = field.next().await {
             value.extend_from_slice(&chunk.map_err(malformed)?);
         }
-        if !GroupedRequest::is_parameter(&name) {
+        if !is_parameter(&name) {
             continue;
         }
         let text = String::from_utf8(value)
@@ -194,22 +211,28 @@ mod fuzz {
     use actix_web::http::header::HeaderValue;
     use proptest::prelude::*;
 
-    fn parse(content_type: Option<&str>, query: &str, body: Vec<u8>) -> Result<GroupedRequest, ApiError> {
+    fn parse(content_type: Option<&str>, query: &str, body: Vec<u8>) -> Result<GroupedParams, ApiError> {
         let mut headers = HeaderMap::new();
         if let Some(v) = content_type.and_then(|ct| HeaderValue::from_str(ct).ok()) {
             headers.insert(header::CONTENT_TYPE, v);
         }
+        let limits = ParamLimits {
+            max_body_bytes: 1 << 20,
+            body_timeout: std::time::Duration::from_secs(10),
+            default_limit: Limit::new(100, 1000).expect("valid"),
+            max_limit: 1000,
+        };
         futures::executor::block_on(async {
             let mut params = query_params(query)?;
             params.extend(body_params(&headers, Bytes::from(body)).await?);
-            Ok(GroupedRequest::from_params(params, Limit::new(100, 1000).expect("valid"), 1000)?)
+            GroupedParams::from_params(params, &limits)
         })
     }
 
     /// What a parse may end in: a valid request, or a client error.
-    fn sane(outcome: &Result<GroupedRequest, ApiError>) -> bool {
+    fn sane(outcome: &Result<GroupedParams, ApiError>) -> bool {
         match outcome {
-            Ok(r) => (1..=1000).contains(&r.limit.get()),
+            Ok(p) => (1..=1000).contains(&p.request.limit.get()),
             Err(e) => matches!(
                 e.code,
                 ErrorCode::InvalidParameter | ErrorCode::MalformedBody | ErrorCode::UnsupportedMediaType
@@ -234,6 +257,9 @@ mod fuzz {
             Just("true".to_string()),
             Just("false".to_string()),
             "[a-zA-Z0-9 .+-]{0,12}",
+            (0u32..2_000_000_000, 0u32..100).prop_map(|(s, i)| format!("{s}.{i}")),
+            (0u64..4_000_000_000_000).prop_map(callboard_domain::rfc3339_ms),
+            "20[0-9]{2}-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-6][0-9](\\.[0-9]{1,9})?(Z|[+-][01][0-9]:[0-5][0-9])",
         ]
     }
 
@@ -242,6 +268,8 @@ mod fuzz {
             Just("limit".to_string()),
             Just("include_calls".to_string()),
             Just("include_enrichment".to_string()),
+            Just("min_as_of".to_string()),
+            Just("max_staleness_ms".to_string()),
             "[a-z_]{1,10}",
         ];
         proptest::collection::vec((name, value()), 0..5).prop_map(|mut pairs| {
@@ -272,9 +300,9 @@ mod fuzz {
         body.into_bytes()
     }
 
-    fn same(a: &Result<GroupedRequest, ApiError>, b: &Result<GroupedRequest, ApiError>) -> bool {
+    fn same(a: &Result<GroupedParams, ApiError>, b: &Result<GroupedParams, ApiError>) -> bool {
         match (a, b) {
-            (Ok(a), Ok(b)) => a == b,
+            (Ok(a), Ok(b)) => a.request == b.request && a.freshness == b.freshness,
             (Err(a), Err(b)) => a.code == b.code,
             _ => false,
         }
@@ -312,7 +340,11 @@ mod fuzz {
             prop_assert!(same(&by_query, &multi), "multipart {multi:?} vs query {by_query:?} for {pairs:?}");
             // A valid limit is the limit asked for.
             if let (Ok(r), Some((_, v))) = (&by_query, pairs.iter().find(|(k, _)| k == "limit")) {
-                prop_assert_eq!(Some(i64::from(r.limit.get())), v.trim().parse::<i64>().ok(), "{:?}", v);
+                prop_assert_eq!(Some(i64::from(r.request.limit.get())), v.trim().parse::<i64>().ok(), "{:?}", v);
+            }
+            // A valid staleness bound is the one asked for.
+            if let (Ok(r), Some((_, v))) = (&by_query, pairs.iter().find(|(k, _)| k == "max_staleness_ms")) {
+                prop_assert_eq!(r.freshness.max_staleness_ms, v.parse::<u64>().ok(), "{:?}", v);
             }
         }
 

@@ -1,11 +1,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::{ApiError, ErrorCode};
-use crate::live::LiveGate;
+use crate::freshness::{now_ms, Watermarks};
+use crate::live::{Joinable, LiveGate};
 use crate::metrics::Metrics;
-use callboard_domain::{GroupedBody, GroupedRequest, TenantId};
+use callboard_domain::{Freshness, GroupedBody, GroupedRequest, MinAsOf, TenantId, Watermark};
 use callboard_readmodel::{Miss, Read, ReadModel};
 
 /// What handlers share.
@@ -21,6 +22,25 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// The most calls one answer may show (`query.max_response_calls`).
     pub max_response_calls: usize,
+    pub watermarks: Watermarks,
+    /// How long a request waits for its `min_as_of` (`query.max_wait_ms`).
+    pub max_wait: Duration,
+    /// `max_staleness_ms` for requests that give none
+    /// (`query.max_staleness_ms`; none: unbounded).
+    pub max_staleness_ms: Option<u64>,
+    /// `projector.partitions` and `projector.history_warn_share`, for the
+    /// history window's report.
+    pub partitions: u32,
+    pub history_warn_share: f64,
+}
+
+/// An answer, where it came from, and how fresh it is: every change
+/// committed before `as_of_ms` is reflected.
+#[derive(Debug)]
+pub struct Answer {
+    pub body: GroupedBody,
+    pub outcome: CacheOutcome,
+    pub as_of_ms: u64,
 }
 
 /// Where an answer came from.
@@ -40,48 +60,70 @@ impl CacheOutcome {
 }
 
 impl AppState {
-    /// The grouped response: from Redis when the tenant is warm; otherwise
-    /// live from MongoDB, after queueing a warm of the tenant (once, however
-    /// many requests see it cold). `bypass_cache` forces the live answer.
-    /// A Redis failure degrades to the live answer rather than an error.
+    /// The grouped response: from Redis when the tenant is warm and the
+    /// cache is as fresh as `freshness` asks; otherwise live from MongoDB,
+    /// after queueing a warm of a cold tenant (once, however many requests
+    /// see it cold). `bypass_cache` forces the live answer. A Redis failure
+    /// degrades to the live answer rather than an error.
     pub async fn grouped(
         &self,
         tenant: TenantId,
         request: &GroupedRequest,
+        freshness: &Freshness,
         bypass_cache: bool,
-    ) -> Result<(GroupedBody, CacheOutcome), ApiError> {
-        let (body, outcome) = self.answer(tenant, request, bypass_cache).await?;
-        if body.calls() > self.max_response_calls {
+    ) -> Result<Answer, ApiError> {
+        let answer = self.answer(tenant, request, freshness, bypass_cache).await?;
+        if answer.body.calls() > self.max_response_calls {
             return Err(ApiError::new(
                 ErrorCode::ResponseTooLarge,
                 format!(
                     "this answer would show {} calls, more than the {} allowed (query.max_response_calls): ask for \
                      a lower limit, or include_calls=false for counts only",
-                    body.calls(),
+                    answer.body.calls(),
                     self.max_response_calls
                 ),
             ));
         }
-        Ok((body, outcome))
+        Ok(answer)
     }
 
     async fn answer(
         &self,
         tenant: TenantId,
         request: &GroupedRequest,
+        freshness: &Freshness,
         bypass_cache: bool,
-    ) -> Result<(GroupedBody, CacheOutcome), ApiError> {
+    ) -> Result<Answer, ApiError> {
         let started = Instant::now();
+        let arrived_ms = now_ms();
+        let arrived_query = self.live.now();
+        if let Some(MinAsOf::Millis(t)) = freshness.min_as_of {
+            let ahead = t.saturating_sub(arrived_ms);
+            if ahead > self.max_wait.as_millis() as u64 {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidParameter,
+                    format!(
+                        "min_as_of is {ahead} ms in the future; it may be at most query.max_wait_ms ({} ms) ahead",
+                        self.max_wait.as_millis()
+                    ),
+                ));
+            }
+        }
         let reason = if bypass_cache {
             "bypass"
         } else if !self.noeviction.load(Ordering::Relaxed) {
             "redis_may_evict"
         } else {
+            // Read before the data: a lower bound of what the data reflects.
+            let mark = self.watermarks.of(tenant);
             match self.cache.grouped(tenant, request).await {
-                Ok(Read::Hit(response)) => {
-                    self.metrics.observe_grouped(CacheOutcome::Hit, started.elapsed());
-                    return Ok((response, CacheOutcome::Hit));
-                }
+                Ok(Read::Hit(body)) => match self.fresh_hit(tenant, request, freshness, mark, body, started).await {
+                    Ok(answer) => {
+                        self.metrics.observe_grouped(CacheOutcome::Hit, started.elapsed());
+                        return Ok(answer);
+                    }
+                    Err(reason) => reason,
+                },
                 Ok(Read::Miss(miss)) => {
                     // A state of another format is replaced by a warm too.
                     if matches!(miss, Miss::Cold | Miss::Format) {
@@ -102,8 +144,60 @@ impl AppState {
         tracing::debug!(tenant = %tenant, reason, "answering live");
         tracing::Span::current().record("miss_reason", reason);
         self.metrics.observe_miss(reason);
-        let response = self.live.grouped(tenant, request).await?;
+        // A live answer reflects what was committed before its query
+        // started: for `min_as_of`, one that started after the instant
+        // asked for (waited for when it is just ahead), or after this
+        // request arrived (an operationTime: the write was acknowledged
+        // before the request was sent).
+        let join = match freshness.min_as_of {
+            Some(MinAsOf::Millis(t)) => {
+                let ahead = (t + 1).saturating_sub(now_ms());
+                if ahead > 0 {
+                    tokio::time::sleep(Duration::from_millis(ahead)).await;
+                }
+                Joinable::SpawnedFromMs(t + 1)
+            }
+            Some(MinAsOf::ClusterTime(_)) => Joinable::SpawnedSince(arrived_query),
+            None => Joinable::Any,
+        };
+        let (body, as_of_ms) = self.live.grouped(tenant, request, join).await?;
         self.metrics.observe_grouped(CacheOutcome::Miss, started.elapsed());
-        Ok((response, CacheOutcome::Miss))
+        Ok(Answer { body, outcome: CacheOutcome::Miss, as_of_ms })
+    }
+
+    /// A hit, if it is as fresh as `freshness` asks (waiting, up to
+    /// `query.max_wait_ms` from `started`, for the projector to pass
+    /// `min_as_of`, then reading again); else why it is not served.
+    async fn fresh_hit(
+        &self,
+        tenant: TenantId,
+        request: &GroupedRequest,
+        freshness: &Freshness,
+        mut mark: Watermark,
+        mut body: GroupedBody,
+        started: Instant,
+    ) -> Result<Answer, &'static str> {
+        if let Some(min) = freshness.min_as_of.filter(|min| !mark.covers(*min)) {
+            let deadline = tokio::time::Instant::from_std(started + self.max_wait);
+            let waited = Instant::now();
+            let covered = self.watermarks.wait_for(tenant, min, deadline).await;
+            self.metrics.observe_freshness_wait(covered.is_some(), waited.elapsed());
+            mark = covered.ok_or("min_as_of")?;
+            body = match self.cache.grouped(tenant, request).await {
+                Ok(Read::Hit(body)) => body,
+                // Gone cold meanwhile (an invalidation): its next request
+                // queues the warm.
+                Ok(Read::Miss(miss)) => return Err(miss.name()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "read model unavailable; answering live");
+                    return Err("redis_error");
+                }
+            };
+        }
+        let bound = freshness.max_staleness_ms.or(self.max_staleness_ms);
+        if bound.is_some_and(|max| now_ms().saturating_sub(mark.at_ms) > max) {
+            return Err("stale");
+        }
+        Ok(Answer { body, outcome: CacheOutcome::Hit, as_of_ms: mark.at_ms })
     }
 }

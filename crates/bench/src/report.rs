@@ -210,11 +210,15 @@ impl Report {
         }
         std::fs::create_dir_all(chart.parent().unwrap_or(Path::new(".")))?;
         std::fs::write(&chart, self.svg())?;
-        // The scale-out section (`--scale`) is another run's: kept.
+        // The scale-out section (`--scale`) is another run's, and the
+        // figures measured by hand or by tests are other sessions': kept.
         let existing = std::fs::read_to_string(out).unwrap_or_default();
-        if let (Some(a), Some(b)) = (existing.find("<!-- scale:begin -->"), existing.find("<!-- scale:end -->")) {
-            if a < b {
-                md.push_str(&format!("\n{}\n", &existing[a..b + "<!-- scale:end -->".len()]));
+        for part in ["scale", "by-hand"] {
+            let (begin, end) = (format!("<!-- {part}:begin -->"), format!("<!-- {part}:end -->"));
+            if let (Some(a), Some(b)) = (existing.find(&begin), existing.find(&end)) {
+                if a < b {
+                    md.push_str(&format!("\n{}\n", &existing[a..b + end.len()]));
+                }
             }
         }
         std::fs::write(out, md)?;

@@ -119,6 +119,9 @@ async fn projector(settings: &Settings, db: mongodb::Database) -> anyhow::Result
         batch_max: settings.projector.batch_max,
         lease_ttl: Duration::from_millis(settings.projector.lease_ttl_ms),
         partitions: settings.projector.partitions,
+        watermark_collection: Some(settings.projector.watermark_collection.clone()).filter(|c| !c.is_empty()),
+        watermark_interval: Duration::from_millis(settings.projector.watermark_interval_ms),
+        history_warn_share: settings.projector.history_warn_share,
         doc_window: DocWindow {
             size: settings.projector.doc_window,
             floor: settings.projector.doc_window.min(u64::from(settings.query.max_limit()?)),

@@ -8,6 +8,7 @@
 //! The crate does no I/O: it turns raw documents into the grouped response
 //! ([`render`]) and defines the order calls are shown in ([`CallOrder`]).
 
+mod freshness;
 mod ids;
 mod order;
 mod params;
@@ -15,6 +16,7 @@ pub mod render;
 mod response;
 mod status;
 
+pub use freshness::{rfc3339_ms, ClusterTime, Freshness, MinAsOf, Watermark};
 pub use ids::{CallId, DocKey, StatusKey, TenantId, UserId};
 pub use order::CallOrder;
 pub use params::{GroupedRequest, Limit, ParamError, ParamValue, MAX_LIMIT_CEILING};

@@ -5,11 +5,13 @@ use bson::doc;
 use mongodb::change_stream::event::ResumeToken;
 use redis::{AsyncCommands, Script};
 
-use callboard_readmodel::state::progress;
+use callboard_domain::{ClusterTime, Watermark};
+use callboard_readmodel::state::{as_of, progress};
 use callboard_readmodel::{Keys, ReadModelError, Redis};
 
 const SAVE: &str = include_str!("lua/checkpoint_save.lua");
 const CLEAR: &str = include_str!("lua/checkpoint_clear.lua");
+const AS_OF: &str = include_str!("lua/as_of_publish.lua");
 
 pub struct Checkpoint {
     redis: Redis,
@@ -94,6 +96,9 @@ impl Checkpoint {
             .arg(progress::HEARTBEAT_MS)
             .arg(progress::LAST_EVENT_MS)
             .arg(progress::LAG_MS)
+            .arg(progress::checkpoint_at(self.keys.partition()))
+            // An idle stream's post-batch token stands about at now.
+            .arg(stats.last_event_ms.unwrap_or(now))
             .invoke_async(&mut c)
             .await?;
         Ok(saved == 1)
@@ -112,6 +117,29 @@ impl Checkpoint {
             .invoke_async(&mut c)
             .await?;
         Ok(cleared == 1)
+    }
+
+    /// Raises the partition's watermark (`P:{g}:asof:<p>`) to `w`, each
+    /// part only upwards, if `owner` still holds the lease; `false`
+    /// otherwise.
+    pub async fn publish_as_of(&self, owner: &str, w: Watermark) -> Result<bool, ReadModelError> {
+        static CELL: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+        let mut c = self.redis.get().await?;
+        let through = |f: fn(ClusterTime) -> u32| w.through.map(|t| f(t).to_string()).unwrap_or_default();
+        let published: i64 = CELL
+            .get_or_init(|| Script::new(AS_OF))
+            .key(self.keys.lease())
+            .key(self.keys.as_of())
+            .arg(owner)
+            .arg(w.at_ms)
+            .arg(through(|t| t.seconds))
+            .arg(through(|t| t.increment))
+            .arg(as_of::AT_MS)
+            .arg(as_of::THROUGH_S)
+            .arg(as_of::THROUGH_I)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(published == 1)
     }
 
     /// Heartbeat and counters while idle or warming.

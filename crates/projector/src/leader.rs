@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use callboard_domain::TenantId;
+use callboard_domain::{TenantId, Watermark};
 use callboard_readmodel::state::progress;
 use callboard_readmodel::write::{Scope, Writer};
 use callboard_readmodel::{Command, PoisonEvent, ReadModelError, TenantState};
@@ -30,7 +30,7 @@ use crate::checkpoint::{now_ms, BatchStats, Checkpoint};
 use crate::lease::Keeper;
 use crate::source::{self, Source, StartAt};
 use crate::transform::{self, Change};
-use crate::{warm, Projector, ProjectorError};
+use crate::{warm, watermark, Projector, ProjectorError};
 
 type Event = mongodb::change_stream::event::ChangeStreamEvent<bson::Document>;
 type ResumeToken = mongodb::change_stream::event::ResumeToken;
@@ -155,6 +155,10 @@ impl Leader<'_> {
         let mut last_resume = Instant::now();
         let mut last_beat = Instant::now();
         let mut last_idle_checkpoint = Instant::now();
+        // Where this leadership stands for answers' `as_of`.
+        let mut tracker = watermark::Tracker::default();
+        let mut published = Watermark::default();
+        let marks = self.p.config.watermark_collection.as_deref();
         loop {
             if self.p.stopping() {
                 // Everything applied is checkpointed (each batch saves its
@@ -170,6 +174,8 @@ impl Leader<'_> {
                 if retrying!(self, "durability check", self.check_durability().await)? == Durability::MasterBehind {
                     source = self.restart_read_model().await?;
                     pending.clear();
+                    tracker.reset();
+                    published = Watermark::default();
                 }
                 last_beat = Instant::now();
             }
@@ -188,6 +194,8 @@ impl Leader<'_> {
                 Err(e) if source::is_history_lost(&e) => {
                     source = self.recover_history_lost(&e).await?;
                     pending.clear();
+                    tracker.reset();
+                    published = Watermark::default();
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -204,6 +212,8 @@ impl Leader<'_> {
                         )?;
                     }
                 }
+                let w = tracker.applied(&[], marks, source.drained(), now_ms());
+                retrying!(self, "watermark", self.publish(&mut published, w).await)?;
                 // Keep the checkpoint moving on an idle stream (the
                 // server's post-batch token), so a long quiet spell cannot
                 // outlive the oplog window.
@@ -232,6 +242,10 @@ impl Leader<'_> {
                 }
             }
             let reset = retrying!(self, "apply", self.apply_events(&events).instrument(span.clone()).await)?;
+            if reset.is_none() {
+                let w = tracker.applied(&events, marks, source.drained(), now_ms());
+                retrying!(self, "watermark", self.publish(&mut published, w).await)?;
+            }
             let newest_ms = events.iter().filter_map(transform::event_ms).max().unwrap_or(0);
             let caught_up: Vec<TenantId> = pending
                 .iter()
@@ -250,6 +264,8 @@ impl Leader<'_> {
                 for (_, dropped) in pending.drain() {
                     self.job_done(dropped.job.as_deref()).await?;
                 }
+                tracker.reset();
+                published = Watermark::default();
             }
         }
     }
@@ -260,6 +276,24 @@ impl Leader<'_> {
             user_fields: Some(self.p.fields.names().to_vec()),
             doc_window: Some(self.p.config.doc_window.size),
         }
+    }
+
+    /// The change stream from `start`, with the watermark collection.
+    async fn open_stream(&self, start: StartAt) -> Result<Source, mongodb::error::Error> {
+        Source::open(&self.p.db, start, self.p.config.watermark_collection.as_deref()).await
+    }
+
+    /// Raises the partition's published watermark to `w` if it is
+    /// higher ([`watermark`]): after the events it stands for are applied.
+    async fn publish(&self, published: &mut Watermark, w: Watermark) -> Result<(), ProjectorError> {
+        if w.at_ms <= published.at_ms && w.through <= published.through {
+            return Ok(());
+        }
+        if !self.checkpoint.publish_as_of(&self.owner, w).await? {
+            return Err(ProjectorError::LeaseLost);
+        }
+        *published = published.max(w);
+        Ok(())
     }
 
     async fn open_source(&self) -> Result<Source, ProjectorError> {
@@ -295,7 +329,7 @@ impl Leader<'_> {
             }
         }
         match checkpoint {
-            Some(token) => match Source::open(&self.p.db, StartAt::ResumeAfter(token)).await {
+            Some(token) => match self.open_stream(StartAt::ResumeAfter(token)).await {
                 Ok(s) => Ok(s),
                 Err(e) if source::is_history_lost(&e) => self.recover_history_lost(&e).await,
                 Err(e) => Err(e.into()),
@@ -376,7 +410,7 @@ impl Leader<'_> {
         // No checkpoint now: nothing saved to compare with.
         self.saved.store(0, Ordering::Relaxed);
         self.writer.purge_all().await?;
-        let source = Source::open(&self.p.db, start).await?;
+        let source = self.open_stream(start).await?;
         let (users, statuses) = warm::bootstrap_globals(&self.p.db, &self.writer, &self.p.fields).await?;
         self.writer.set_schema().await?;
         self.writer.set_fingerprint(&self.fingerprint()).await?;

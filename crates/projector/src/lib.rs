@@ -13,11 +13,13 @@
 //! ([`Projector::run`]); `leader` is one partition's loop.
 
 pub mod checkpoint;
+pub mod history;
 mod leader;
 pub mod lease;
 pub mod source;
 pub mod transform;
 pub mod warm;
+pub mod watermark;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -77,6 +79,13 @@ pub struct ProjectorConfig {
     pub doc_window: DocWindow,
     /// Projector partitions: every process must be given the same count.
     pub partitions: u32,
+    /// Where partition 0's leader writes watermarks ([`watermark`]); none:
+    /// answers' `as_of` comes from the stream alone.
+    pub watermark_collection: Option<String>,
+    pub watermark_interval: Duration,
+    /// Warn when the oldest checkpoint's age passes this share of
+    /// MongoDB's history window ([`history`]).
+    pub history_warn_share: f64,
 }
 
 impl Default for ProjectorConfig {
@@ -88,6 +97,9 @@ impl Default for ProjectorConfig {
             idle_checkpoint: Duration::from_secs(10),
             doc_window: DocWindow::default(),
             partitions: 1,
+            watermark_collection: Some("callboard_watermarks".into()),
+            watermark_interval: Duration::from_millis(100),
+            history_warn_share: 0.5,
         }
     }
 }
@@ -350,6 +362,27 @@ impl Projector {
             saved: Default::default(),
             marker_tags: Default::default(),
         };
+        // Partition 0's leader marks the stream for every partition (each
+        // reads all of it); the marks stop with the leadership.
+        let _marks = match (&self.config.watermark_collection, Partitioning::owns_globals(partition)) {
+            (Some(collection), true) => Some(AbortOnDrop(tokio::spawn(watermark::write_marks(
+                self.db.clone(),
+                collection.clone(),
+                self.config.watermark_interval,
+            )))),
+            _ => None,
+        };
+        // ...and watches how much history MongoDB keeps.
+        let _history = Partitioning::owns_globals(partition).then(|| {
+            AbortOnDrop(tokio::spawn(history::watch(
+                self.db.client().clone(),
+                self.redis.clone(),
+                self.reader.clone(),
+                self.keys.clone(),
+                self.config.partitions,
+                self.config.history_warn_share,
+            )))
+        });
         let span = tracing::info_span!("partition", partition);
         tracing::Instrument::instrument(leader.run(), span).await
     }

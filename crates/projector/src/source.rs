@@ -1,5 +1,6 @@
 //! The change stream: one stream on the database, filtered to the three
-//! collections, so that their events arrive in one commit order.
+//! collections (and the watermark collection), so that their events arrive
+//! in one commit order.
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,9 @@ const LINGER: Duration = Duration::from_millis(5);
 pub struct Source {
     stream: ChangeStream<ChangeStreamEvent<Document>>,
     db: Database,
+    /// The collections watched: the three, and the watermark collection
+    /// when there is one.
+    collections: Vec<String>,
     start: StartAt,
     /// An `invalidate` event was returned: the stream ends there by design
     /// and the caller starts a new one after it.
@@ -39,20 +43,40 @@ pub struct Source {
     /// driver forgets its own when a getMore ends the cursor without a
     /// post-batch token.
     last: Option<ResumeToken>,
+    /// When (ms) the last getMore that came back empty was sent: every
+    /// event committed before then has been returned ([`crate::watermark`]).
+    drained_ms: Option<i64>,
+    /// The last `next_if_any` of the last batch came back empty: nothing
+    /// returned is followed by more of its transaction.
+    ended_dry: bool,
 }
 
 impl Source {
-    pub async fn open(db: &Database, start: StartAt) -> Result<Self, mongodb::error::Error> {
-        let stream = Self::watch(db, &start).await?;
+    /// The stream of the three collections, and of `watermarks` (the
+    /// watermark collection) if given.
+    pub async fn open(db: &Database, start: StartAt, watermarks: Option<&str>) -> Result<Self, mongodb::error::Error> {
+        let mut collections: Vec<String> = [CALLS, USERS, CALL_STATUS].map(str::to_string).into();
+        collections.extend(watermarks.map(str::to_string));
+        let stream = Self::watch(db, &collections, &start).await?;
         let last = stream.resume_token();
-        Ok(Self { stream, db: db.clone(), start, invalidated: false, last })
+        Ok(Self {
+            stream,
+            db: db.clone(),
+            collections,
+            start,
+            invalidated: false,
+            last,
+            drained_ms: None,
+            ended_dry: false,
+        })
     }
 
     async fn watch(
         db: &Database,
+        collections: &[String],
         start: &StartAt,
     ) -> Result<ChangeStream<ChangeStreamEvent<Document>>, mongodb::error::Error> {
-        let pipeline = [doc! {"$match": {"ns.coll": {"$in": [CALLS, USERS, CALL_STATUS]}}}];
+        let pipeline = [doc! {"$match": {"ns.coll": {"$in": collections.to_vec()}}}];
         let mut watch = db
             .watch()
             .pipeline(pipeline)
@@ -83,14 +107,16 @@ impl Source {
             None => self.start.clone(),
         };
         tracing::warn!(?start, "the change stream ended without an invalidate; reopening it where it stopped");
-        self.stream = Self::watch(&self.db, &start).await?;
+        self.stream = Self::watch(&self.db, &self.collections, &start).await?;
         self.last = self.stream.resume_token().or(self.last.take());
         self.start = start;
         Ok(())
     }
 
     /// Up to `max` events: waits at most `wait` for the first, then takes
-    /// what arrives within [`LINGER`] of it. Uses `next_if_any` (no
+    /// what arrives within [`LINGER`] of it. After it, [`Source::drained_ms`]
+    /// says whether the stream ran dry meanwhile
+    /// ([`Source::drained`]). Uses `next_if_any` (no
     /// cancelled futures: the driver's stream state must not be interrupted
     /// mid-read).
     pub async fn next_batch(
@@ -102,8 +128,18 @@ impl Source {
         let mut first: Option<Instant> = None;
         let mut batch = Vec::new();
         let mut revived = false;
+        self.drained_ms = None;
         while batch.len() < max {
+            let sent = crate::checkpoint::now_ms();
             let next = self.stream.next_if_any().await?;
+            // `next_if_any` makes at most one request: none while events
+            // are buffered, so a `None` from a live stream is an empty
+            // getMore sent after `sent`.
+            let dry = next.is_none() && self.stream.is_alive() && !self.invalidated;
+            if dry {
+                self.drained_ms = Some(sent);
+            }
+            self.ended_dry = dry;
             if let Some(token) = self.stream.resume_token() {
                 self.last = Some(token);
             }
@@ -127,6 +163,13 @@ impl Source {
             }
         }
         Ok(batch)
+    }
+
+    /// How the last batch's reads ended: when a getMore last came back
+    /// empty, and whether the batch ended on one (rather than on its size
+    /// or its linger, with events perhaps still buffered).
+    pub fn drained(&self) -> crate::watermark::Drained {
+        crate::watermark::Drained { drained: self.drained_ms, dry: self.ended_dry }
     }
 
     /// The token to resume after everything returned so far.

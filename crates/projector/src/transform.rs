@@ -66,9 +66,12 @@ pub fn change_of(event: &ChangeStreamEvent<Document>, fields: &UserFields) -> Op
                 _ => None,
             }
         }
-        OperationType::Drop | OperationType::Rename | OperationType::DropDatabase | OperationType::Invalidate => {
-            Some(Change::Reset)
+        // A CRM collection dropped or renamed (the watermark collection's
+        // fate changes nothing), the database dropped, the stream ended.
+        OperationType::Drop | OperationType::Rename => {
+            matches!(coll?, CALLS | USERS | CALL_STATUS).then_some(Change::Reset)
         }
+        OperationType::DropDatabase | OperationType::Invalidate => Some(Change::Reset),
         _ => None,
     }
 }
@@ -267,6 +270,22 @@ mod tests {
 
     fn warm(view: &mut StateView, t: i64) {
         view.tenants.insert(TenantId::new(t).unwrap(), TenantState::Warm(1));
+    }
+
+    #[test]
+    fn only_a_crm_collection_dropped_or_renamed_resets() {
+        let event = |op: &str, coll: &str| -> ChangeStreamEvent<Document> {
+            bson::from_document(doc! {"_id": {"_data": "00"}, "operationType": op, "ns": {"db": "crm", "coll": coll}})
+                .expect("an event")
+        };
+        let fields = UserFields::default();
+        for op in ["drop", "rename"] {
+            for coll in [CALLS, USERS, CALL_STATUS] {
+                assert!(matches!(change_of(&event(op, coll), &fields), Some(Change::Reset)), "{op} {coll}");
+            }
+            assert!(change_of(&event(op, "callboard_watermarks"), &fields).is_none(), "{op}");
+        }
+        assert!(matches!(change_of(&event("dropDatabase", ""), &fields), Some(Change::Reset)));
     }
 
     #[test]

@@ -33,6 +33,7 @@
 //! | `P:{g}:schema:<p>` | STRING | the format partition `p` built its keys in ([`SCHEMA`] and the partition count) |
 //! | `P:{g}:ckpt:<p>` | STRING | partition `p`'s resume token of its last applied batch (BSON) |
 //! | `P:{g}:lease:<p>` | STRING | the id of partition `p`'s active projector, with a TTL |
+//! | `P:{g}:asof:<p>` | HASH | partition `p`'s watermark: `at_ms` (every change committed before it is applied), `through_s`/`through_i` (every change at or before that cluster time); only grows, with the checkpoint's lease check |
 //! | `P:{g}:members` | ZSET | projector processes, scored by their last heartbeat (ms) |
 //! | `P:{mI}:seq:<p>` | STRING | on a cluster, one per master: the sequence of partition `p`'s last batch written before its checkpoint (durability marker) |
 //! | `P:{g}:fence_seq` | STRING | counter handing each new leader a higher token |
@@ -251,6 +252,10 @@ impl Keys {
     }
     pub fn lease(&self) -> String {
         self.global(&format!("lease:{}", self.partition))
+    }
+    /// How far partition `p` has applied the stream ([`callboard_domain::Watermark`]).
+    pub fn as_of(&self) -> String {
+        self.global(&format!("asof:{}", self.partition))
     }
     /// The durability marker of this partition under hash tag `tag` (one
     /// per master): the sequence of the last batch whose writes preceded it.

@@ -2,13 +2,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use callboard_domain::render::{self, GroupCalls, UserFields};
-use callboard_domain::{GroupedBody, GroupedRequest, Status, StatusRecord, TenantId, UserId};
+use callboard_domain::{ClusterTime, GroupedBody, GroupedRequest, Status, StatusRecord, TenantId, UserId, Watermark};
 use redis::AsyncCommands;
 
 use crate::codec::{member_call_id, split_stored, user_json_for};
 use crate::conn::{transaction, Conn, Redis};
 use crate::local::{LocalCopies, Stamps, TenantStatuses};
-use crate::state::{is_job_id, job, progress, Command};
+use crate::state::{as_of, is_job_id, job, progress, Command};
 use crate::write::script::{script, REQUEST_WARM};
 use crate::{Keys, ReadModelError, TenantState};
 
@@ -102,6 +102,25 @@ impl ReadModel {
         let mut c = self.conn().await?;
         let _: String = redis::cmd("PING").query_async(&mut c).await?;
         Ok(())
+    }
+
+    /// Every partition's watermark (`partitions` of them, in order; a
+    /// partition that has published none has the zero watermark, which
+    /// vouches for nothing). One pipeline to the `{g}` slot.
+    pub async fn watermarks(&self, partitions: u32) -> Result<Vec<Watermark>, ReadModelError> {
+        let mut pipe = redis::pipe();
+        for p in 0..partitions {
+            pipe.hmget(self.keys.in_partition(p).as_of(), &[as_of::AT_MS, as_of::THROUGH_S, as_of::THROUGH_I]);
+        }
+        let mut c = self.conn().await?;
+        let rows: Vec<(Option<u64>, Option<u32>, Option<u32>)> = pipe.query_async(&mut c).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(at_ms, seconds, increment)| Watermark {
+                at_ms: at_ms.unwrap_or(0),
+                through: seconds.zip(increment).map(|(seconds, increment)| ClusterTime { seconds, increment }),
+            })
+            .collect())
     }
 
     pub async fn tenant_state(&self, tenant: TenantId) -> Result<TenantState, ReadModelError> {
@@ -548,6 +567,36 @@ impl ReadModel {
     }
 }
 
+/// How close the projectors' checkpoints are to falling off MongoDB's
+/// history (the oplog): when a checkpoint is older than the oldest entry,
+/// its partition must be rebuilt.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct HistoryWindow {
+    /// How far behind now the oldest partition checkpoint stands (ms);
+    /// none before every partition has saved one.
+    pub checkpoint_age_ms: Option<i64>,
+    /// How much history MongoDB holds: now less its oldest oplog entry
+    /// (ms); none when unknown (no `local.oplog.rs` to read, or no right to).
+    pub window_ms: Option<i64>,
+    /// `checkpoint_age_ms / window_ms`.
+    pub used: Option<f64>,
+    /// `used` has passed `warn_share`.
+    pub at_risk: bool,
+    pub warn_share: f64,
+}
+
+impl HistoryWindow {
+    /// From each partition's checkpoint position (ms; none: not saved
+    /// yet) and the oldest oplog entry's cluster time (s).
+    pub fn assess(checkpoint_at: &[Option<i64>], oplog_first_s: Option<i64>, now_ms: i64, warn_share: f64) -> Self {
+        let oldest = checkpoint_at.iter().copied().collect::<Option<Vec<i64>>>().and_then(|v| v.into_iter().min());
+        let checkpoint_age_ms = oldest.map(|at| (now_ms - at).max(0));
+        let window_ms = oplog_first_s.map(|s| (now_ms - s * 1000).max(1));
+        let used = checkpoint_age_ms.zip(window_ms).map(|(age, window)| age as f64 / window as f64);
+        Self { checkpoint_age_ms, window_ms, used, at_risk: used.is_some_and(|u| u > warn_share), warn_share }
+    }
+}
+
 /// Totals the projectors count in `P:{g}:progress`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -559,6 +608,19 @@ pub struct Counters {
 }
 
 impl ReadModel {
+    /// The [`HistoryWindow`] of `partitions` partitions.
+    pub async fn history_window(&self, partitions: u32, warn_share: f64) -> Result<HistoryWindow, ReadModelError> {
+        let mut c = self.conn().await?;
+        let mut fields: Vec<String> = (0..partitions).map(progress::checkpoint_at).collect();
+        fields.push(progress::OPLOG_FIRST_S.to_string());
+        let mut values: Vec<Option<i64>> =
+            redis::cmd("HMGET").arg(self.keys.progress()).arg(&fields).query_async(&mut c).await?;
+        let first = values.pop().flatten();
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        Ok(HistoryWindow::assess(&values, first, now, warn_share))
+    }
+
     pub async fn progress_counters(&self) -> Result<Counters, ReadModelError> {
         let mut c = self.conn().await?;
         let fields = [
@@ -686,4 +748,23 @@ fn corrupt(tenant: &TenantId, member: &[u8]) -> ReadModelError {
 
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::HistoryWindow;
+
+    #[test]
+    fn the_oldest_checkpoint_against_the_oldest_history() {
+        let w = HistoryWindow::assess(&[Some(9_000), Some(7_000)], Some(0), 10_000, 0.5);
+        assert_eq!((w.checkpoint_age_ms, w.window_ms), (Some(3_000), Some(10_000)));
+        assert_eq!((w.used, w.at_risk), (Some(0.3), false));
+        let w = HistoryWindow::assess(&[Some(4_000)], Some(0), 10_000, 0.5);
+        assert!(w.at_risk, "{w:?}");
+        // A partition without a checkpoint, or no oplog to read: unknown,
+        // never at risk.
+        assert_eq!(HistoryWindow::assess(&[Some(1), None], Some(0), 10_000, 0.5).checkpoint_age_ms, None);
+        let w = HistoryWindow::assess(&[Some(1)], None, 10_000, 0.5);
+        assert_eq!((w.window_ms, w.used, w.at_risk), (None, None, false));
+    }
 }

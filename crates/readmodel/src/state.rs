@@ -152,6 +152,15 @@ pub mod job {
     pub const CREATED_MS: &str = "created_ms";
 }
 
+/// The fields of a partition's watermark hash (`P:{g}:asof:<p>`).
+pub mod as_of {
+    /// Every change committed before this (ms since the epoch) is applied.
+    pub const AT_MS: &str = "at_ms";
+    /// Every change at or before this cluster time (seconds, increment).
+    pub const THROUGH_S: &str = "through_s";
+    pub const THROUGH_I: &str = "through_i";
+}
+
 /// Field names of the projectors' progress hash (`P:{g}:progress`) and of
 /// a tenant's `P:{tN}:meta`.
 pub mod progress {
@@ -164,6 +173,17 @@ pub mod progress {
     pub const WINDOW_REFILLS: &str = "window_refills_total";
     pub const WRITES_LOST: &str = "writes_lost_total";
     pub const POISON_EVENTS: &str = "poison_events_total";
+    /// The cluster time (s) of the oldest and newest oplog entries, as
+    /// partition 0's leader last read them (absent: unknown).
+    pub const OPLOG_FIRST_S: &str = "oplog_first_s";
+    pub const OPLOG_LAST_S: &str = "oplog_last_s";
+
+    /// Where partition `p`'s checkpoint stands in the stream (ms): its
+    /// last event's commit time, or the time an idle stream's position
+    /// was saved.
+    pub fn checkpoint_at(p: u32) -> String {
+        format!("checkpoint_at_ms:{p}")
+    }
 }
 
 /// Whether `id` is a warm job id (`w` and digits).

@@ -31,11 +31,13 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("CALLBOARD_ADMIN_JWT_SECRET", "auth.admin_jwt_secret"),
     ("CALLBOARD_USER_FIELDS", "query.user_fields"),
     ("CALLBOARD_PROJECTOR_PARTITIONS", "projector.partitions"),
+    ("CALLBOARD_PROJECTOR_WATERMARK_COLLECTION", "projector.watermark_collection"),
+    ("CALLBOARD_QUERY_MAX_STALENESS_MS", "query.max_staleness_ms"),
     ("CALLBOARD_LOG", "log.filter"),
     ("CALLBOARD_LOG_FORMAT", "log.format"),
 ];
 const LIST_KEYS: &[&str] = &["query.user_fields", "redis.cluster_nodes"];
-const INT_KEYS: &[&str] = &["http.workers", "projector.partitions"];
+const INT_KEYS: &[&str] = &["http.workers", "projector.partitions", "query.max_staleness_ms"];
 
 /// `CALLBOARD_*` variables that are not settings: the config file's path,
 /// and the test harness's own.
@@ -106,6 +108,13 @@ pub struct ProjectorSettings {
     /// Partitions the tenants are spread over; every projector process of
     /// a deployment must have the same count.
     pub partitions: u32,
+    /// The collection watermarks are written to; empty: none are written,
+    /// and answers' `as_of` is coarser.
+    pub watermark_collection: String,
+    pub watermark_interval_ms: u64,
+    /// Warn when the oldest checkpoint's age passes this share of
+    /// MongoDB's history window.
+    pub history_warn_share: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -179,6 +188,11 @@ pub struct QuerySettings {
     pub live_timeout_ms: u64,
     /// The most calls one answer may show, over all its statuses.
     pub max_response_calls: usize,
+    /// How long a `min_as_of` request waits for the projector, in ms.
+    pub max_wait_ms: u64,
+    /// `max_staleness_ms` for requests that give none; unset: unbounded.
+    #[serde(default)]
+    pub max_staleness_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -327,6 +341,28 @@ impl Settings {
         }
         if self.query.live_queue_wait_ms > 600_000 {
             return Err(invalid("query.live_queue_wait_ms", "must be at most 600000"));
+        }
+        if self.query.max_wait_ms > 60_000 {
+            return Err(invalid("query.max_wait_ms", "must be at most 60000"));
+        }
+        let coll = &self.projector.watermark_collection;
+        if coll.starts_with("system.") || coll.contains(['$', '\0']) || coll.len() > 120 {
+            return Err(invalid(
+                "projector.watermark_collection",
+                format!("{coll:?} is not a collection name callboard can write to (or leave it empty for none)"),
+            ));
+        }
+        if ["calls", "users", "call_status"].contains(&coll.as_str()) {
+            return Err(invalid(
+                "projector.watermark_collection",
+                format!("must not be one of the CRM's collections ({coll})"),
+            ));
+        }
+        if !(self.projector.history_warn_share > 0.0 && self.projector.history_warn_share <= 1.0) {
+            return Err(invalid("projector.history_warn_share", "must be above 0 and at most 1"));
+        }
+        if self.projector.watermark_interval_ms < 10 || self.projector.watermark_interval_ms > 60_000 {
+            return Err(invalid("projector.watermark_interval_ms", "must be between 10 and 60000"));
         }
         self.query.max_limit()?;
         self.query.default_limit()?;

@@ -131,7 +131,9 @@ pub async fn status(
     }
     let poison = state.cache.poison_events().await.map_err(cache_error)?;
     let poison: Vec<_> = poison.into_iter().filter(|p| query.tenant_id.is_none_or(|t| t == p.tenant_id)).collect();
-    Ok(HttpResponse::Ok().json(json!({"tenants": rows, "projector": progress, "poison_events": poison})))
+    let history = state.cache.history_window(state.partitions, state.history_warn_share).await.map_err(cache_error)?;
+    Ok(HttpResponse::Ok()
+        .json(json!({"tenants": rows, "projector": progress, "poison_events": poison, "history": history})))
 }
 
 /// `POST /admin/cache/invalidate`

@@ -94,5 +94,5 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let noeviction = state.noeviction.load(Ordering::Relaxed);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render(&state.cache, noeviction).await)
+        .body(state.metrics.render(&state.cache, noeviction, (state.partitions, state.history_warn_share)).await)
 }

@@ -111,7 +111,7 @@ impl Writer {
                 if shared.contains(&rest) || rest.starts_with("job:") || rest.starts_with("lease:") {
                     return false;
                 }
-                match ["sloc:", "ckpt:", "schema:", "settings:"].iter().find_map(|k| rest.strip_prefix(k)) {
+                match ["sloc:", "ckpt:", "schema:", "settings:", "asof:"].iter().find_map(|k| rest.strip_prefix(k)) {
                     Some(p) => mine(p),
                     None => scope.owns_globals(),
                 }

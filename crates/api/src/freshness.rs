@@ -1,0 +1,157 @@
+//! This process's view of how far each projector partition has come (the
+//! watermarks the projector publishes, `P:{g}:asof:<p>`), for answers'
+//! `as_of` and for requests that wait for their own writes (`min_as_of`).
+//!
+//! A background task reads every partition's watermark in one pipeline:
+//! every [`IDLE_POLL`], and every [`BUSY_POLL`] while a request waits. A
+//! copy read before a hit's data is a lower bound of what the data
+//! reflects, since the projector publishes a watermark only after the
+//! events it stands for are applied; so it may understate freshness by up
+//! to a poll, never overstate it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use callboard_domain::{MinAsOf, TenantId, Watermark};
+use callboard_readmodel::keys::Partitioning;
+use callboard_readmodel::ReadModel;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+/// How often the watermarks are read while no request waits.
+pub const IDLE_POLL: Duration = Duration::from_millis(100);
+/// ...and while one does.
+pub const BUSY_POLL: Duration = Duration::from_millis(5);
+
+/// The partitions' watermarks, kept fresh. Cheap to clone.
+#[derive(Clone)]
+pub struct Watermarks {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    partitioning: Partitioning,
+    latest: watch::Receiver<Vec<Watermark>>,
+    /// Requests waiting for a watermark: the poll quickens while any do.
+    waiting: AtomicUsize,
+    wake: Notify,
+}
+
+impl Watermarks {
+    /// Starts the refresher; it stops when the last clone is dropped.
+    pub fn spawn(cache: ReadModel, partitioning: Partitioning) -> Self {
+        let (tx, latest) = watch::channel(vec![Watermark::default(); partitioning.count() as usize]);
+        let inner = Arc::new(Inner { partitioning, latest, waiting: AtomicUsize::new(0), wake: Notify::new() });
+        tokio::spawn(refresh(cache, partitioning, Arc::downgrade(&inner), tx));
+        Self { inner }
+    }
+
+    /// What `tenant`'s answers can claim, as last read (the zero
+    /// watermark, which vouches for nothing, before the first read).
+    pub fn of(&self, tenant: TenantId) -> Watermark {
+        self.inner.claim(tenant, &self.inner.latest.borrow())
+    }
+
+    /// Waits until `tenant`'s partition covers `min`, until `deadline` at
+    /// most: the covering watermark, or `None` when time ran out.
+    pub async fn wait_for(&self, tenant: TenantId, min: MinAsOf, deadline: Instant) -> Option<Watermark> {
+        let mut latest = self.inner.latest.clone();
+        let _waiting = Waiting::new(&self.inner);
+        loop {
+            let w = self.inner.claim(tenant, &latest.borrow_and_update());
+            if w.covers(min) {
+                return Some(w);
+            }
+            match tokio::time::timeout_at(deadline, latest.changed()).await {
+                Ok(Ok(())) => {}
+                // Timed out, or the refresher is gone.
+                _ => return None,
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// A tenant's answer holds its partition's data and partition 0's
+    /// (the users and the global statuses, which only partition 0
+    /// stores): it can claim what both have applied.
+    fn claim(&self, tenant: TenantId, marks: &[Watermark]) -> Watermark {
+        let mark = |p: u32| marks.get(p as usize).copied().unwrap_or_default();
+        match self.partitioning.of(tenant) {
+            0 => mark(0),
+            p => mark(p).min(mark(0)),
+        }
+    }
+}
+
+/// Counts a waiting request while it lives, and wakes the refresher.
+struct Waiting<'a>(&'a Inner);
+
+impl<'a> Waiting<'a> {
+    fn new(inner: &'a Inner) -> Self {
+        inner.waiting.fetch_add(1, Ordering::SeqCst);
+        inner.wake.notify_one();
+        Self(inner)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn refresh(cache: ReadModel, partitioning: Partitioning, inner: Weak<Inner>, tx: watch::Sender<Vec<Watermark>>) {
+    let mut failing = false;
+    loop {
+        match cache.watermarks(partitioning.count()).await {
+            Ok(marks) => {
+                failing = false;
+                tx.send_if_modified(|current| {
+                    let changed = *current != marks;
+                    *current = marks;
+                    changed
+                });
+            }
+            // The last copy stays: still a true lower bound.
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "could not read the projector's watermarks");
+                }
+                failing = true;
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let pause = if inner.waiting.load(Ordering::SeqCst) > 0 { BUSY_POLL } else { IDLE_POLL };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = inner.wake.notified() => {}
+        }
+    }
+}
+
+/// Now, in ms since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use callboard_domain::ClusterTime;
+
+    #[test]
+    fn a_tenant_claims_what_its_partition_and_partition_0_have_both_applied() {
+        let (_tx, latest) = watch::channel(Vec::new());
+        let partitioning = Partitioning::new(3);
+        let inner = Inner { partitioning, latest, waiting: AtomicUsize::new(0), wake: Notify::new() };
+        let at = |at_ms, s| Watermark { at_ms, through: Some(ClusterTime { seconds: s, increment: 0 }) };
+        let marks = [at(100, 9), at(500, 5), at(500, 5)];
+        let tenant = |p| (1..).map(|t| TenantId::new(t).unwrap()).find(|t| partitioning.of(*t) == p).unwrap();
+        assert_eq!(inner.claim(tenant(0), &marks), at(100, 9));
+        // Partition 0 (the users, the global statuses) lags: so does the answer.
+        assert_eq!(inner.claim(tenant(1), &marks), at(100, 5));
+        assert_eq!(inner.claim(tenant(2), &marks[..1]), Watermark { at_ms: 0, through: None });
+    }
+}
