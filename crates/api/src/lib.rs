@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod params;
 mod routes;
 mod state;
+pub mod verify;
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,6 +92,7 @@ impl AppParts {
                 max_staleness_ms: settings.query.max_staleness_ms,
                 partitions: settings.projector.partitions,
                 history_warn_share: settings.projector.history_warn_share,
+                max_limit: settings.query.max_limit()?,
             },
             keys: jwt_keys(settings)?,
             limits: ParamLimits {
@@ -204,6 +206,7 @@ pub fn create_app(
         .service(route("/admin/cache/warm/{job_id}", web::get().to(routes::admin::warm_job)))
         .service(route("/admin/cache/status", web::get().to(routes::admin::status)))
         .service(route("/admin/cache/invalidate", web::post().to(routes::admin::invalidate)))
+        .service(route("/admin/cache/verify", web::post().to(routes::admin::verify)))
         .default_service(web::to(error::not_found))
 }
 

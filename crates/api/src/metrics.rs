@@ -31,6 +31,7 @@ pub mod names {
     pub const CHECKPOINT_AGE: &str = "callboard_checkpoint_age_seconds";
     pub const HISTORY_WINDOW: &str = "callboard_history_window_seconds";
     pub const HISTORY_AT_RISK: &str = "callboard_history_at_risk";
+    pub const RECONCILE_DRIFT: &str = "callboard_reconcile_drift_total";
 }
 
 /// How often an API process recounts its tenants by state.
@@ -57,6 +58,7 @@ pub struct Metrics {
     checkpoint_age: IntGauge,
     history_window: IntGauge,
     history_at_risk: IntGauge,
+    drift: IntCounterVec,
 }
 
 impl Metrics {
@@ -152,6 +154,15 @@ impl Metrics {
         )
         .expect("valid histogram");
         registry.register(Box::new(freshness_wait.clone())).expect("unique metric");
+        let drift = IntCounterVec::new(
+            Opts::new(
+                names::RECONCILE_DRIFT,
+                "differences between a cached answer and MongoDB's that verification found and repaired, by kind (status, count, order, document)",
+            ),
+            &["kind"],
+        )
+        .expect("valid counter");
+        registry.register(Box::new(drift.clone())).expect("unique metric");
         Self {
             registry,
             grouped,
@@ -172,7 +183,12 @@ impl Metrics {
             checkpoint_age,
             history_window,
             history_at_risk,
+            drift,
         }
+    }
+
+    pub fn observe_drift(&self, kind: &str) {
+        self.drift.with_label_values(&[kind]).inc();
     }
 
     pub fn observe_freshness_wait(&self, met: bool, waited: Duration) {

@@ -32,6 +32,8 @@ pub struct AppState {
     /// history window's report.
     pub partitions: u32,
     pub history_warn_share: f64,
+    /// `query.max_limit`: verification compares this many calls a status.
+    pub max_limit: u32,
 }
 
 /// An answer, where it came from, and how fresh it is: every change

@@ -123,6 +123,24 @@ impl ReadModel {
             .collect())
     }
 
+    /// Everything a tenant's answer is made of, as versions: the tenant's
+    /// write version (`P:{tN}:ver`, bumped by every write to its calls),
+    /// its statuses' stamp, the global statuses' and the users' stamps.
+    /// The same versions twice: no write to the answer landed between.
+    pub async fn answer_versions(&self, tenant: TenantId) -> Result<Vec<Option<String>>, ReadModelError> {
+        let mut c = self.conn().await?;
+        let mut versions = Vec::with_capacity(4);
+        for key in [
+            self.keys.version(tenant),
+            self.keys.status_stamp(tenant),
+            self.keys.global_status_stamp(),
+            self.keys.users_stamp(),
+        ] {
+            versions.push(c.get(key).await?);
+        }
+        Ok(versions)
+    }
+
     pub async fn tenant_state(&self, tenant: TenantId) -> Result<TenantState, ReadModelError> {
         let mut c = self.conn().await?;
         let raw: Option<String> = c.get(self.keys.state(tenant)).await?;

@@ -136,6 +136,16 @@ pub async fn status(
         .json(json!({"tenants": rows, "projector": progress, "poison_events": poison, "history": history})))
 }
 
+/// `POST /admin/cache/verify` with `{"tenant_id": N}`: compares the
+/// tenant's cached answer with MongoDB's now, and repairs drift.
+pub async fn verify(_: Admin, target: Target, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let Target::Tenant(tenant) = target else {
+        return Err(ApiError::new(ErrorCode::InvalidParameter, "verify one tenant at a time: {\"tenant_id\": N}"));
+    };
+    let verdict = crate::verify::verify(&state, tenant, state.max_limit).await?;
+    Ok(HttpResponse::Ok().json(verdict))
+}
+
 /// `POST /admin/cache/invalidate`
 pub async fn invalidate(_: Admin, target: Target, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let tenants = match target {
