@@ -92,7 +92,10 @@ impl AppParts {
                 max_staleness_ms: settings.query.max_staleness_ms,
                 partitions: settings.projector.partitions,
                 history_warn_share: settings.projector.history_warn_share,
-                max_limit: settings.query.max_limit()?,
+                verify_calls: settings
+                    .query
+                    .max_limit()?
+                    .min(settings.projector.doc_window.min(u64::from(u32::MAX)) as u32),
             },
             keys: jwt_keys(settings)?,
             limits: ParamLimits {

@@ -32,8 +32,9 @@ pub struct AppState {
     /// history window's report.
     pub partitions: u32,
     pub history_warn_share: f64,
-    /// `query.max_limit`: verification compares this many calls a status.
-    pub max_limit: u32,
+    /// Verification compares this many calls a status: `query.max_limit`,
+    /// or `projector.doc_window` if smaller (what the cache can show).
+    pub verify_calls: u32,
 }
 
 /// An answer, where it came from, and how fresh it is: every change

@@ -3,25 +3,25 @@
 //! first calls, and their documents, as a request with the largest
 //! `limit` would show them.
 //!
-//! A change in flight is not drift. A round compares at one point: it
-//! waits until the partition has passed the present, reads the tenant's
-//! write version and its cached answer, runs the live query (started at
-//! `S`), waits until the partition has passed `S`, and reads the version
-//! again (the tenant's write version and the stamps of its statuses, the
-//! global statuses and the users: everything its answer shows). The same
-//! versions then mean no write landed for the tenant
-//! between the cached read and the moment everything committed before `S`
-//! was applied: the cached answer holds exactly what was committed before
-//! `S`, as the live one does, and any difference is drift. A round whose
-//! version moved is tried again, [`ATTEMPTS`] times; a tenant that never
-//! holds still for one is reported as not compared (`equal: null`), not
-//! as drift. Drift invalidates the tenant and queues its warm (it is
-//! answered live until the warm lands).
+//! A change in flight is not drift. A round reads the versions of
+//! everything the tenant's answer shows (its write version, the stamps of
+//! its statuses, of the global statuses and of the users), then the cached
+//! answer, runs the live query (it returns at `E`; it reads in several
+//! trips without a snapshot, so it may show anything committed until
+//! `E`), waits until the partition has applied everything committed
+//! before `E`, and reads the versions again. Unchanged, no write landed
+//! between the cached read and then, so the cached answer held everything
+//! committed before `E`, and nothing later: exactly what the live query
+//! could see, and any difference is drift. A round whose versions moved is
+//! tried again, [`ATTEMPTS`] times; a tenant that never holds still is
+//! reported as not compared (`equal: null`), not as drift. Drift
+//! invalidates the tenant and queues its warm (it is answered live until
+//! the warm lands).
 
 use std::time::Duration;
 
 use callboard_domain::{GroupedRequest, Limit, MinAsOf, TenantId};
-use callboard_readmodel::Read;
+use callboard_readmodel::{Miss, Read};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -49,8 +49,10 @@ pub struct Difference {
 #[derive(Debug, Serialize)]
 pub struct Verdict {
     pub tenant_id: i64,
-    /// `warm` (compared), `not_warm` (nothing cached to compare), or
-    /// `changing` (written to in every round: not compared).
+    /// `warm` (compared); not compared: why the cache does not answer
+    /// (`cold`, `quarantined`, `short_window`, `format`), `changing`
+    /// (written to in every round) or `projector_behind` (the partition
+    /// did not pass the live answer in time).
     pub state: &'static str,
     /// Whether the cached answer equals MongoDB's; none when not compared.
     pub equal: Option<bool>,
@@ -62,8 +64,8 @@ pub struct Verdict {
 }
 
 /// Compares `tenant`'s cached answer with the live one; repairs drift.
-pub async fn verify(state: &AppState, tenant: TenantId, max_limit: u32) -> Result<Verdict, ApiError> {
-    let limit = Limit::new(i64::from(max_limit), max_limit)?;
+pub async fn verify(state: &AppState, tenant: TenantId, calls: u32) -> Result<Verdict, ApiError> {
+    let limit = Limit::new(i64::from(calls), calls)?;
     let request = GroupedRequest { limit, include_enrichment: true, include_calls: true };
     let verdict = |state_name, equal, differences, as_of: Option<u64>| Verdict {
         tenant_id: tenant.get(),
@@ -73,18 +75,25 @@ pub async fn verify(state: &AppState, tenant: TenantId, max_limit: u32) -> Resul
         as_of: as_of.map(callboard_domain::rfc3339_ms),
         repaired: false,
     };
+    let mut behind = false;
     for _ in 0..ATTEMPTS {
-        let Some(mark) = caught_up(state, tenant, now_ms()).await else { continue };
+        let mark = state.watermarks.of(tenant);
         let before = state.cache.answer_versions(tenant).await.map_err(unavailable)?;
-        let Some(cached) = cached(state, tenant, &request).await? else {
-            return Ok(verdict("not_warm", None, Vec::new(), None));
+        let cached = match cached(state, tenant, &request).await? {
+            Ok(cached) => cached,
+            Err(Miss::Raced) => continue,
+            Err(miss) => return Ok(verdict(miss.name(), None, Vec::new(), None)),
         };
         let started = now_ms();
-        let (live, live_as_of) = state.live.grouped(tenant, &request, Joinable::SpawnedFromMs(started)).await?;
+        let (live, _) = state.live.grouped(tenant, &request, Joinable::SpawnedFromMs(started)).await?;
+        // The live query reads in several trips, without a snapshot: it
+        // may show anything committed until it returned.
+        let ended = now_ms();
         let live: Value = serde_json::from_str(&live.into_string()).map_err(internal)?;
-        if caught_up(state, tenant, live_as_of).await.is_none() {
+        if caught_up(state, tenant, ended).await.is_none() {
+            behind = true;
             continue;
-        }
+        };
         if state.cache.answer_versions(tenant).await.map_err(unavailable)? != before {
             continue; // written meanwhile: not one moment
         }
@@ -103,6 +112,10 @@ pub async fn verify(state: &AppState, tenant: TenantId, max_limit: u32) -> Resul
         v.repaired = true;
         return Ok(v);
     }
+    if behind {
+        tracing::info!(tenant = %tenant, "not verified: the projector is behind");
+        return Ok(verdict("projector_behind", None, Vec::new(), None));
+    }
     tracing::info!(tenant = %tenant, "not verified: the tenant kept changing");
     Ok(verdict("changing", None, Vec::new(), None))
 }
@@ -114,11 +127,11 @@ async fn caught_up(state: &AppState, tenant: TenantId, ms: u64) -> Option<callbo
     state.watermarks.wait_for(tenant, MinAsOf::Millis(ms), deadline).await
 }
 
-/// The cached answer as JSON, if the tenant is warm.
-async fn cached(state: &AppState, tenant: TenantId, request: &GroupedRequest) -> Result<Option<Value>, ApiError> {
+/// The cached answer as JSON, or why there is none.
+async fn cached(state: &AppState, tenant: TenantId, request: &GroupedRequest) -> Result<Result<Value, Miss>, ApiError> {
     match state.cache.grouped(tenant, request).await.map_err(unavailable)? {
-        Read::Hit(body) => Ok(Some(serde_json::from_str(&body.into_string()).map_err(internal)?)),
-        Read::Miss(_) => Ok(None),
+        Read::Hit(body) => Ok(Ok(serde_json::from_str(&body.into_string()).map_err(internal)?)),
+        Read::Miss(miss) => Ok(Err(miss)),
     }
 }
 
