@@ -39,7 +39,8 @@ $(VENV_STAMP): deploy/standin/requirements.txt
 
 # The integration tests run twice: on one Redis, then on a three-master
 # Redis Cluster with the tenants over three projector partitions.
-CLUSTER_ENV := CALLBOARD_TEST_REDIS_TOPOLOGY=cluster CALLBOARD_TEST_PARTITIONS=3
+# (the replay properties with 64 cases each there, 256 on one node).
+CLUSTER_ENV := CALLBOARD_TEST_REDIS_TOPOLOGY=cluster CALLBOARD_TEST_PARTITIONS=3 CALLBOARD_TEST_REPLAY_CASES=64
 
 .PHONY: test
 test: deps ## Run the whole suite against real Redis and the MongoDB stand-in, then the integration tests on a Redis Cluster

@@ -161,8 +161,15 @@ async fn dump(redis: &Redis, prefix: &str) -> BTreeMap<String, Vec<String>> {
     out
 }
 
+/// Cases per property: `CALLBOARD_TEST_REPLAY_CASES`, else 256 (the
+/// cluster pass of `make test` runs fewer: the same properties, on slots
+/// spread over three masters).
+fn replay_cases() -> u32 {
+    std::env::var("CALLBOARD_TEST_REPLAY_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: replay_cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn replaying_any_suffix_converges_to_the_snapshot_state(
@@ -252,7 +259,7 @@ async fn connect() -> Redis {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: replay_cases(), ..ProptestConfig::default() })]
 
     /// A warm of one tenant: its snapshot is read at some moment `j` while
     /// the stream (maintaining every other tenant) is paused at an earlier
@@ -303,7 +310,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: replay_cases(), ..ProptestConfig::default() })]
 
     /// A warm loaded in chunks between the stream's batches (`warm::Load`):
     /// the load begins at stream position `i`; chunk `k` holds the warming
@@ -512,7 +519,7 @@ async fn assert_windows_exact(redis: &Redis, ours: &str, snap: &str, window: Doc
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: replay_cases(), ..ProptestConfig::default() })]
 
     /// Document windows of two or three documents, refilled from MongoDB
     /// as it is some batches ahead of the stream (a refill can find a
@@ -602,7 +609,7 @@ fn rest(p: Plan, how: Crash) -> Plan {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: replay_cases(), ..ProptestConfig::default() })]
 
     /// A leader freezes inside a batch; its lease passes to a successor,
     /// which raises its fences, replays from the checkpoint (at or before
