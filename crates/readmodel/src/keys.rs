@@ -37,7 +37,7 @@
 //! | `P:{g}:members` | ZSET | projector processes, scored by their last heartbeat (ms) |
 //! | `P:{mI}:seq:<p>` | STRING | on a cluster, one per master: the sequence of partition `p`'s last batch written before its checkpoint (durability marker) |
 //! | `P:{g}:fence_seq` | STRING | counter handing each new leader a higher token |
-//! | `P:{g}:progress` | HASH | projector heartbeat, last event time, lag, counters |
+//! | `P:{g}:progress` | HASH | projector heartbeat, last event time, lag, counters, `checkpoint_at_ms:<p>` (where partition `p`'s checkpoint stands), `oplog_first_s`/`oplog_last_s` (MongoDB's history window, when readable) |
 //! | `P:{g}:poison` | HASH | tenant id -> the [`crate::PoisonEvent`] (JSON) that quarantined it, until it is warm again |
 
 use callboard_domain::{DocKey, StatusKey, TenantId};
