@@ -39,8 +39,10 @@ $(VENV_STAMP): deploy/standin/requirements.txt
 
 # The integration tests run twice: on one Redis, then on a three-master
 # Redis Cluster with the tenants over three projector partitions.
-# (the replay properties with 64 cases each there, 256 on one node).
-CLUSTER_ENV := CALLBOARD_TEST_REDIS_TOPOLOGY=cluster CALLBOARD_TEST_PARTITIONS=3 CALLBOARD_TEST_REPLAY_CASES=64
+# (the replay properties with 64 cases each there, 256 on one node; the
+# verifier's busy workload 200 writes there, 400 on one node).
+CLUSTER_ENV := CALLBOARD_TEST_REDIS_TOPOLOGY=cluster CALLBOARD_TEST_PARTITIONS=3 CALLBOARD_TEST_REPLAY_CASES=64 \
+	CALLBOARD_TEST_RECONCILE_ROUNDS=200
 
 .PHONY: test
 test: deps ## Run the whole suite against real Redis and the MongoDB stand-in, then the integration tests on a Redis Cluster

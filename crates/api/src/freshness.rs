@@ -50,7 +50,7 @@ impl Watermarks {
     /// What `tenant`'s answers can claim, as last read (the zero
     /// watermark, which vouches for nothing, before the first read).
     pub fn of(&self, tenant: TenantId) -> Watermark {
-        self.inner.claim(tenant, &self.inner.latest.borrow())
+        self.inner.partitioning.claim(tenant, &self.inner.latest.borrow())
     }
 
     /// Waits until `tenant`'s partition covers `min`, until `deadline` at
@@ -59,7 +59,7 @@ impl Watermarks {
         let mut latest = self.inner.latest.clone();
         let _waiting = Waiting::new(&self.inner);
         loop {
-            let w = self.inner.claim(tenant, &latest.borrow_and_update());
+            let w = self.inner.partitioning.claim(tenant, &latest.borrow_and_update());
             if w.covers(min) {
                 return Some(w);
             }
@@ -68,19 +68,6 @@ impl Watermarks {
                 // Timed out, or the refresher is gone.
                 _ => return None,
             }
-        }
-    }
-}
-
-impl Inner {
-    /// A tenant's answer holds its partition's data and partition 0's
-    /// (the users and the global statuses, which only partition 0
-    /// stores): it can claim what both have applied.
-    fn claim(&self, tenant: TenantId, marks: &[Watermark]) -> Watermark {
-        let mark = |p: u32| marks.get(p as usize).copied().unwrap_or_default();
-        match self.partitioning.of(tenant) {
-            0 => mark(0),
-            p => mark(p).min(mark(0)),
         }
     }
 }
@@ -134,24 +121,4 @@ async fn refresh(cache: ReadModel, partitioning: Partitioning, inner: Weak<Inner
 /// Now, in ms since the epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use callboard_domain::ClusterTime;
-
-    #[test]
-    fn a_tenant_claims_what_its_partition_and_partition_0_have_both_applied() {
-        let (_tx, latest) = watch::channel(Vec::new());
-        let partitioning = Partitioning::new(3);
-        let inner = Inner { partitioning, latest, waiting: AtomicUsize::new(0), wake: Notify::new() };
-        let at = |at_ms, s| Watermark { at_ms, through: Some(ClusterTime { seconds: s, increment: 0 }) };
-        let marks = [at(100, 9), at(500, 5), at(500, 5)];
-        let tenant = |p| (1..).map(|t| TenantId::new(t).unwrap()).find(|t| partitioning.of(*t) == p).unwrap();
-        assert_eq!(inner.claim(tenant(0), &marks), at(100, 9));
-        // Partition 0 (the users, the global statuses) lags: so does the answer.
-        assert_eq!(inner.claim(tenant(1), &marks), at(100, 5));
-        assert_eq!(inner.claim(tenant(2), &marks[..1]), Watermark { at_ms: 0, through: None });
-    }
 }

@@ -32,6 +32,7 @@ pub mod names {
     pub const HISTORY_WINDOW: &str = "callboard_history_window_seconds";
     pub const HISTORY_AT_RISK: &str = "callboard_history_at_risk";
     pub const RECONCILE_DRIFT: &str = "callboard_reconcile_drift_total";
+    pub const RECONCILE_CHECKS: &str = "callboard_reconcile_checks_total";
 }
 
 /// How often an API process recounts its tenants by state.
@@ -59,6 +60,7 @@ pub struct Metrics {
     history_window: IntGauge,
     history_at_risk: IntGauge,
     drift: IntCounterVec,
+    checks: IntCounter,
 }
 
 impl Metrics {
@@ -157,12 +159,20 @@ impl Metrics {
         let drift = IntCounterVec::new(
             Opts::new(
                 names::RECONCILE_DRIFT,
-                "differences between a cached answer and MongoDB's that verification found and repaired, by kind (status, count, order, document)",
+                "differences between a cached answer and MongoDB's that verification (the projectors' background verifier and POST /admin/cache/verify, in every process) found and repaired, by kind (status, count, order, document, user)",
             ),
             &["kind"],
         )
         .expect("valid counter");
+        for kind in callboard_reconcile::Kind::ALL {
+            drift.with_label_values(&[kind]);
+        }
         registry.register(Box::new(drift.clone())).expect("unique metric");
+        let checks = counter(
+            names::RECONCILE_CHECKS,
+            "verifications that compared a tenant's cached answer with MongoDB's (in every process)",
+        );
+        registry.register(Box::new(checks.clone())).expect("unique metric");
         Self {
             registry,
             grouped,
@@ -184,11 +194,8 @@ impl Metrics {
             history_window,
             history_at_risk,
             drift,
+            checks,
         }
-    }
-
-    pub fn observe_drift(&self, kind: &str) {
-        self.drift.with_label_values(&[kind]).inc();
     }
 
     pub fn observe_freshness_wait(&self, met: bool, waited: Duration) {
@@ -247,6 +254,13 @@ impl Metrics {
             self.window_refills.set(counters.window_refills);
             self.writes_lost.set(counters.writes_lost);
             self.poison_events.set(counters.poison_events);
+            // Counted in Redis by whichever process verified; a counter
+            // here only moves forward, to the total Redis holds.
+            let forward = |c: &IntCounter, total: i64| c.inc_by((total.max(0) as u64).saturating_sub(c.get()));
+            forward(&self.checks, counters.reconcile_checks);
+            for (kind, total) in &counters.reconcile_drift {
+                forward(&self.drift.with_label_values(&[kind]), *total);
+            }
         }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

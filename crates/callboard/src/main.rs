@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use callboard_api::Application;
 use callboard_domain::TenantId;
+use callboard_projector::verifier::ReconcileConfig;
 use callboard_projector::{Projector, ProjectorConfig};
 use callboard_readmodel::write::DocWindow;
 use callboard_readmodel::Keys;
@@ -122,6 +123,18 @@ async fn projector(settings: &Settings, db: mongodb::Database) -> anyhow::Result
         watermark_collection: Some(settings.projector.watermark_collection.clone()).filter(|c| !c.is_empty()),
         watermark_interval: Duration::from_millis(settings.projector.watermark_interval_ms),
         history_warn_share: settings.projector.history_warn_share,
+        reconcile: (settings.reconcile.interval_s > 0)
+            .then(|| -> anyhow::Result<ReconcileConfig> {
+                let calls =
+                    settings.query.max_limit()?.min(settings.projector.doc_window.min(u64::from(u32::MAX)) as u32);
+                Ok(ReconcileConfig {
+                    interval: Duration::from_secs(settings.reconcile.interval_s),
+                    max_queries_per_s: f64::from(settings.reconcile.max_queries_per_s),
+                    calls: callboard_domain::Limit::new(i64::from(calls), calls)?,
+                    live_timeout: Duration::from_millis(settings.query.live_timeout_ms),
+                })
+            })
+            .transpose()?,
         doc_window: DocWindow {
             size: settings.projector.doc_window,
             floor: settings.projector.doc_window.min(u64::from(settings.query.max_limit()?)),

@@ -619,6 +619,11 @@ impl Leader<'_> {
             for raw in queued {
                 let mine = match Command::parse(&raw) {
                     Some(Command::Warm { tenant, .. } | Command::Purge { tenant }) => self.scope.owns_tenant(tenant),
+                    Some(Command::Reload { partition }) => {
+                        partition == self.scope.partition
+                            // A partition that does not exist: partition 0 drops it.
+                            || (partition >= self.scope.partitioning.count() && self.scope.owns_globals())
+                    }
                     // Partition 0 drops what nobody can run.
                     None => self.scope.owns_globals(),
                 };
@@ -633,7 +638,8 @@ impl Leader<'_> {
         Ok(None)
     }
 
-    /// Runs queued commands: warms (a snapshot per tenant) and purges.
+    /// Runs queued commands: warms (a snapshot per tenant), purges and
+    /// reloads.
     async fn run_commands(&self, pending: &mut HashMap<TenantId, PendingWarm>) -> Result<(), ProjectorError> {
         let reader = &self.p.reader;
         for _ in 0..16 {
@@ -659,6 +665,14 @@ impl Leader<'_> {
                         info!(tenant = %tenant, removed, "tenant invalidated");
                     }
                 }
+                Some(Command::Reload { partition }) if partition == self.scope.partition => {
+                    // A snapshot of the users and statuses over what the
+                    // stream applied: events after it are applied on top,
+                    // as after a bootstrap.
+                    let (users, statuses) = warm::bootstrap_globals(&self.p.db, &self.writer, &self.p.fields).await?;
+                    warn!(users, statuses, "users and statuses stored again (verification found them lost)");
+                }
+                Some(Command::Reload { partition }) => warn!(partition, "reload of a partition that does not exist"),
                 None => warn!(command = %raw, "malformed command"),
             }
         }

@@ -18,6 +18,7 @@ mod leader;
 pub mod lease;
 pub mod source;
 pub mod transform;
+pub mod verifier;
 pub mod warm;
 pub mod watermark;
 
@@ -86,6 +87,8 @@ pub struct ProjectorConfig {
     /// Warn when the oldest checkpoint's age passes this share of
     /// MongoDB's history window ([`history`]).
     pub history_warn_share: f64,
+    /// The background verifier ([`verifier`]); none: not run.
+    pub reconcile: Option<verifier::ReconcileConfig>,
 }
 
 impl Default for ProjectorConfig {
@@ -100,6 +103,7 @@ impl Default for ProjectorConfig {
             watermark_collection: Some("callboard_watermarks".into()),
             watermark_interval: Duration::from_millis(100),
             history_warn_share: 0.5,
+            reconcile: None,
         }
     }
 }
@@ -116,6 +120,8 @@ pub struct Projector {
     stopping: std::sync::atomic::AtomicBool,
     /// When this process last quarantined tenants (the breaker).
     quarantines: std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>,
+    /// The background verifier's query budget, shared by the partitions.
+    reconcile_pace: Arc<verifier::Pace>,
 }
 
 /// At most this many quarantines per [`QUARANTINE_WINDOW`] in a process:
@@ -155,10 +161,13 @@ impl Projector {
             redis,
             keys,
             fields,
-            config,
             id,
             stopping: Default::default(),
             quarantines: Default::default(),
+            reconcile_pace: Arc::new(verifier::Pace::new(
+                config.reconcile.as_ref().map_or(1.0, |r| r.max_queries_per_s),
+            )),
+            config,
         }
     }
 
@@ -381,6 +390,17 @@ impl Projector {
                 self.keys.clone(),
                 self.config.partitions,
                 self.config.history_warn_share,
+            )))
+        });
+        // ...and each leader verifies its tenants against MongoDB.
+        let _verifier = self.config.reconcile.clone().map(|config| {
+            AbortOnDrop(tokio::spawn(verifier::run(
+                self.reader.clone().with_user_fields(self.fields.clone()),
+                callboard_store::LiveQuery::new(self.db.clone(), self.fields.clone()),
+                self.partitioning(),
+                partition,
+                config,
+                self.reconcile_pace.clone(),
             )))
         });
         let span = tracing::info_span!("partition", partition);

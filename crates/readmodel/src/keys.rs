@@ -27,7 +27,7 @@
 //! | `P:{g}:sloc:<p>` | HASH | partition `p`'s status locators: status `_id` -> `g` or tenant id |
 //! | `P:{g}:tenants` | SET | tenants that may have a state (an index for listing; the state itself is `P:{tN}:state`) |
 //! | `P:{g}:epoch` | STRING | warm epoch counter |
-//! | `P:{g}:cmdq` | LIST | commands for the active projector ([`crate::Command`]) |
+//! | `P:{g}:cmdq` | LIST | commands for the projectors ([`crate::Command`]): warms, purges, reloads of a partition's users and statuses |
 //! | `P:{g}:job:<id>` | HASH | a warm job's progress ([`crate::job`] fields) |
 //! | `P:{g}:settings:<p>` | STRING | the [`crate::Fingerprint`] (JSON) of the settings partition `p` stored its data with |
 //! | `P:{g}:schema:<p>` | STRING | the format partition `p` built its keys in ([`SCHEMA`] and the partition count) |
@@ -37,7 +37,7 @@
 //! | `P:{g}:members` | ZSET | projector processes, scored by their last heartbeat (ms) |
 //! | `P:{mI}:seq:<p>` | STRING | on a cluster, one per master: the sequence of partition `p`'s last batch written before its checkpoint (durability marker) |
 //! | `P:{g}:fence_seq` | STRING | counter handing each new leader a higher token |
-//! | `P:{g}:progress` | HASH | projector heartbeat, last event time, lag, counters, `checkpoint_at_ms:<p>` (where partition `p`'s checkpoint stands), `oplog_first_s`/`oplog_last_s` (MongoDB's history window, when readable) |
+//! | `P:{g}:progress` | HASH | projector heartbeat, last event time, lag, counters, `checkpoint_at_ms:<p>` (where partition `p`'s checkpoint stands), `oplog_first_s`/`oplog_last_s` (MongoDB's history window, when readable), verification's `reconcile_checks_total` and `reconcile_drift_total:<kind>` |
 //! | `P:{g}:poison` | HASH | tenant id -> the [`crate::PoisonEvent`] (JSON) that quarantined it, until it is warm again |
 
 use callboard_domain::{DocKey, StatusKey, TenantId};
@@ -94,6 +94,18 @@ impl Partitioning {
     /// statuses.
     pub fn owns_globals(partition: u32) -> bool {
         partition == 0
+    }
+
+    /// What `tenant`'s answers can claim given every partition's
+    /// watermark (`marks`, in partition order): an answer holds its
+    /// partition's data and partition 0's (the users and the global
+    /// statuses, which only partition 0 stores), so what both have applied.
+    pub fn claim(self, tenant: TenantId, marks: &[callboard_domain::Watermark]) -> callboard_domain::Watermark {
+        let mark = |p: u32| marks.get(p as usize).copied().unwrap_or_default();
+        match self.of(tenant) {
+            0 => mark(0),
+            p => mark(p).min(mark(0)),
+        }
     }
 }
 
@@ -284,6 +296,19 @@ impl Keys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tenant_claims_what_its_partition_and_partition_0_have_both_applied() {
+        use callboard_domain::{ClusterTime, Watermark};
+        let partitioning = Partitioning::new(3);
+        let at = |at_ms, s| Watermark { at_ms, through: Some(ClusterTime { seconds: s, increment: 0 }) };
+        let marks = [at(100, 9), at(500, 5), at(500, 5)];
+        let tenant = |p| (1..).map(|t| TenantId::new(t).unwrap()).find(|t| partitioning.of(*t) == p).unwrap();
+        assert_eq!(partitioning.claim(tenant(0), &marks), at(100, 9));
+        // Partition 0 (the users, the global statuses) lags: so does the answer.
+        assert_eq!(partitioning.claim(tenant(1), &marks), at(100, 5));
+        assert_eq!(partitioning.claim(tenant(2), &marks[..1]), Watermark { at_ms: 0, through: None });
+    }
 
     #[test]
     fn tenant_keys_share_a_hash_tag() {

@@ -98,6 +98,14 @@ impl ReadModel {
         self.redis.get().await
     }
 
+    /// The same read model without this process's copies of statuses and
+    /// users: every read takes them from Redis. For verification, which
+    /// must see what Redis holds (a copy would hide a hash lost under an
+    /// unchanged stamp).
+    pub fn without_local_copies(&self) -> Self {
+        Self { local: LocalCopies::default(), ..self.clone() }
+    }
+
     pub async fn ping(&self) -> Result<(), ReadModelError> {
         let mut c = self.conn().await?;
         let _: String = redis::cmd("PING").query_async(&mut c).await?;
@@ -545,6 +553,29 @@ impl ReadModel {
         Ok(())
     }
 
+    /// Queues a [`Command::Reload`] of `partition`'s shared data.
+    pub async fn request_reload(&self, partition: u32) -> Result<(), ReadModelError> {
+        let mut c = self.conn().await?;
+        let _: () = c.rpush(self.keys.commands(), Command::Reload { partition }.encode()).await?;
+        Ok(())
+    }
+
+    /// Counts one verification that compared a tenant, and the kinds of
+    /// the differences it found (one count per difference).
+    pub async fn record_verification<'a>(
+        &self,
+        kinds: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), ReadModelError> {
+        let mut pipe = redis::pipe();
+        pipe.hincr(self.keys.progress(), progress::RECONCILE_CHECKS, 1).ignore();
+        for kind in kinds {
+            pipe.hincr(self.keys.progress(), progress::reconcile_drift(kind), 1).ignore();
+        }
+        let mut c = self.conn().await?;
+        let _: () = pipe.query_async(&mut c).await?;
+        Ok(())
+    }
+
     /// Marks every tenant cold and queues their removal.
     pub async fn invalidate_all(&self) -> Result<Vec<TenantId>, ReadModelError> {
         let tenants: Vec<TenantId> = self.tenant_states().await?.into_keys().collect();
@@ -616,13 +647,17 @@ impl HistoryWindow {
 }
 
 /// Totals the projectors count in `P:{g}:progress`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
     pub warms: i64,
     pub history_lost: i64,
     pub window_refills: i64,
     pub writes_lost: i64,
     pub poison_events: i64,
+    /// Verifications that compared a tenant (by every process).
+    pub reconcile_checks: i64,
+    /// Differences verification found, by kind.
+    pub reconcile_drift: BTreeMap<String, i64>,
 }
 
 impl ReadModel {
@@ -641,22 +676,21 @@ impl ReadModel {
 
     pub async fn progress_counters(&self) -> Result<Counters, ReadModelError> {
         let mut c = self.conn().await?;
-        let fields = [
-            progress::WARMS,
-            progress::HISTORY_LOST,
-            progress::WINDOW_REFILLS,
-            progress::WRITES_LOST,
-            progress::POISON_EVENTS,
-        ];
-        let values: Vec<Option<i64>> =
-            redis::cmd("HMGET").arg(self.keys.progress()).arg(&fields[..]).query_async(&mut c).await?;
-        let value = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
+        let all: HashMap<String, String> = c.hgetall(self.keys.progress()).await?;
+        let value = |field: &str| all.get(field).and_then(|v| v.parse().ok()).unwrap_or(0);
         Ok(Counters {
-            warms: value(0),
-            history_lost: value(1),
-            window_refills: value(2),
-            writes_lost: value(3),
-            poison_events: value(4),
+            warms: value(progress::WARMS),
+            history_lost: value(progress::HISTORY_LOST),
+            window_refills: value(progress::WINDOW_REFILLS),
+            writes_lost: value(progress::WRITES_LOST),
+            poison_events: value(progress::POISON_EVENTS),
+            reconcile_checks: value(progress::RECONCILE_CHECKS),
+            reconcile_drift: all
+                .iter()
+                .filter_map(|(k, v)| {
+                    Some((k.strip_prefix(progress::RECONCILE_DRIFT_PREFIX)?.to_string(), v.parse().ok()?))
+                })
+                .collect(),
         })
     }
 

@@ -118,16 +118,21 @@ pub enum Command {
     Warm { tenant: TenantId, epoch: u64, job: Option<String> },
     /// Remove the calls of `tenant`, if it is still cold.
     Purge { tenant: TenantId },
+    /// Store partition `partition`'s shared data again from MongoDB: the
+    /// users and global statuses (partition 0), its tenants' own statuses.
+    /// Queued by verification when they were found lost in Redis.
+    Reload { partition: u32 },
 }
 
 impl Command {
-    /// `warm <tenant> <epoch> <job or ->` or `purge <tenant>`.
+    /// `warm <tenant> <epoch> <job or ->`, `purge <tenant>` or `reload <partition>`.
     pub fn encode(&self) -> String {
         match self {
             Command::Warm { tenant, epoch, job } => {
                 format!("warm {} {epoch} {}", tenant.get(), job.as_deref().unwrap_or("-"))
             }
             Command::Purge { tenant } => format!("purge {}", tenant.get()),
+            Command::Reload { partition } => format!("reload {partition}"),
         }
     }
 
@@ -140,6 +145,7 @@ impl Command {
                 job: (*job != "-").then(|| job.to_string()).filter(|j| is_job_id(j)),
             }),
             ["purge", t] => Some(Command::Purge { tenant: tenant(t)? }),
+            ["reload", p] => Some(Command::Reload { partition: p.parse().ok()? }),
             _ => None,
         }
     }
@@ -177,6 +183,15 @@ pub mod progress {
     /// partition 0's leader last read them (absent: unknown).
     pub const OPLOG_FIRST_S: &str = "oplog_first_s";
     pub const OPLOG_LAST_S: &str = "oplog_last_s";
+    /// Verifications that compared a tenant's cached answer with MongoDB's
+    /// (by the projectors' background verifier and `POST /admin/cache/verify`).
+    pub const RECONCILE_CHECKS: &str = "reconcile_checks_total";
+
+    /// Differences of `kind` found by verification ([`RECONCILE_CHECKS`]).
+    pub fn reconcile_drift(kind: &str) -> String {
+        format!("{RECONCILE_DRIFT_PREFIX}{kind}")
+    }
+    pub const RECONCILE_DRIFT_PREFIX: &str = "reconcile_drift_total:";
 
     /// Where partition `p`'s checkpoint stands in the stream (ms): its
     /// last event's commit time, or the time an idle stream's position
@@ -216,10 +231,11 @@ mod tests {
             Command::Warm { tenant: t, epoch: 3, job: None },
             Command::Warm { tenant: t, epoch: 3, job: Some("w12".into()) },
             Command::Purge { tenant: t },
+            Command::Reload { partition: 3 },
         ] {
             assert_eq!(Command::parse(&c.encode()), Some(c));
         }
-        for bad in ["warm 6 x -", "purge -1", "warm 6 3", "drop 6", ""] {
+        for bad in ["warm 6 x -", "purge -1", "warm 6 3", "drop 6", "reload x", "reload -1", ""] {
             assert_eq!(Command::parse(bad), None, "{bad}");
         }
     }

@@ -33,11 +33,19 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("CALLBOARD_PROJECTOR_PARTITIONS", "projector.partitions"),
     ("CALLBOARD_PROJECTOR_WATERMARK_COLLECTION", "projector.watermark_collection"),
     ("CALLBOARD_QUERY_MAX_STALENESS_MS", "query.max_staleness_ms"),
+    ("CALLBOARD_RECONCILE_INTERVAL_S", "reconcile.interval_s"),
+    ("CALLBOARD_RECONCILE_MAX_QUERIES_PER_S", "reconcile.max_queries_per_s"),
     ("CALLBOARD_LOG", "log.filter"),
     ("CALLBOARD_LOG_FORMAT", "log.format"),
 ];
 const LIST_KEYS: &[&str] = &["query.user_fields", "redis.cluster_nodes"];
-const INT_KEYS: &[&str] = &["http.workers", "projector.partitions", "query.max_staleness_ms"];
+const INT_KEYS: &[&str] = &[
+    "http.workers",
+    "projector.partitions",
+    "query.max_staleness_ms",
+    "reconcile.interval_s",
+    "reconcile.max_queries_per_s",
+];
 
 /// `CALLBOARD_*` variables that are not settings: the config file's path,
 /// and the test harness's own.
@@ -94,7 +102,19 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub projector: ProjectorSettings,
     pub query: QuerySettings,
+    pub reconcile: ReconcileSettings,
     pub log: LogSettings,
+}
+
+/// The projectors' background verifier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileSettings {
+    /// Every warm tenant is compared with MongoDB at least once per this
+    /// many seconds; 0: no background verification.
+    pub interval_s: u64,
+    /// Live queries a second one projector process may run for it.
+    pub max_queries_per_s: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -363,6 +383,12 @@ impl Settings {
         }
         if self.projector.watermark_interval_ms < 10 || self.projector.watermark_interval_ms > 60_000 {
             return Err(invalid("projector.watermark_interval_ms", "must be between 10 and 60000"));
+        }
+        if self.reconcile.interval_s > 86_400 {
+            return Err(invalid("reconcile.interval_s", "must be at most 86400 (0: off)"));
+        }
+        if self.reconcile.max_queries_per_s == 0 || self.reconcile.max_queries_per_s > 1000 {
+            return Err(invalid("reconcile.max_queries_per_s", "must be between 1 and 1000"));
         }
         self.query.max_limit()?;
         self.query.default_limit()?;

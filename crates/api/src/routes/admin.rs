@@ -142,7 +142,7 @@ pub async fn verify(_: Admin, target: Target, state: web::Data<AppState>) -> Res
     let Target::Tenant(tenant) = target else {
         return Err(ApiError::new(ErrorCode::InvalidParameter, "verify one tenant at a time: {\"tenant_id\": N}"));
     };
-    let verdict = crate::verify::verify(&state, tenant, state.verify_calls).await?;
+    let verdict = crate::verify::verify(&state, tenant).await?;
     Ok(HttpResponse::Ok().json(verdict))
 }
 
