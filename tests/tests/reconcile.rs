@@ -116,6 +116,28 @@ async fn lost_keys_are_found_and_repaired_without_being_asked() {
         assert!(tokio::time::Instant::now() < deadline, "the users were not stored again");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // What a process without copies (one started now) reads: right again.
+    let fresh = callboard_readmodel::ReadModel::new(app.settings.redis.connect().await.unwrap(), keys.clone())
+        .with_user_fields(app.settings.query.user_fields().unwrap());
+    let request = callboard_domain::GroupedRequest {
+        limit: app.settings.query.default_limit().unwrap(),
+        include_enrichment: true,
+        include_calls: true,
+    };
+    let deadline = tokio::time::Instant::now() + REPAIRED_WITHIN;
+    loop {
+        let read = fresh.grouped(one, &request).await.unwrap();
+        let live = app.live(1, &[]).await;
+        match read {
+            callboard_readmodel::Read::Hit(body)
+                if serde_json::from_str::<serde_json::Value>(body.as_str()).unwrap() == live =>
+            {
+                break
+            }
+            other => assert!(tokio::time::Instant::now() < deadline, "a fresh reader after the repair: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     eprintln!("the deleted users hash: repaired in {took:?}");
     app.stop().await;
 }

@@ -90,6 +90,46 @@ impl Faults for Kills {
     }
 }
 
+/// `n` `callboard serve` processes beside the test's own API, with the
+/// projectors' configuration (they map tenants to the same partitions);
+/// their base URLs, once each is ready.
+async fn start_apis(app: &TestApp, projectors: &Projectors, n: usize) -> (Vec<Guarded>, Vec<String>) {
+    let (mut procs, mut bases) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let port = callboard_testkit::free_port().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_callboard"));
+        cmd.arg("--config").arg(&projectors.config).arg("serve");
+        cmd.envs(projectors.app_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.env("CALLBOARD_HTTP_ADDR", format!("127.0.0.1:{port}"));
+        let log = projectors.log_dir.join(format!("serve-{i}.log"));
+        procs.push(Guarded::spawn(cmd, "callboard serve", &log).expect("start an API process"));
+        bases.push(format!("http://127.0.0.1:{port}"));
+    }
+    for base in &bases {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while app.client.get(format!("{base}/readyz")).send().await.map(|r| r.status().as_u16()).ok() != Some(200) {
+            assert!(Instant::now() < deadline, "{base} never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    (procs, bases)
+}
+
+/// `tenant`'s answer from the API at `base`: (X-Cache, body).
+async fn grouped_at(app: &TestApp, base: &str, tenant: i64, fields: &[(&str, &str)]) -> (String, serde_json::Value) {
+    let r = app
+        .client
+        .post(format!("{base}{}", callboard_api::GROUPED_PATH))
+        .bearer_auth(app.token(tenant))
+        .form(fields)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{base}");
+    let cache = r.headers().get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    (cache, r.json().await.unwrap())
+}
+
 /// An API with seeded data and `running` of `slots` `callboard project`
 /// processes.
 async fn deploy(
@@ -124,7 +164,7 @@ async fn random_workload_with_crashing_projectors_converges_to_the_live_answer()
     // top make the projectors refill windows from MongoDB while they die.
     let (app, ds, projectors) =
         deploy(seed(), 150, &format!("lease_ttl_ms = 1500\nbatch_max = 50\ndoc_window = {WINDOW}"), (2, 2)).await;
-    let (kills, mut projectors) = workload(&app, &ds, projectors, seed(), &mut Kills).await;
+    let (kills, mut projectors) = workload(&app, &[], &ds, projectors, seed(), &mut Kills).await;
     assert!(kills >= 3, "the seed must exercise crashes ({kills})");
     projectors.kill_all();
     app.stop().await;
@@ -178,8 +218,10 @@ impl Faults for Rebalancing {
 async fn partitions_survive_kills_freezes_and_a_joining_process() {
     let config = format!("lease_ttl_ms = 1500\nbatch_max = 50\ndoc_window = {WINDOW}\npartitions = 4");
     let (app, ds, projectors) = deploy(seed() + 2, 150, &config, (3, 4)).await;
+    // Readers also go to two API processes of their own.
+    let (_apis, bases) = start_apis(&app, &projectors, 2).await;
     let mut faults = Rebalancing { frozen: None, froze: 0, next_freeze: 20, joined: false };
-    let (kills, mut projectors) = workload(&app, &ds, projectors, seed() + 2, &mut faults).await;
+    let (kills, mut projectors) = workload(&app, &bases, &ds, projectors, seed() + 2, &mut faults).await;
     eprintln!("{kills} kills, {} freezes past the lease, a fourth process joined: {}", faults.froze, faults.joined);
     assert!(kills >= 3 && faults.froze >= 2 && faults.joined, "the seed must exercise the faults");
     // Four processes, four partitions: each ends up leading one. A process
@@ -208,10 +250,12 @@ async fn partitions_survive_kills_freezes_and_a_joining_process() {
 }
 
 /// A seeded random workload with `faults`; then, for every tenant, limits
-/// 1/7/100 in both modes, cached equals live byte for byte. Returns the
-/// number of kills, and the processes.
+/// 1/7/100 in both modes, cached equals live byte for byte, and so from
+/// each API process at `apis` too (readers take turns between them and the
+/// test's API). Returns the number of kills, and the processes.
 async fn workload(
     app: &TestApp,
+    apis: &[String],
     ds: &callboard_tests::dataset::Dataset,
     mut projectors: Projectors,
     seed: u64,
@@ -344,7 +388,10 @@ async fn workload(
         }
         if rng.gen_bool(0.2) {
             // Readers during the workload also trigger warms of cold tenants.
-            app.grouped_as(&app.token(tenant), &[("limit", "3")], false).await;
+            let _ = match apis.get(i % (apis.len() + 1)) {
+                Some(base) => grouped_at(app, base, tenant, &[("limit", "3")]).await,
+                None => app.grouped_as(&app.token(tenant), &[("limit", "3")], false).await,
+            };
         }
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..15))).await;
     }
@@ -386,6 +433,22 @@ async fn workload(
                     panic!("tenant {tenant} {fields:?}: no cache hit within 30 s (cold, or the cache errs); status: {state}");
                 }
                 assert_same(&cached, &live, &format!("tenant {tenant} {fields:?}"));
+            }
+        }
+    }
+    // Every API process serves the same answers from the cache.
+    for base in apis {
+        for &tenant in &ds.tenants {
+            let fields = [("limit", "7")];
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let live = app.live(tenant, &fields).await;
+                let (cache, cached) = grouped_at(app, base, tenant, &fields).await;
+                if cache == "hit" && cached == live {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{base}, tenant {tenant}: X-Cache {cache}, {cached} against {live}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }

@@ -617,7 +617,8 @@ impl Leader<'_> {
             let queued: Vec<String> = c.lrange(&queue, page * PAGE, (page + 1) * PAGE - 1).await?;
             let last_page = (queued.len() as isize) < PAGE;
             for raw in queued {
-                let mine = match Command::parse(&raw) {
+                let parsed = Command::parse(&raw);
+                let mine = match parsed {
                     Some(Command::Warm { tenant, .. } | Command::Purge { tenant }) => self.scope.owns_tenant(tenant),
                     Some(Command::Reload { partition }) => {
                         partition == self.scope.partition
@@ -627,7 +628,9 @@ impl Leader<'_> {
                     // Partition 0 drops what nobody can run.
                     None => self.scope.owns_globals(),
                 };
-                if mine && c.lrem::<_, _, i64>(&queue, 1, &raw).await? == 1 {
+                // Reloads are taken with every copy queued: one does for all.
+                let copies = if matches!(parsed, Some(Command::Reload { .. })) { 0 } else { 1 };
+                if mine && c.lrem::<_, _, i64>(&queue, copies, &raw).await? >= 1 {
                     return Ok(Some(raw));
                 }
             }
@@ -666,11 +669,18 @@ impl Leader<'_> {
                     }
                 }
                 Some(Command::Reload { partition }) if partition == self.scope.partition => {
-                    // A snapshot of the users and statuses over what the
-                    // stream applied: events after it are applied on top,
-                    // as after a bootstrap.
-                    let (users, statuses) = warm::bootstrap_globals(&self.p.db, &self.writer, &self.p.fields).await?;
-                    warn!(users, statuses, "users and statuses stored again (verification found them lost)");
+                    let keys = self.p.keys.in_partition(partition);
+                    match warm::reload_lost(&self.p.db, &self.writer, &self.p.fields, &self.p.redis, &keys).await {
+                        Ok(r) if r.lost.is_empty() => info!("reload: no shared key is missing"),
+                        Ok(r) => warn!(lost = ?r.lost, users = r.users, statuses = r.statuses,
+                            "shared keys lost in Redis stored again from MongoDB"),
+                        Err(e) => {
+                            // Not lost with the leadership: the next leader runs it.
+                            let mut c = self.p.redis.get().await?;
+                            let _: () = c.lpush(self.p.keys.commands(), &raw).await?;
+                            return Err(e);
+                        }
+                    }
                 }
                 Some(Command::Reload { partition }) => warn!(partition, "reload of a partition that does not exist"),
                 None => warn!(command = %raw, "malformed command"),

@@ -129,6 +129,9 @@ pub(crate) async fn run(
             info!(tenants = n, "verifier: back within reconcile.interval_s");
         }
         late = took > config.interval;
-        tokio::time::sleep_until(cycle + config.interval).await;
+        // With nothing warm, look again soon: a tenant warmed meanwhile is
+        // then first checked within about an interval, not two.
+        let pause = if n == 0 { config.interval.min(Duration::from_secs(10)) } else { config.interval };
+        tokio::time::sleep_until(cycle + pause).await;
     }
 }

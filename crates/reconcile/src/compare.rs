@@ -33,12 +33,6 @@ impl Kind {
     pub const USER: &'static str = "user";
     /// Every kind, for metrics.
     pub const ALL: [&'static str; 5] = [Self::STATUS, Self::COUNT, Self::ORDER, Self::DOCUMENT, Self::USER];
-
-    /// Whether differences of `kind` may come from the shared data (the
-    /// users, the statuses), which a tenant's warm does not store again.
-    pub fn is_shared(kind: &str) -> bool {
-        kind == Self::STATUS || kind == Self::USER
-    }
 }
 
 /// The differences between the cached and the live answer (JSON of the
@@ -54,7 +48,9 @@ pub fn compare(cached: &Value, live: &Value) -> Vec<Difference> {
             out.push(difference(Kind::STATUS, id, "missing from the cache".into()));
             continue;
         };
-        let found = out.len();
+        if without(&c, &["calls", "total_calls"]) != without(g, &["calls", "total_calls"]) {
+            out.push(difference(Kind::STATUS, id, "the status itself differs (name, colour...)".into()));
+        }
         if c["total_calls"] != g["total_calls"] {
             let detail = format!("cached {} calls, MongoDB {}", c["total_calls"], g["total_calls"]);
             out.push(difference(Kind::COUNT, id, detail));
@@ -70,12 +66,10 @@ pub fn compare(cached: &Value, live: &Value) -> Vec<Difference> {
                 if a == b {
                     continue;
                 }
-                let kind = if without_details(a) == without_details(b) { Kind::USER } else { Kind::DOCUMENT };
+                let details = USER_REFERENCES.map(|(_, details)| details);
+                let kind = if without(a, &details) == without(b, &details) { Kind::USER } else { Kind::DOCUMENT };
                 out.push(difference(kind, id, format!("call {} differs", b["id"])));
             }
-        }
-        if out.len() == found && c != *g {
-            out.push(difference(Kind::STATUS, id, "the status itself differs".into()));
         }
     }
     for c in &cached {
@@ -90,15 +84,15 @@ fn difference(kind: &'static str, status_id: &Value, detail: String) -> Differen
     Difference { kind, status_id: status_id.clone(), detail }
 }
 
-/// A call without its users' details.
-fn without_details(call: &Value) -> Value {
-    let mut call = call.clone();
-    if let Some(fields) = call.as_object_mut() {
-        for (_, details) in USER_REFERENCES {
-            fields.remove(details);
+/// `value` without `fields`.
+fn without(value: &Value, fields: &[&str]) -> Value {
+    let mut value = value.clone();
+    if let Some(object) = value.as_object_mut() {
+        for field in fields {
+            object.remove(*field);
         }
     }
-    call
+    value
 }
 
 #[cfg(test)]
@@ -128,7 +122,7 @@ mod tests {
             {"id": 2, "name": "Finished", "total_calls": 1, "calls": [unnamed]},
         ]));
         let kinds: Vec<&str> = compare(&changed, &live).into_iter().map(|d| d.kind).collect();
-        assert_eq!(kinds, ["document", "user"]);
+        assert_eq!(kinds, ["document", "status", "user"]);
         let renamed = answer(json!([
             {"id": 1, "name": "Open", "total_calls": 2, "calls": [call(5, "a"), call(4, "b")]},
             {"id": 2, "name": "Finished", "total_calls": 1, "calls": [call(3, "c")]},

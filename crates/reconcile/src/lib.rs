@@ -48,6 +48,11 @@ pub const CATCH_UP: Duration = Duration::from_secs(2);
 /// the projector has come.
 pub trait Source: Sync {
     type Error: Send;
+    /// Called before each round reads anything (a budget may wait here,
+    /// rather than between the cached read and the live query).
+    fn round(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// The live answer, from a query that started at `started_ms` or later.
     fn live(
         &self,
@@ -128,8 +133,8 @@ impl<'a, S: Source> Verifier<'a, S> {
         };
         // Copies of statuses and users last only one verification.
         let cache = self.cache.without_local_copies();
-        let mut behind = false;
         for _ in 0..ATTEMPTS {
+            self.source.round().await;
             let mark = self.source.mark(tenant).await;
             let before = cache.answer_versions(tenant).await?;
             let cached = match cache.grouped(tenant, &self.request).await {
@@ -138,7 +143,7 @@ impl<'a, S: Source> Verifier<'a, S> {
                 Ok(Read::Miss(miss)) => return Ok(verdict(miss.name(), None, Vec::new(), None)),
                 // A value Redis holds but that cannot be read (a document
                 // missing from its window): drift, if it holds still.
-                Err(ReadModelError::Corrupt { key, detail }) => Err(format!("{key}: {detail}")),
+                Err(ReadModelError::Corrupt { key, detail }) => Err((key, detail)),
                 Err(e) => return Err(e.into()),
             };
             let started = now_ms();
@@ -149,32 +154,36 @@ impl<'a, S: Source> Verifier<'a, S> {
             let live: Value = serde_json::from_str(live.as_str())?;
             let deadline = Instant::now() + CATCH_UP;
             if self.source.wait_for(tenant, MinAsOf::Millis(ended), deadline).await.is_none() {
-                behind = true;
-                continue;
+                // Another round would only query MongoDB again while the
+                // projector is behind.
+                tracing::info!(tenant = %tenant, "not verified: the projector is behind");
+                return Ok(verdict("projector_behind", None, Vec::new(), None));
             }
             if cache.answer_versions(tenant).await? != before {
                 continue; // written meanwhile: not one moment
             }
             let differences = match &cached {
                 Ok(cached) => compare(cached, &live),
-                Err(unreadable) => vec![Difference {
-                    kind: Kind::DOCUMENT,
+                Err((key, detail)) => vec![Difference {
+                    // The statuses (shared or the tenant's), or a call.
+                    kind: if key == "statuses" { Kind::STATUS } else { Kind::DOCUMENT },
                     status_id: Value::Null,
-                    detail: format!("the cached answer cannot be read: {unreadable}"),
+                    detail: format!("the cached answer cannot be read: {key}: {detail}"),
                 }],
             };
-            self.cache.record_verification(differences.iter().map(|d| d.kind)).await?;
+            if !differences.is_empty() {
+                self.repair(tenant, &differences).await?;
+            }
+            // Counted after the repair, which must not wait on it.
+            if let Err(e) = cache.record_verification(differences.iter().map(|d| d.kind)).await {
+                tracing::warn!(error = %e, "verification: could not count it");
+            }
             if differences.is_empty() {
                 return Ok(verdict("warm", Some(true), differences, Some(mark.at_ms)));
             }
-            self.repair(tenant, &differences).await?;
             let mut v = verdict("warm", Some(false), differences, Some(mark.at_ms));
             v.repaired = true;
             return Ok(v);
-        }
-        if behind {
-            tracing::info!(tenant = %tenant, "not verified: the projector is behind");
-            return Ok(verdict("projector_behind", None, Vec::new(), None));
         }
         tracing::info!(tenant = %tenant, "not verified: the tenant kept changing");
         Ok(verdict("changing", None, Vec::new(), None))
@@ -185,15 +194,23 @@ impl<'a, S: Source> Verifier<'a, S> {
     async fn repair(&self, tenant: TenantId, differences: &[Difference]) -> Result<(), ReadModelError> {
         tracing::warn!(tenant = %tenant, differences = ?differences,
             "the cached answer differs from MongoDB's: invalidating the tenant and warming it again");
-        if differences.iter().any(|d| Kind::is_shared(d.kind)) {
-            // Before the warm, so that a partition-0 tenant's warm reads
-            // the reloaded data (one queue, first come first served).
-            let own = self.partitioning.of(tenant);
-            self.cache.request_reload(own).await?;
-            if !Partitioning::owns_globals(own) {
-                self.cache.request_reload(0).await?;
-            }
-            tracing::warn!(tenant = %tenant, "the users and statuses will be stored again");
+        // Before the warm, so that a partition-0 tenant's warm finds them
+        // done (one queue, first come first served). The users and the
+        // global statuses are partition 0's; a tenant's own statuses and
+        // the status locators its partition's.
+        let mut reload = std::collections::BTreeSet::new();
+        for d in differences {
+            match d.kind {
+                Kind::USER => reload.insert(0),
+                Kind::STATUS => reload.insert(self.partitioning.of(tenant)) | reload.insert(0),
+                _ => false,
+            };
+        }
+        for p in &reload {
+            self.cache.request_reload(*p).await?;
+        }
+        if !reload.is_empty() {
+            tracing::warn!(tenant = %tenant, partitions = ?reload, "shared keys lost in Redis will be stored again");
         }
         self.cache.invalidate(tenant).await?;
         self.cache.request_warm(tenant).await?;
@@ -218,7 +235,7 @@ impl RedisMarks {
         }
     }
 
-    /// Polls every 5 ms until `tenant`'s claim covers `min`, until `deadline`.
+    /// Polls every 20 ms until `tenant`'s claim covers `min`, until `deadline`.
     pub async fn wait_for(&self, tenant: TenantId, min: MinAsOf, deadline: Instant) -> Option<Watermark> {
         loop {
             let w = self.of(tenant).await;
@@ -228,7 +245,7 @@ impl RedisMarks {
             if Instant::now() >= deadline {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
