@@ -104,19 +104,15 @@ async fn lost_keys_are_found_and_repaired_without_being_asked() {
     eprintln!("a deleted document: repaired in {took:?}");
 
     // The users hash: the API's own copies would hide it, the verifier
-    // reads Redis itself; the users are stored again.
+    // reads Redis itself; partition 0 is rebuilt, the users with it.
     let users: i64 = r.hlen(keys.users()).await.unwrap();
     assert!(users > 0);
     let before = drift(&app, "user").await;
     let removed: i64 = r.del(keys.users()).await.unwrap();
     assert_eq!(removed, 1);
-    let took = repaired(&app, 1, "user", before, "the deleted users hash").await;
-    let deadline = tokio::time::Instant::now() + REPAIRED_WITHIN;
-    while r.hlen::<_, i64>(keys.users()).await.unwrap() != users {
-        assert!(tokio::time::Instant::now() < deadline, "the users were not stored again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // What a process without copies (one started now) reads: right again.
+    // A reader without copies of its own before the repair (it copies the
+    // users it finds, none, under the current stamp): it must read them
+    // again once they are back.
     let fresh = callboard_readmodel::ReadModel::new(app.settings.redis.connect().await.unwrap(), keys.clone())
         .with_user_fields(app.settings.query.user_fields().unwrap());
     let request = callboard_domain::GroupedRequest {
@@ -124,6 +120,13 @@ async fn lost_keys_are_found_and_repaired_without_being_asked() {
         include_enrichment: true,
         include_calls: true,
     };
+    let _ = fresh.grouped(one, &request).await.unwrap();
+    let took = repaired(&app, 1, "user", before, "the deleted users hash").await;
+    let deadline = tokio::time::Instant::now() + REPAIRED_WITHIN;
+    while r.hlen::<_, i64>(keys.users()).await.unwrap() != users {
+        assert!(tokio::time::Instant::now() < deadline, "the users were not stored again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let deadline = tokio::time::Instant::now() + REPAIRED_WITHIN;
     loop {
         let read = fresh.grouped(one, &request).await.unwrap();

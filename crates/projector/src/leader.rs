@@ -184,7 +184,12 @@ impl Leader<'_> {
                 self.resume_warms(&mut pending).await?;
                 last_resume = Instant::now();
             }
-            self.run_commands(&mut pending).await?;
+            if let Some(rebuilt) = self.run_commands(&mut pending).await? {
+                source = rebuilt;
+                pending.clear();
+                tracker.reset();
+                published = Watermark::default();
+            }
             // One chunk of a loading snapshot per round; while one loads,
             // the stream is not waited on for long.
             let loading = self.load_chunk(&mut pending).await?;
@@ -620,7 +625,7 @@ impl Leader<'_> {
                 let parsed = Command::parse(&raw);
                 let mine = match parsed {
                     Some(Command::Warm { tenant, .. } | Command::Purge { tenant }) => self.scope.owns_tenant(tenant),
-                    Some(Command::Reload { partition }) => {
+                    Some(Command::Rebuild { partition }) => {
                         partition == self.scope.partition
                             // A partition that does not exist: partition 0 drops it.
                             || (partition >= self.scope.partitioning.count() && self.scope.owns_globals())
@@ -628,8 +633,8 @@ impl Leader<'_> {
                     // Partition 0 drops what nobody can run.
                     None => self.scope.owns_globals(),
                 };
-                // Reloads are taken with every copy queued: one does for all.
-                let copies = if matches!(parsed, Some(Command::Reload { .. })) { 0 } else { 1 };
+                // Rebuilds are taken with every copy queued: one does for all.
+                let copies = if matches!(parsed, Some(Command::Rebuild { .. })) { 0 } else { 1 };
                 if mine && c.lrem::<_, _, i64>(&queue, copies, &raw).await? >= 1 {
                     return Ok(Some(raw));
                 }
@@ -642,18 +647,21 @@ impl Leader<'_> {
     }
 
     /// Runs queued commands: warms (a snapshot per tenant), purges and
-    /// reloads.
-    async fn run_commands(&self, pending: &mut HashMap<TenantId, PendingWarm>) -> Result<(), ProjectorError> {
+    /// rebuilds; after a rebuild, the stream it opened.
+    async fn run_commands(
+        &self,
+        pending: &mut HashMap<TenantId, PendingWarm>,
+    ) -> Result<Option<Source>, ProjectorError> {
         let reader = &self.p.reader;
         for _ in 0..16 {
             if self.p.stopping() {
-                return Ok(());
+                return Ok(None);
             }
             // Never take a command this projector might not finish.
             if !self.keeper.wait_safe().await {
                 return Err(ProjectorError::LeaseLost);
             }
-            let Some(raw) = self.take_command().await? else { return Ok(()) };
+            let Some(raw) = self.take_command().await? else { return Ok(None) };
             match Command::parse(&raw) {
                 Some(Command::Warm { tenant, epoch, job }) => {
                     self.warm(tenant, epoch, job, pending).await?;
@@ -668,25 +676,19 @@ impl Leader<'_> {
                         info!(tenant = %tenant, removed, "tenant invalidated");
                     }
                 }
-                Some(Command::Reload { partition }) if partition == self.scope.partition => {
-                    let keys = self.p.keys.in_partition(partition);
-                    match warm::reload_lost(&self.p.db, &self.writer, &self.p.fields, &self.p.redis, &keys).await {
-                        Ok(r) if r.lost.is_empty() => info!("reload: no shared key is missing"),
-                        Ok(r) => warn!(lost = ?r.lost, users = r.users, statuses = r.statuses,
-                            "shared keys lost in Redis stored again from MongoDB"),
-                        Err(e) => {
-                            // Not lost with the leadership: the next leader runs it.
-                            let mut c = self.p.redis.get().await?;
-                            let _: () = c.lpush(self.p.keys.commands(), &raw).await?;
-                            return Err(e);
-                        }
-                    }
+                Some(Command::Rebuild { partition }) if partition == self.scope.partition => {
+                    // Verification found shared data lost (the users, the
+                    // statuses): rebuilt as after a Redis that lost writes,
+                    // its warm tenants warmed again. Should it fail, the
+                    // next leader finds no checkpoint and bootstraps.
+                    warn!("rebuilding the partition: verification found its shared data lost in Redis");
+                    return Ok(Some(self.restart_read_model().await?));
                 }
-                Some(Command::Reload { partition }) => warn!(partition, "reload of a partition that does not exist"),
+                Some(Command::Rebuild { partition }) => warn!(partition, "rebuild of a partition that does not exist"),
                 None => warn!(command = %raw, "malformed command"),
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Loads `tenant`'s snapshot unless its state moved on (invalidated,

@@ -18,7 +18,6 @@ use callboard_readmodel::write::{status_place, GlobalOp, Plan, TenantOp, Writer}
 use callboard_store::{CALLS, CALL_STATUS, USERS};
 use futures::TryStreamExt;
 use mongodb::Database;
-use redis::AsyncCommands;
 
 use tracing::warn;
 
@@ -54,109 +53,6 @@ pub async fn bootstrap_globals(
     }
     writer.apply(&plan).await?;
     Ok((n_users, n_statuses))
-}
-
-/// What [`reload_lost`] found lost and stored again.
-#[derive(Debug, Default)]
-pub struct Reloaded {
-    /// The shared keys found missing, by name.
-    pub lost: Vec<String>,
-    pub users: usize,
-    pub statuses: usize,
-}
-
-/// Stores again, from MongoDB, the shared keys of the writer's partition
-/// that Redis has lost entirely (for partition 0 the users, their
-/// locators and the global statuses; for every partition its status
-/// locators and its tenants' own statuses), and leaves every key that
-/// exists alone. Queued by verification ([`callboard_readmodel::Command::Reload`]).
-///
-/// Exact while the stream goes on: a key that is missing lacks every
-/// entry, so filling it from a snapshot read now puts only entries the
-/// stream has not applied yet or has lost; the events between the applied
-/// position and the read are applied after it, in order, and end where
-/// MongoDB is (they are folded whole documents). Overwriting entries that
-/// exist would not be: a locator set to the snapshot's place would hide
-/// the place an older, still-applied state left behind.
-pub async fn reload_lost(
-    db: &Database,
-    writer: &Writer,
-    fields: &UserFields,
-    redis: &callboard_readmodel::Redis,
-    keys: &callboard_readmodel::Keys,
-) -> Result<Reloaded, ProjectorError> {
-    let scope = writer.scope();
-    let mut c = redis.get().await?;
-    let mut out = Reloaded::default();
-    let owns = scope.owns_globals();
-    let users_lost = owns && is_lost(&mut c, keys.users(), &mut out).await?;
-    let user_locs_lost = owns && is_lost(&mut c, keys.user_loc(), &mut out).await?;
-    let globals_lost = owns && is_lost(&mut c, keys.global_statuses(), &mut out).await?;
-    let status_locs_lost = is_lost(&mut c, keys.status_loc(), &mut out).await?;
-    let mut plan = Plan::default();
-    if users_lost || user_locs_lost {
-        let mut users = db.collection::<Document>(USERS).find(doc! {}).batch_size(CHUNK as u32).await?;
-        while let Some(user) = users.try_next().await? {
-            let Some(key) = user.get("_id").map(callboard_domain::DocKey::from_bson) else { continue };
-            let Some((id, json)) = user_entry(&user, fields) else { continue };
-            if users_lost {
-                plan.global.push(GlobalOp::PutUser(id, json));
-                out.users += 1;
-            }
-            if user_locs_lost {
-                plan.global.push(GlobalOp::user_loc(key, [id]));
-            }
-            if plan.global.len() >= 2 * CHUNK {
-                writer.apply(&std::mem::take(&mut plan)).await?;
-            }
-        }
-    }
-    // Each tenant's own statuses: lost when its hash is (a tenant with
-    // none has no hash, and gets none).
-    let mut tenant_lost: HashMap<TenantId, bool> = HashMap::new();
-    let mut statuses = db.collection::<Document>(CALL_STATUS).find(doc! {}).batch_size(CHUNK as u32).await?;
-    while let Some(status) = statuses.try_next().await? {
-        let Some(record) = StatusRecord::from_document(&status) else { continue };
-        let place = status_place(record.tenant);
-        if !scope.owns_status_place(&place) {
-            continue;
-        }
-        if status_locs_lost {
-            plan.global.push(GlobalOp::status_loc(record.doc.clone(), [&place]));
-        }
-        let json = serde_json::to_string(&record).unwrap_or_default();
-        match record.tenant {
-            Some(t) => {
-                let lost = match tenant_lost.get(&t) {
-                    Some(lost) => *lost,
-                    None => {
-                        let lost = is_lost(&mut c, keys.statuses(t), &mut out).await?;
-                        *tenant_lost.entry(t).or_insert(lost)
-                    }
-                };
-                if lost {
-                    plan.tenants.entry(t).or_default().push(TenantOp::PutStatus { doc: record.doc, json });
-                    out.statuses += 1;
-                }
-            }
-            None if globals_lost => {
-                plan.global.push(GlobalOp::PutGlobalStatus(record.doc, json));
-                out.statuses += 1;
-            }
-            None => {}
-        }
-    }
-    writer.apply(&plan).await?;
-    Ok(out)
-}
-
-/// Whether `key` is missing (noted in `out`).
-async fn is_lost(c: &mut callboard_readmodel::Conn, key: String, out: &mut Reloaded) -> Result<bool, ProjectorError> {
-    let exists: bool = c.exists(&key).await?;
-    if !exists {
-        out.lost.push(key);
-    }
-    Ok(!exists)
 }
 
 /// Every user, into `plan` (applied every 1,000 users).

@@ -27,7 +27,7 @@
 //! | `P:{g}:sloc:<p>` | HASH | partition `p`'s status locators: status `_id` -> `g` or tenant id |
 //! | `P:{g}:tenants` | SET | tenants that may have a state (an index for listing; the state itself is `P:{tN}:state`) |
 //! | `P:{g}:epoch` | STRING | warm epoch counter |
-//! | `P:{g}:cmdq` | LIST | commands for the projectors ([`crate::Command`]): warms, purges, reloads of a partition's users and statuses |
+//! | `P:{g}:cmdq` | LIST | commands for the projectors ([`crate::Command`]): warms, purges, rebuilds of a partition (queued by verification) |
 //! | `P:{g}:job:<id>` | HASH | a warm job's progress ([`crate::job`] fields) |
 //! | `P:{g}:settings:<p>` | STRING | the [`crate::Fingerprint`] (JSON) of the settings partition `p` stored its data with |
 //! | `P:{g}:schema:<p>` | STRING | the format partition `p` built its keys in ([`SCHEMA`] and the partition count) |

@@ -553,10 +553,10 @@ impl ReadModel {
         Ok(())
     }
 
-    /// Queues a [`Command::Reload`] of `partition`'s shared data.
-    pub async fn request_reload(&self, partition: u32) -> Result<(), ReadModelError> {
+    /// Queues a [`Command::Rebuild`] of `partition`.
+    pub async fn request_rebuild(&self, partition: u32) -> Result<(), ReadModelError> {
         let mut c = self.conn().await?;
-        let _: () = c.rpush(self.keys.commands(), Command::Reload { partition }.encode()).await?;
+        let _: () = c.rpush(self.keys.commands(), Command::Rebuild { partition }.encode()).await?;
         Ok(())
     }
 

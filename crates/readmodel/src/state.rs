@@ -118,21 +118,22 @@ pub enum Command {
     Warm { tenant: TenantId, epoch: u64, job: Option<String> },
     /// Remove the calls of `tenant`, if it is still cold.
     Purge { tenant: TenantId },
-    /// Store partition `partition`'s shared data again from MongoDB: the
-    /// users and global statuses (partition 0), its tenants' own statuses.
-    /// Queued by verification when they were found lost in Redis.
-    Reload { partition: u32 },
+    /// Rebuild partition `partition` (its warm tenants are warmed again):
+    /// queued by verification when the partition's shared data (users and
+    /// global statuses for partition 0, its tenants' own statuses) differs
+    /// from MongoDB's.
+    Rebuild { partition: u32 },
 }
 
 impl Command {
-    /// `warm <tenant> <epoch> <job or ->`, `purge <tenant>` or `reload <partition>`.
+    /// `warm <tenant> <epoch> <job or ->`, `purge <tenant>` or `rebuild <partition>`.
     pub fn encode(&self) -> String {
         match self {
             Command::Warm { tenant, epoch, job } => {
                 format!("warm {} {epoch} {}", tenant.get(), job.as_deref().unwrap_or("-"))
             }
             Command::Purge { tenant } => format!("purge {}", tenant.get()),
-            Command::Reload { partition } => format!("reload {partition}"),
+            Command::Rebuild { partition } => format!("rebuild {partition}"),
         }
     }
 
@@ -145,7 +146,7 @@ impl Command {
                 job: (*job != "-").then(|| job.to_string()).filter(|j| is_job_id(j)),
             }),
             ["purge", t] => Some(Command::Purge { tenant: tenant(t)? }),
-            ["reload", p] => Some(Command::Reload { partition: p.parse().ok()? }),
+            ["rebuild", p] => Some(Command::Rebuild { partition: p.parse().ok()? }),
             _ => None,
         }
     }
@@ -231,11 +232,11 @@ mod tests {
             Command::Warm { tenant: t, epoch: 3, job: None },
             Command::Warm { tenant: t, epoch: 3, job: Some("w12".into()) },
             Command::Purge { tenant: t },
-            Command::Reload { partition: 3 },
+            Command::Rebuild { partition: 3 },
         ] {
             assert_eq!(Command::parse(&c.encode()), Some(c));
         }
-        for bad in ["warm 6 x -", "purge -1", "warm 6 3", "drop 6", "reload x", "reload -1", ""] {
+        for bad in ["warm 6 x -", "purge -1", "warm 6 3", "drop 6", "rebuild x", "rebuild -1", ""] {
             assert_eq!(Command::parse(bad), None, "{bad}");
         }
     }

@@ -20,10 +20,11 @@
 //! users ([`ReadModel::without_local_copies`]), so a hash lost in Redis
 //! under an unchanged stamp is seen. Drift invalidates the tenant and
 //! queues its warm (it is answered live until the warm lands); a
-//! difference that may come from the shared data ([`Kind::is_shared`])
-//! also queues a reload of the users and statuses ([`Command::Reload`]).
+//! difference in the shared data (users, statuses: [`Kind::USER`],
+//! [`Kind::STATUS`]), which a tenant's warm does not store, also queues a
+//! rebuild of the partitions holding it ([`Command::Rebuild`]).
 //!
-//! [`Command::Reload`]: callboard_readmodel::Command::Reload
+//! [`Command::Rebuild`]: callboard_readmodel::Command::Rebuild
 
 mod compare;
 
@@ -194,23 +195,23 @@ impl<'a, S: Source> Verifier<'a, S> {
     async fn repair(&self, tenant: TenantId, differences: &[Difference]) -> Result<(), ReadModelError> {
         tracing::warn!(tenant = %tenant, differences = ?differences,
             "the cached answer differs from MongoDB's: invalidating the tenant and warming it again");
-        // Before the warm, so that a partition-0 tenant's warm finds them
-        // done (one queue, first come first served). The users and the
-        // global statuses are partition 0's; a tenant's own statuses and
-        // the status locators its partition's.
-        let mut reload = std::collections::BTreeSet::new();
+        // Shared data differs: the partitions holding it are rebuilt (the
+        // users and global statuses are partition 0's, a tenant's own
+        // statuses its partition's). Queued before the tenant's warm; a
+        // rebuild restores the warms queued meanwhile.
+        let mut rebuild = std::collections::BTreeSet::new();
         for d in differences {
             match d.kind {
-                Kind::USER => reload.insert(0),
-                Kind::STATUS => reload.insert(self.partitioning.of(tenant)) | reload.insert(0),
+                Kind::USER => rebuild.insert(0),
+                Kind::STATUS => rebuild.insert(self.partitioning.of(tenant)) | rebuild.insert(0),
                 _ => false,
             };
         }
-        for p in &reload {
-            self.cache.request_reload(*p).await?;
+        for p in &rebuild {
+            self.cache.request_rebuild(*p).await?;
         }
-        if !reload.is_empty() {
-            tracing::warn!(tenant = %tenant, partitions = ?reload, "shared keys lost in Redis will be stored again");
+        if !rebuild.is_empty() {
+            tracing::warn!(tenant = %tenant, partitions = ?rebuild, "shared data differs from MongoDB's: rebuilding");
         }
         self.cache.invalidate(tenant).await?;
         self.cache.request_warm(tenant).await?;
