@@ -126,7 +126,7 @@ impl Metrics {
         let misses = IntCounterVec::new(
             Opts::new(
                 names::MISSES,
-                "answers given live, by reason (cold, format, short_window, retries_exhausted, redis_error, bypass, redis_may_evict, min_as_of: the wait for the projector ran out, stale: older than max_staleness_ms)",
+                "answers given live, by reason (cold, format, short_window, retries_exhausted, redis_error, bypass, redis_may_evict, min_as_of: the wait for the projector ran out, stale: older than max_staleness_ms, rebuilding: partition 0 is loading the users and statuses again)",
             ),
             &["reason"],
         )

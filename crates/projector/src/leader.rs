@@ -679,10 +679,17 @@ impl Leader<'_> {
                 Some(Command::Rebuild { partition }) if partition == self.scope.partition => {
                     // Verification found shared data lost (the users, the
                     // statuses): rebuilt as after a Redis that lost writes,
-                    // its warm tenants warmed again. Should it fail, the
-                    // next leader finds no checkpoint and bootstraps.
+                    // its warm tenants warmed again.
                     warn!("rebuilding the partition: verification found its shared data lost in Redis");
-                    return Ok(Some(self.restart_read_model().await?));
+                    return match self.restart_read_model().await {
+                        Ok(source) => Ok(Some(source)),
+                        Err(e) => {
+                            // Idempotent: the next leader runs it again.
+                            let mut c = self.p.redis.get().await?;
+                            let _: () = c.lpush(self.p.keys.commands(), &raw).await?;
+                            Err(e)
+                        }
+                    };
                 }
                 Some(Command::Rebuild { partition }) => warn!(partition, "rebuild of a partition that does not exist"),
                 None => warn!(command = %raw, "malformed command"),

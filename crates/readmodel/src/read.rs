@@ -262,12 +262,18 @@ impl ReadModel {
             };
             // First round trip, one MULTI: state, stamps, the tenant's
             // version, the windows, and per status its size and members.
+            // The shared keys' stamps, and partition 0's format mark: a
+            // partition-0 rebuild deletes the users and global statuses
+            // and sets the mark once they are loaded again, so while it is
+            // missing no answer is served from the cache (the other
+            // partitions' tenants stay warm meanwhile).
+            let shared = self.keys.in_partition(0).schema();
             let mut global = redis::pipe();
-            global.get(self.keys.global_status_stamp()).get(self.keys.users_stamp());
+            global.get(self.keys.global_status_stamp()).get(self.keys.users_stamp()).get(&shared);
             let mut pipe = redis::pipe();
             pipe.atomic();
             if side.is_none() {
-                pipe.get(self.keys.global_status_stamp()).get(self.keys.users_stamp());
+                pipe.get(self.keys.global_status_stamp()).get(self.keys.users_stamp()).get(&shared);
             }
             pipe.get(self.keys.state(tenant)).get(self.keys.status_stamp(tenant));
             let with_windows = mode == Mode::Enriched && !copy.visible.is_empty();
@@ -298,6 +304,9 @@ impl ReadModel {
             let mut replies = replies.into_iter();
             let mut next = || replies.next().unwrap_or(redis::Value::Nil);
             let (global_statuses, users): (Option<String>, Option<String>) = (parse(next())?, parse(next())?);
+            if parse::<Option<String>>(next())?.is_none() {
+                return Ok(Read::Miss(Miss::Rebuilding));
+            }
             let state: Option<String> = parse(next())?;
             // Data in another format (before the projector's upgrade
             // rebuild) is never served: its state does not parse.
@@ -762,6 +771,10 @@ pub enum Miss {
     Raced,
     /// The tenant is quarantined after a poison event.
     Quarantined,
+    /// Partition 0 is (re)building the users and global statuses every
+    /// answer shows (its format mark `P:{g}:schema:0` is set only once
+    /// they are loaded).
+    Rebuilding,
 }
 
 impl Miss {
@@ -773,6 +786,7 @@ impl Miss {
             Miss::ShortWindow => "short_window",
             Miss::Raced => "retries_exhausted",
             Miss::Quarantined => "quarantined",
+            Miss::Rebuilding => "rebuilding",
         }
     }
 }
