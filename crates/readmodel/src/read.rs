@@ -304,9 +304,7 @@ impl ReadModel {
             let mut replies = replies.into_iter();
             let mut next = || replies.next().unwrap_or(redis::Value::Nil);
             let (global_statuses, users): (Option<String>, Option<String>) = (parse(next())?, parse(next())?);
-            if parse::<Option<String>>(next())?.is_none() {
-                return Ok(Read::Miss(Miss::Rebuilding));
-            }
+            let shared_loaded = parse::<Option<String>>(next())?.is_some();
             let state: Option<String> = parse(next())?;
             // Data in another format (before the projector's upgrade
             // rebuild) is never served: its state does not parse.
@@ -315,6 +313,11 @@ impl ReadModel {
                 (None, _) | (Some(_), TenantState::Warming(_)) => return Ok(Read::Miss(Miss::Cold)),
                 (Some(_), TenantState::Cold) => return Ok(Read::Miss(Miss::Format)),
                 (_, TenantState::Quarantined) => return Ok(Read::Miss(Miss::Quarantined)),
+            }
+            // After the state: a cold tenant is still reported cold (its
+            // request queues the warm) before any projector has led.
+            if !shared_loaded {
+                return Ok(Read::Miss(Miss::Rebuilding));
             }
             let stamps = Stamps { global_statuses, tenant_statuses: parse(next())?, users };
             if !copy.is_current(&stamps) {
