@@ -204,7 +204,8 @@ async fn a_busy_healthy_system_is_never_reported_drifted() {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..60))).await;
     }
     let busy = started.elapsed();
-    // Every tenant compared once more after the last write.
+    // As many comparisons again as there are tenants after the last write
+    // (about one each at this interval).
     let at_end = app.counter("callboard_reconcile_checks_total").await;
     let deadline = tokio::time::Instant::now() + REPAIRED_WITHIN;
     while app.counter("callboard_reconcile_checks_total").await < at_end + tenants.len() as u64 {

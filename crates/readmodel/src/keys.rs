@@ -30,7 +30,7 @@
 //! | `P:{g}:cmdq` | LIST | commands for the projectors ([`crate::Command`]): warms, purges, rebuilds of a partition (queued by verification) |
 //! | `P:{g}:job:<id>` | HASH | a warm job's progress ([`crate::job`] fields) |
 //! | `P:{g}:settings:<p>` | STRING | the [`crate::Fingerprint`] (JSON) of the settings partition `p` stored its data with |
-//! | `P:{g}:schema:<p>` | STRING | the format partition `p` built its keys in ([`SCHEMA`] and the partition count) |
+//! | `P:{g}:schema:<p>` | STRING | the format partition `p` built its keys in ([`SCHEMA`] and the partition count); reads answer live while partition 0's is missing (its users and global statuses not loaded) |
 //! | `P:{g}:ckpt:<p>` | STRING | partition `p`'s resume token of its last applied batch (BSON) |
 //! | `P:{g}:lease:<p>` | STRING | the id of partition `p`'s active projector, with a TTL |
 //! | `P:{g}:asof:<p>` | HASH | partition `p`'s watermark: `at_ms` (every change committed before it is applied), `through_s`/`through_i` (every change at or before that cluster time); only grows, with the checkpoint's lease check |

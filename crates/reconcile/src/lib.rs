@@ -88,7 +88,8 @@ pub enum VerifyError<E> {
 pub struct Verdict {
     pub tenant_id: i64,
     /// `warm` (compared); not compared: why the cache does not answer
-    /// (`cold`, `quarantined`, `short_window`, `format`), `changing`
+    /// (`cold`, `quarantined`, `short_window`, `format`, `rebuilding`),
+    /// `changing`
     /// (written to in every round) or `projector_behind` (the partition
     /// did not pass the live answer in time).
     pub state: &'static str,
