@@ -24,9 +24,11 @@ help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 .PHONY: deps
-deps: ## Install what tests and `make run` need (redis-server, the stand-in venv)
+deps: ## Install what tests and `make run` need (redis-server, Chromium and chromedriver, the stand-in venv)
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 	@command -v redis-server >/dev/null || { echo "redis-server could not be installed" >&2; exit 1; }
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	@command -v chromedriver >/dev/null || { echo "chromium and chromedriver could not be installed (the board page's test needs them)" >&2; exit 1; }
 	@$(MAKE) --no-print-directory $(VENV_STAMP)
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt

@@ -4,6 +4,7 @@
 
 pub mod dataset;
 pub mod reference;
+pub mod sse;
 
 use std::net::TcpListener;
 use std::time::Duration;
@@ -117,6 +118,18 @@ impl TestApp {
 
     pub fn admin_token(&self, tenant: i64) -> String {
         self.keys.mint(TenantId::new(tenant).expect("valid tenant"), true, Duration::from_secs(3600))
+    }
+
+    /// `GET /crm/calls/stream` with `query` (a token goes in
+    /// `access_token` or as a bearer header, as the caller chooses),
+    /// without the client's 30 s timeout.
+    pub async fn open_stream(&self, query: &[(&str, &str)], headers: &[(&str, &str)]) -> reqwest::Response {
+        let client = reqwest::Client::builder().build().expect("http client");
+        let mut req = client.get(format!("{}{}", self.address, callboard_api::STREAM_PATH)).query(query);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.expect("stream request sent")
     }
 
     pub fn grouped_url(&self) -> String {

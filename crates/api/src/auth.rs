@@ -140,7 +140,7 @@ impl JwtKeys {
         let tenant = TenantId::new(data.claims.tenant_id)
             .map_err(|_| ApiError::new(ErrorCode::InvalidToken, "the token's tenant_id is not valid"))?;
         let role = if may_admin && data.claims.role.as_deref() == Some("admin") { Role::Admin } else { Role::Member };
-        Ok(Caller { tenant, role })
+        Ok(Caller { tenant, role, expires_at_s: data.claims.exp.saturating_add(self.validation.leeway) })
     }
 }
 
@@ -161,6 +161,9 @@ fn reject(e: jsonwebtoken::errors::Error) -> ApiError {
 pub struct Caller {
     pub tenant: TenantId,
     pub role: Role,
+    /// When the token stops being accepted (`exp` plus the leeway, Unix
+    /// seconds): a stream ends then.
+    pub expires_at_s: u64,
 }
 
 impl Caller {
@@ -184,7 +187,10 @@ fn authenticate(req: &HttpRequest) -> Result<Caller, ApiError> {
         .ok_or_else(|| ApiError::new(ErrorCode::Internal, "authentication is not configured"))?;
     // Two tokens would leave the tenant to whichever is read first.
     if req.headers().get_all(header::AUTHORIZATION).count() > 1 {
-        return Err(ApiError::new(ErrorCode::InvalidToken, "give the Authorization header once"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidToken,
+            "give one token: one Authorization header, or one access_token where accepted",
+        ));
     }
     let value = req
         .headers()

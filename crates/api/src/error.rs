@@ -26,6 +26,7 @@ pub enum ErrorCode {
     DatabaseTimeout,
     CacheUnavailable,
     ResponseTooLarge,
+    StreamBusy,
     Internal,
 }
 
@@ -49,6 +50,7 @@ impl ErrorCode {
             ErrorCode::DatabaseTimeout => (StatusCode::GATEWAY_TIMEOUT, "database_timeout"),
             ErrorCode::CacheUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "cache_unavailable"),
             ErrorCode::ResponseTooLarge => (StatusCode::UNPROCESSABLE_ENTITY, "response_too_large"),
+            ErrorCode::StreamBusy => (StatusCode::SERVICE_UNAVAILABLE, "stream_busy"),
             ErrorCode::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -87,7 +89,7 @@ impl ResponseError for ApiError {
         let (status, name) = self.code.meta();
         let mut response =
             HttpResponse::build(status).json(Envelope { status: status.as_u16(), message: &self.message, error: name });
-        if matches!(self.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseUnavailable) {
+        if matches!(self.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseUnavailable | ErrorCode::StreamBusy) {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
         }
         if status == StatusCode::UNAUTHORIZED {
@@ -154,6 +156,7 @@ mod tests {
             DatabaseTimeout,
             CacheUnavailable,
             ResponseTooLarge,
+            StreamBusy,
             Internal,
         ];
         let mut names: Vec<&str> = all.iter().map(|c| c.meta().1).collect();

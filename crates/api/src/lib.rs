@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod params;
 mod routes;
 mod state;
+pub mod stream;
 pub mod verify;
 
 use std::net::TcpListener;
@@ -38,6 +39,9 @@ pub use params::ParamLimits;
 pub use state::{Answer, AppState, CacheOutcome};
 
 pub const GROUPED_PATH: &str = "/crm/calls/get-grouped-by-status";
+/// The live Kanban page.
+pub const BOARD_PATH: &str = "/board";
+pub use stream::{Boards, StreamLimits, STREAM_PATH};
 
 /// The fuzzing properties' cases: `CALLBOARD_FUZZ_CASES` (`make fuzz`),
 /// else 500 each.
@@ -55,6 +59,7 @@ pub struct AppParts {
     pub limits: ParamLimits,
     /// `/metrics` on the main address (false when it has its own).
     pub public_metrics: bool,
+    pub boards: Boards,
 }
 
 impl AppParts {
@@ -79,13 +84,23 @@ impl AppParts {
         tokio::spawn(watch_policy(redis, noeviction.clone()));
         tokio::spawn(count_tenants(cache.clone(), metrics.clone()));
         let watermarks = Watermarks::spawn(cache.clone(), Partitioning::new(settings.projector.partitions));
+        let draining = Arc::new(AtomicBool::new(false));
+        let boards = Boards::spawn(
+            cache.clone(),
+            StreamLimits {
+                max_events_per_s: settings.stream.max_events_per_s,
+                poll: Duration::from_millis(settings.stream.poll_ms),
+                max_connections: settings.stream.max_connections,
+            },
+            draining.clone(),
+        );
         Ok(Self {
             state: AppState {
                 live,
                 cache,
                 metrics,
                 noeviction,
-                draining: Arc::default(),
+                draining,
                 max_response_calls: settings.query.max_response_calls,
                 watermarks,
                 max_wait: Duration::from_millis(settings.query.max_wait_ms),
@@ -105,6 +120,7 @@ impl AppParts {
                 max_limit: settings.query.max_limit()?,
             },
             public_metrics: settings.http.metrics_addr.is_none(),
+            boards,
         })
     }
 }
@@ -186,7 +202,10 @@ pub fn create_app(
     let public_metrics = parts.public_metrics;
     App::new()
         .wrap(TracingLogger::<CallboardSpan>::new())
+        // Outermost: the token leaves the URI before the logger sees it.
+        .wrap(actix_web::middleware::from_fn(stream::token_from_query))
         .app_data(web::Data::new(parts.state))
+        .app_data(web::Data::new(parts.boards))
         .app_data(web::Data::new(parts.keys))
         .app_data(web::Data::new(parts.limits))
         .app_data(web::QueryConfig::default().error_handler(|e, _| {
@@ -197,6 +216,8 @@ pub fn create_app(
             route(GROUPED_PATH, web::post().to(routes::grouped::get_grouped_by_status))
                 .wrap(actix_web::middleware::DefaultHeaders::new().add(("X-Cache", "miss"))),
         )
+        .service(route(STREAM_PATH, web::get().to(stream::stream)))
+        .service(route(BOARD_PATH, web::get().to(routes::board::page)))
         .service(route("/healthz", web::get().to(routes::health::healthz)))
         .service(route("/readyz", web::get().to(routes::health::readyz)))
         .service(route("/projectorz", web::get().to(routes::health::projectorz)))

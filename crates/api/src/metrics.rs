@@ -33,6 +33,8 @@ pub mod names {
     pub const HISTORY_AT_RISK: &str = "callboard_history_at_risk";
     pub const RECONCILE_DRIFT: &str = "callboard_reconcile_drift_total";
     pub const RECONCILE_CHECKS: &str = "callboard_reconcile_checks_total";
+    pub const STREAM_CONNECTIONS: &str = "callboard_stream_connections";
+    pub const STREAM_EVENTS: &str = "callboard_stream_events_total";
 }
 
 /// How often an API process recounts its tenants by state.
@@ -61,6 +63,8 @@ pub struct Metrics {
     history_at_risk: IntGauge,
     drift: IntCounterVec,
     checks: IntCounter,
+    stream_connections: IntGauge,
+    stream_events: IntCounter,
 }
 
 impl Metrics {
@@ -173,6 +177,11 @@ impl Metrics {
             "verifications that compared a tenant's cached answer with MongoDB's (in every process)",
         );
         registry.register(Box::new(checks.clone())).expect("unique metric");
+        let stream_connections =
+            gauge(names::STREAM_CONNECTIONS, "GET /crm/calls/stream connections this process holds open");
+        let stream_events = counter(names::STREAM_EVENTS, "board events this process sent to stream connections");
+        registry.register(Box::new(stream_connections.clone())).expect("unique metric");
+        registry.register(Box::new(stream_events.clone())).expect("unique metric");
         Self {
             registry,
             grouped,
@@ -195,7 +204,21 @@ impl Metrics {
             history_at_risk,
             drift,
             checks,
+            stream_connections,
+            stream_events,
         }
+    }
+
+    pub fn stream_opened(&self) {
+        self.stream_connections.inc();
+    }
+
+    pub fn stream_closed(&self) {
+        self.stream_connections.dec();
+    }
+
+    pub fn observe_stream_event(&self) {
+        self.stream_events.inc();
     }
 
     pub fn observe_freshness_wait(&self, met: bool, waited: Duration) {

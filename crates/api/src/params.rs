@@ -103,7 +103,7 @@ async fn read_body_within(req: &HttpRequest, mut payload: Payload, max: usize) -
     Ok(body.freeze())
 }
 
-fn query_params(query: &str) -> Result<Vec<(String, ParamValue)>, ApiError> {
+pub(crate) fn query_params(query: &str) -> Result<Vec<(String, ParamValue)>, ApiError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
         .map_err(|e| ApiError::new(ErrorCode::InvalidParameter, format!("the query string is malformed: {e}")))?;
     Ok(pairs.into_iter().map(|(k, v)| (k, ParamValue::Text(v))).collect())

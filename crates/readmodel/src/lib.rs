@@ -19,7 +19,7 @@ pub mod write;
 
 pub use conn::{Conn, Redis};
 pub use keys::Keys;
-pub use read::{Counters, HistoryWindow, JobStatus, Miss, Progress, Read, ReadModel};
+pub use read::{BoardVersion, Counters, HistoryWindow, JobStatus, Miss, Progress, Read, ReadModel};
 pub use state::{Command, Fingerprint, PoisonEvent, TenantState};
 
 pub use redis;

@@ -31,6 +31,48 @@ pub struct Progress {
     pub owner: Option<String>,
 }
 
+/// What a tenant's board is made of, as one fingerprint: its state, its
+/// write version and status stamp, the global statuses' and the users'
+/// stamps. Any write that can change the board changes it (the converse
+/// need not hold: a user renamed in another tenant changes it too). Stable
+/// across processes, so a client may carry it from one to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BoardVersion(u64);
+
+impl BoardVersion {
+    /// Of a board whose version could not be read: no reconnect matches it.
+    pub const UNKNOWN: BoardVersion = BoardVersion(0);
+
+    fn of<'a>(parts: impl Iterator<Item = &'a Option<Vec<u8>>>) -> Self {
+        let mut bytes = Vec::new();
+        for part in parts {
+            match part {
+                // Length-prefixed, so that no two lists of parts share bytes.
+                Some(v) => {
+                    bytes.extend_from_slice(&(v.len() as u64).to_le_bytes());
+                    bytes.extend_from_slice(v);
+                }
+                None => bytes.extend_from_slice(&u64::MAX.to_le_bytes()),
+            }
+        }
+        Self(crate::keys::fnv1a(&bytes))
+    }
+}
+
+impl std::fmt::Display for BoardVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::str::FromStr for BoardVersion {
+    type Err = std::num::ParseIntError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        u64::from_str_radix(s, 16).map(Self)
+    }
+}
+
 /// Reads served by Redis alone.
 #[derive(Clone)]
 pub struct ReadModel {
@@ -147,6 +189,21 @@ impl ReadModel {
             versions.push(c.get(key).await?);
         }
         Ok(versions)
+    }
+
+    /// Each tenant's [`BoardVersion`], in order: one pipeline on a single
+    /// node (one per tenant's slot on a cluster), however many tenants.
+    pub async fn board_versions(&self, tenants: &[TenantId]) -> Result<Vec<BoardVersion>, ReadModelError> {
+        let get = |key: String| (key.clone(), redis::cmd("GET").arg(key).clone());
+        let mut cmds = vec![get(self.keys.global_status_stamp()), get(self.keys.users_stamp())];
+        for t in tenants {
+            cmds.extend([get(self.keys.state(*t)), get(self.keys.version(*t)), get(self.keys.status_stamp(*t))]);
+        }
+        let replies = self.redis.query_by_tag(cmds).await?;
+        let values =
+            replies.into_iter().map(redis::from_redis_value::<Option<Vec<u8>>>).collect::<Result<Vec<_>, _>>()?;
+        let (global, per_tenant) = values.split_at(2);
+        Ok(per_tenant.chunks(3).map(|own| BoardVersion::of(global.iter().chain(own))).collect())
     }
 
     pub async fn tenant_state(&self, tenant: TenantId) -> Result<TenantState, ReadModelError> {

@@ -35,6 +35,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("CALLBOARD_QUERY_MAX_STALENESS_MS", "query.max_staleness_ms"),
     ("CALLBOARD_RECONCILE_INTERVAL_S", "reconcile.interval_s"),
     ("CALLBOARD_RECONCILE_MAX_QUERIES_PER_S", "reconcile.max_queries_per_s"),
+    ("CALLBOARD_STREAM_MAX_EVENTS_PER_S", "stream.max_events_per_s"),
     ("CALLBOARD_LOG", "log.filter"),
     ("CALLBOARD_LOG_FORMAT", "log.format"),
 ];
@@ -45,6 +46,7 @@ const INT_KEYS: &[&str] = &[
     "query.max_staleness_ms",
     "reconcile.interval_s",
     "reconcile.max_queries_per_s",
+    "stream.max_events_per_s",
 ];
 
 /// `CALLBOARD_*` variables that are not settings: the config file's path,
@@ -103,7 +105,22 @@ pub struct Settings {
     pub projector: ProjectorSettings,
     pub query: QuerySettings,
     pub reconcile: ReconcileSettings,
+    pub stream: StreamSettings,
     pub log: LogSettings,
+}
+
+/// `GET /crm/calls/stream`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSettings {
+    /// Board events one connection gets a second at most (changes in
+    /// between are coalesced into the next).
+    pub max_events_per_s: u32,
+    /// How often each API process reads the versions of the boards its
+    /// connections watch.
+    pub poll_ms: u64,
+    /// Connections one API process holds at most; more get 503.
+    pub max_connections: usize,
 }
 
 /// The projectors' background verifier.
@@ -383,6 +400,15 @@ impl Settings {
         }
         if self.projector.watermark_interval_ms < 10 || self.projector.watermark_interval_ms > 60_000 {
             return Err(invalid("projector.watermark_interval_ms", "must be between 10 and 60000"));
+        }
+        if self.stream.max_events_per_s == 0 || self.stream.max_events_per_s > 100 {
+            return Err(invalid("stream.max_events_per_s", "must be between 1 and 100"));
+        }
+        if !(10..=10_000).contains(&self.stream.poll_ms) {
+            return Err(invalid("stream.poll_ms", "must be between 10 and 10000"));
+        }
+        if self.stream.max_connections == 0 {
+            return Err(invalid("stream.max_connections", "must be at least 1"));
         }
         if self.reconcile.interval_s > 86_400 {
             return Err(invalid("reconcile.interval_s", "must be at most 86400 (0: off)"));

@@ -1,3 +1,4 @@
 pub mod admin;
+pub mod board;
 pub mod grouped;
 pub mod health;

@@ -1,0 +1,469 @@
+//! `GET /crm/calls/stream`: a tenant's board as Server-Sent Events.
+//!
+//! Each connection gets the board at once (event `board`, data exactly the
+//! JSON `get-grouped-by-status` returns), then again whenever it changes,
+//! at most `stream.max_events_per_s` a second: changes in between are
+//! coalesced into the next event. An event's `id:` is
+//! `<as_of_ms>-<board version>`; a client that reconnects with
+//! `Last-Event-ID` gets the board at once only if it changed since.
+//!
+//! The fan-out costs one poll per process, not one per connection: a
+//! [`Boards`] task reads, every `stream.poll_ms`, the [`BoardVersion`] of
+//! every tenant some connection watches (one pipeline on a single node,
+//! one small transaction per tenant's slot on a cluster) and wakes that
+//! tenant's connections when it changed. Connections asking for the same
+//! board share one render per version. See ADR 0010 for why polling
+//! rather than pub/sub.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::Uri;
+use actix_web::middleware::Next;
+use actix_web::web::{self, Bytes};
+use actix_web::{HttpRequest, HttpResponse};
+use callboard_domain::{Freshness, GroupedRequest, TenantId};
+use callboard_readmodel::{BoardVersion, ReadModel};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::state::{AppState, CacheOutcome};
+
+pub const STREAM_PATH: &str = "/crm/calls/stream";
+/// The query parameter that carries a token where a header cannot
+/// (browsers' `EventSource`).
+pub const TOKEN_PARAM: &str = "access_token";
+/// A comment goes out when nothing else did for this long, so that
+/// proxies keep the connection and clients notice a dead one.
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
+/// An answer that was not a hit (a cold tenant, Redis unreadable) is
+/// rendered again this often even if no version changed: a cold tenant's
+/// writes bump no version until it is warm.
+const LIVE_RETRY: Duration = Duration::from_secs(1);
+/// What `EventSource` waits before reconnecting after the stream ends.
+const RETRY_MS: u64 = 1000;
+
+/// The stream's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    pub max_events_per_s: u32,
+    pub poll: Duration,
+    pub max_connections: usize,
+}
+
+/// This process's watched boards, kept fresh by one task. Cheap to clone.
+#[derive(Clone)]
+pub struct Boards {
+    inner: Arc<Hub>,
+}
+
+struct Hub {
+    tenants: Mutex<HashMap<TenantId, Arc<Watched>>>,
+    connections: AtomicUsize,
+    limits: StreamLimits,
+    /// Becomes true when the process starts draining: every stream ends,
+    /// so that its client reconnects to another process.
+    closing: watch::Receiver<bool>,
+}
+
+/// One tenant's board version as last read, and its renders.
+struct Watched {
+    version: watch::Sender<Option<BoardVersion>>,
+    /// One render per distinct request, shared by every connection asking
+    /// for it (at most the few thousand distinct requests there are).
+    renders: Mutex<HashMap<GroupedRequest, Arc<tokio::sync::Mutex<Option<Rendered>>>>>,
+}
+
+/// One board event, ready to send.
+#[derive(Clone)]
+struct Rendered {
+    version: BoardVersion,
+    frame: Bytes,
+    /// Of the data alone, to skip an event that would repeat the last.
+    digest: u64,
+    outcome: CacheOutcome,
+}
+
+impl Boards {
+    /// Starts the poller; it stops when the last clone is dropped. It ends
+    /// every stream once `draining` is set.
+    pub fn spawn(cache: ReadModel, limits: StreamLimits, draining: Arc<AtomicBool>) -> Self {
+        let (closing_tx, closing) = watch::channel(false);
+        let inner = Arc::new(Hub { tenants: Mutex::default(), connections: AtomicUsize::new(0), limits, closing });
+        tokio::spawn(poll(cache, Arc::downgrade(&inner), draining, closing_tx));
+        Self { inner }
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.inner.connections.load(Ordering::Relaxed)
+    }
+
+    fn watch(&self, tenant: TenantId) -> (Arc<Watched>, watch::Receiver<Option<BoardVersion>>) {
+        let mut tenants = self.inner.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let watched = tenants
+            .entry(tenant)
+            .or_insert_with(|| Arc::new(Watched { version: watch::channel(None).0, renders: Mutex::default() }))
+            .clone();
+        let rx = watched.version.subscribe();
+        (watched, rx)
+    }
+
+    /// A connection's slot, or `stream_busy` past `stream.max_connections`.
+    fn open(&self, state: &AppState) -> Result<Slot, ApiError> {
+        let hub = &self.inner;
+        let n = hub.connections.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot { hub: self.inner.clone(), metrics: state.metrics.clone() };
+        state.metrics.stream_opened();
+        if n >= hub.limits.max_connections {
+            return Err(ApiError::new(
+                ErrorCode::StreamBusy,
+                format!(
+                    "this process holds {} stream connections (stream.max_connections); try again shortly",
+                    hub.limits.max_connections
+                ),
+            ));
+        }
+        Ok(slot)
+    }
+}
+
+/// Counts a connection while it lives.
+struct Slot {
+    hub: Arc<Hub>,
+    metrics: crate::Metrics,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.hub.connections.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.stream_closed();
+    }
+}
+
+/// Reads the watched tenants' versions every `stream.poll_ms`.
+async fn poll(cache: ReadModel, hub: Weak<Hub>, draining: Arc<AtomicBool>, closing: watch::Sender<bool>) {
+    let mut failing = false;
+    loop {
+        let Some(interval) = hub.upgrade().map(|h| h.limits.poll) else { return };
+        tokio::time::sleep(interval).await;
+        let Some(hub) = hub.upgrade() else { return };
+        if draining.load(Ordering::Relaxed) {
+            closing.send_replace(true);
+        }
+        let watched: Vec<(TenantId, Arc<Watched>)> = {
+            let mut tenants = hub.tenants.lock().unwrap_or_else(|e| e.into_inner());
+            tenants.retain(|_, w| w.version.receiver_count() > 0);
+            tenants.iter().map(|(t, w)| (*t, w.clone())).collect()
+        };
+        if watched.is_empty() {
+            continue;
+        }
+        let ids: Vec<TenantId> = watched.iter().map(|(t, _)| *t).collect();
+        match cache.board_versions(&ids).await {
+            Ok(versions) => {
+                if failing {
+                    tracing::info!("board versions readable again");
+                    failing = false;
+                }
+                for ((_, w), v) in watched.iter().zip(versions) {
+                    w.version.send_if_modified(|current| {
+                        let changed = *current != Some(v);
+                        *current = Some(v);
+                        changed
+                    });
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read board versions; streams wait");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Moves an `access_token` query parameter of the stream and the board
+/// page into an `Authorization: Bearer` header, and out of the URI before
+/// anything logs it. A token given twice (both ways, or twice in the
+/// query) becomes two headers, which authentication refuses.
+pub async fn token_from_query(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let applies = req.path() == STREAM_PATH || req.path() == crate::BOARD_PATH;
+    let pairs = match serde_urlencoded::from_str::<Vec<(String, String)>>(req.query_string()) {
+        Ok(pairs) if applies && pairs.iter().any(|(k, _)| k == TOKEN_PARAM) => pairs,
+        // A malformed query string is the handler's to refuse.
+        _ => return next.call(req).await,
+    };
+    let (tokens, rest): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(k, _)| k == TOKEN_PARAM);
+    let path = req.path().to_owned();
+    let rest = serde_urlencoded::to_string(&rest).unwrap_or_default();
+    let path_and_query = if rest.is_empty() { path } else { format!("{path}?{rest}") };
+    let mut parts = req.head().uri.clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    if let Ok(uri) = Uri::from_parts(parts) {
+        req.match_info_mut().get_mut().update(&uri);
+        req.head_mut().uri = uri;
+    }
+    for (_, token) in tokens {
+        let value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("Bearer not-a-token"));
+        req.headers_mut().append(header::AUTHORIZATION, value);
+    }
+    next.call(req).await
+}
+
+/// One connection's place in the stream.
+struct Connection {
+    state: web::Data<AppState>,
+    tenant: TenantId,
+    request: GroupedRequest,
+    watched: Arc<Watched>,
+    versions: watch::Receiver<Option<BoardVersion>>,
+    closing: watch::Receiver<bool>,
+    /// What the client has: the version and data of its last event.
+    sent: Option<(BoardVersion, u64)>,
+    /// The last render was not a hit: render again after [`LIVE_RETRY`].
+    retry_at: Option<Instant>,
+    next_event_at: Instant,
+    heartbeat_at: Instant,
+    expires_at: Instant,
+    /// Frames to send before anything else (the first event).
+    pending: Option<Bytes>,
+    ended: bool,
+    max_events_per_s: u32,
+    _slot: Slot,
+}
+
+/// `GET /crm/calls/stream`
+pub async fn stream(
+    caller: crate::Caller,
+    state: web::Data<AppState>,
+    boards: web::Data<Boards>,
+    limits: web::Data<crate::ParamLimits>,
+    http: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let params = crate::params::query_params(http.query_string())?;
+    if let Some((name, _)) = params.iter().find(|(name, _)| !GroupedRequest::is_parameter(name)) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidParameter,
+            format!("{name} is not a parameter of the stream (limit, include_enrichment, include_calls)"),
+        ));
+    }
+    let request = GroupedRequest::from_params(params, limits.default_limit, limits.max_limit)?;
+    let last_seen = http
+        .headers()
+        .get("Last-Event-ID")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|id| id.rsplit_once('-'))
+        .and_then(|(_, version)| version.parse::<BoardVersion>().ok());
+    let slot = boards.open(&state)?;
+    let (watched, versions) = boards.watch(caller.tenant);
+    let now_s = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let expires_at = Instant::now() + Duration::from_secs(caller.expires_at_s.saturating_sub(now_s));
+    let mut conn = Connection {
+        state,
+        tenant: caller.tenant,
+        request,
+        watched,
+        versions,
+        closing: boards.inner.closing.clone(),
+        sent: None,
+        retry_at: None,
+        next_event_at: Instant::now(),
+        heartbeat_at: Instant::now() + HEARTBEAT,
+        expires_at,
+        pending: None,
+        ended: false,
+        max_events_per_s: boards.inner.limits.max_events_per_s.max(1),
+        _slot: slot,
+    };
+    // The first board, before the stream starts: an error here is the
+    // answer's status, in the envelope.
+    let version = conn.state.cache.board_versions(&[conn.tenant]).await.ok().and_then(|v| v.first().copied());
+    let mut first = format!("retry: {RETRY_MS}\n\n").into_bytes();
+    match version {
+        Some(v) if last_seen == Some(v) => conn.sent = Some((v, 0)),
+        _ => {
+            let rendered = conn.render(version, true).await?;
+            first.extend_from_slice(&rendered.frame);
+            conn.note_sent(&rendered);
+        }
+    }
+    conn.pending = Some(Bytes::from(first));
+    tracing::info!(tenant = %conn.tenant, resumed = last_seen.is_some(), "stream opened");
+    let body = futures::stream::unfold(conn, |mut conn| async move {
+        let frame = conn.next_frame().await?;
+        Some((Ok::<_, std::convert::Infallible>(frame), conn))
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        // Proxies that buffer (nginx) pass events on at once.
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body))
+}
+
+impl Connection {
+    /// The next bytes to send; `None` ends the stream.
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        if let Some(frame) = self.pending.take() {
+            return Some(frame);
+        }
+        if self.ended {
+            return None;
+        }
+        loop {
+            let retry = self.retry_at;
+            tokio::select! {
+                _ = tokio::time::sleep_until(self.expires_at) => {
+                    self.ended = true;
+                    tracing::info!(tenant = %self.tenant, "stream ended: the token expired");
+                    let envelope = serde_json::json!({
+                        "status": 401, "message": "the token has expired", "error": "token_expired",
+                    });
+                    return Some(Bytes::from(format!("event: error\ndata: {envelope}\n\n")));
+                }
+                changed = self.closing.changed() => {
+                    if changed.is_err() || *self.closing.borrow() {
+                        tracing::info!(tenant = %self.tenant, "stream ended: the process is draining");
+                        return None;
+                    }
+                }
+                _ = tokio::time::sleep_until(self.heartbeat_at) => {
+                    self.heartbeat_at = Instant::now() + HEARTBEAT;
+                    return Some(Bytes::from_static(b": heartbeat\n\n"));
+                }
+                changed = self.versions.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    if let Some(frame) = self.on_change(false).await {
+                        return Some(frame);
+                    }
+                }
+                _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
+                    self.retry_at = None;
+                    if let Some(frame) = self.on_change(true).await {
+                        return Some(frame);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The board's version changed (or a live answer is due again): its
+    /// event, unless the client has it already.
+    async fn on_change(&mut self, fresh: bool) -> Option<Bytes> {
+        // At most `max_events_per_s`: what changes meanwhile is in the
+        // version read after the wait.
+        tokio::time::sleep_until(self.next_event_at).await;
+        let version = *self.versions.borrow_and_update();
+        if !fresh && version.is_some() && self.sent.map(|(v, _)| v) == version {
+            return None;
+        }
+        match self.render(version, fresh).await {
+            Ok(rendered) => {
+                if self.sent.map(|(_, digest)| digest) == Some(rendered.digest) {
+                    self.sent = Some((rendered.version, rendered.digest));
+                    return None;
+                }
+                self.note_sent(&rendered);
+                self.state.metrics.observe_stream_event();
+                Some(rendered.frame)
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %self.tenant, error = %e, "could not render the board; retrying");
+                self.retry_at = Some(Instant::now() + LIVE_RETRY);
+                None
+            }
+        }
+    }
+
+    fn note_sent(&mut self, rendered: &Rendered) {
+        self.sent = Some((rendered.version, rendered.digest));
+        self.next_event_at = Instant::now() + Duration::from_secs(1) / self.max_events_per_s;
+        self.heartbeat_at = Instant::now() + HEARTBEAT;
+        self.retry_at = (rendered.outcome != CacheOutcome::Hit).then(|| Instant::now() + LIVE_RETRY);
+    }
+
+    /// The board at `version` (read before it): shared with every
+    /// connection asking for the same board unless `fresh`.
+    async fn render(&self, version: Option<BoardVersion>, fresh: bool) -> Result<Rendered, ApiError> {
+        let slot = {
+            let mut renders = self.watched.renders.lock().unwrap_or_else(|e| e.into_inner());
+            renders.entry(self.request).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let (Some(v), Some(done), false) = (version, slot.as_ref(), fresh) {
+            if done.version == v && done.outcome == CacheOutcome::Hit {
+                return Ok(done.clone());
+            }
+        }
+        let answer = self.state.grouped(self.tenant, &self.request, &Freshness::default(), false).await?;
+        let json = answer.body.into_string();
+        let mut hasher = DefaultHasher::new();
+        json.hash(&mut hasher);
+        // No version (Redis unreadable): 0, which no reconnect matches.
+        let version = version.unwrap_or(BoardVersion::UNKNOWN);
+        let frame = Bytes::from(format!("id: {}-{version}\nevent: board\ndata: {json}\n\n", answer.as_of_ms));
+        let rendered = Rendered { version, frame, digest: hasher.finish(), outcome: answer.outcome };
+        *slot = Some(rendered.clone());
+        Ok(rendered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::{test, App};
+
+    /// What the handler behind the middleware saw: its URI and its
+    /// Authorization headers.
+    async fn seen(uri: &str, header: Option<&str>) -> String {
+        let app =
+            test::init_service(App::new().wrap(actix_web::middleware::from_fn(token_from_query)).default_service(
+                web::to(|req: HttpRequest| async move {
+                    let auth: Vec<&str> =
+                        req.headers().get_all(header::AUTHORIZATION).filter_map(|v| v.to_str().ok()).collect();
+                    format!("{} {}", req.uri(), auth.join(" | "))
+                }),
+            ))
+            .await;
+        let mut req = test::TestRequest::get().uri(uri);
+        if let Some(h) = header {
+            req = req.insert_header((header::AUTHORIZATION, h));
+        }
+        let body = test::call_and_read_body(&app, req.to_request()).await;
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[actix_web::test]
+    async fn the_query_token_leaves_the_uri_for_the_header() {
+        assert_eq!(
+            seen("/crm/calls/stream?limit=5&access_token=abc.def", None).await,
+            "/crm/calls/stream?limit=5 Bearer abc.def"
+        );
+        assert_eq!(seen("/board?access_token=abc", None).await, "/board Bearer abc");
+        // Percent-encoded names are the same parameter.
+        assert_eq!(seen("/crm/calls/stream?access%5Ftoken=x%2By", None).await, "/crm/calls/stream Bearer x+y");
+        // Twice, or both ways: two headers, which authentication refuses.
+        assert_eq!(seen("/board?access_token=a&access_token=b", None).await, "/board Bearer a | Bearer b");
+        assert_eq!(seen("/board?access_token=a", Some("Bearer h")).await, "/board Bearer h | Bearer a");
+        // Other paths keep their query string: the token is theirs to refuse.
+        assert_eq!(
+            seen("/crm/calls/get-grouped-by-status?access_token=a", None).await,
+            "/crm/calls/get-grouped-by-status?access_token=a "
+        );
+    }
+}
