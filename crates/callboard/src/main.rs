@@ -1,6 +1,8 @@
 //! The `callboard` binary: parses the command line and wires the crates
 //! together. No logic lives here.
 
+mod ops;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -59,6 +61,40 @@ enum Command {
         #[arg(long)]
         drop: bool,
     },
+    /// Show the projector, the history window and each tenant's state
+    /// (GET /admin/cache/status of a running API).
+    Status {
+        #[arg(long)]
+        tenant: Option<i64>,
+        #[command(flatten)]
+        endpoint: ops::Endpoint,
+    },
+    /// Warm one tenant or all, following the job to its end.
+    Warm {
+        #[command(flatten)]
+        target: ops::Target,
+        /// Give up following the job after this long (it goes on).
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        wait: Duration,
+        #[command(flatten)]
+        endpoint: ops::Endpoint,
+    },
+    /// Drop one tenant's cached data, or every tenant's: answered live
+    /// until warmed again.
+    Invalidate {
+        #[command(flatten)]
+        target: ops::Target,
+        #[command(flatten)]
+        endpoint: ops::Endpoint,
+    },
+    /// Compare a tenant's cached answer with MongoDB's now (exit status 1
+    /// if they differ).
+    Verify {
+        #[arg(long)]
+        tenant: i64,
+        #[command(flatten)]
+        endpoint: ops::Endpoint,
+    },
     /// Print a signed bearer token.
     Token {
         #[arg(long)]
@@ -74,6 +110,18 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The operator commands are clients of a running API: no settings.
+    let operator = match &cli.command {
+        Command::Status { tenant, endpoint } => Some(ops::Operation::Status(*tenant, endpoint.clone())),
+        Command::Warm { target, wait, endpoint } => Some(ops::Operation::Warm(target.clone(), *wait, endpoint.clone())),
+        Command::Invalidate { target, endpoint } => Some(ops::Operation::Invalidate(target.clone(), endpoint.clone())),
+        Command::Verify { tenant, endpoint } => Some(ops::Operation::Verify(*tenant, endpoint.clone())),
+        _ => None,
+    };
+    if let Some(operation) = operator {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        return runtime.block_on(operation.run());
+    }
     let settings = Settings::from_env(cli.config.as_deref())?;
     if !matches!(cli.command, Command::Token { .. }) {
         let format = match settings.log.format {
@@ -94,6 +142,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::CreateIndexes => create_indexes(settings).await,
         Command::Seed { tenants, calls, users, statuses, seed, drop } => {
             seed_data(settings, seed::SeedPlan { tenants, calls, users, statuses, seed }, drop).await
+        }
+        Command::Status { .. } | Command::Warm { .. } | Command::Invalidate { .. } | Command::Verify { .. } => {
+            unreachable!("operator commands run without settings")
         }
         Command::Token { tenant, admin, ttl } => {
             let tenant = TenantId::new(tenant)?;

@@ -1,6 +1,7 @@
 //! The `callboard` binary's commands, run as a user would.
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use callboard_api::JwtKeys;
 use callboard_testkit::{unique_db_name, Services};
@@ -90,4 +91,93 @@ fn bad_configuration_fails_at_start_naming_the_key() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expected), "{var}={value}: {err}");
     }
+}
+
+/// An operator command against `app`, as `callboard <args>` with the API's
+/// URL and `token` in the environment.
+async fn operate(app: &callboard_tests::TestApp, token: Option<&str>, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(callboard_bin());
+    command.args(args).env("CALLBOARD_URL", &app.address).env_remove("CALLBOARD_ADMIN_TOKEN");
+    if let Some(token) = token {
+        command.env("CALLBOARD_ADMIN_TOKEN", token);
+    }
+    command.output().await.expect("run callboard")
+}
+
+fn json_of(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "{o:?}");
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+}
+
+#[tokio::test]
+async fn operator_commands_warm_inspect_verify_and_invalidate_through_the_admin_api() {
+    use callboard_store::{CALLS, CALL_STATUS, USERS};
+    let mut app = callboard_tests::spawn_app().await;
+    let ds = callboard_tests::dataset::generate(96, 80);
+    app.insert(CALL_STATUS, &ds.statuses).await;
+    app.insert(USERS, &ds.users).await;
+    app.insert(CALLS, &ds.calls).await;
+    app.start_projector();
+    let admin = app.admin_token(1);
+    let admin = Some(admin.as_str());
+
+    // warm follows its job to the end; the tenant is then a hit equal to live.
+    let job = json_of(&operate(&app, admin, &["warm", "--tenant", "1", "--json"]).await);
+    assert_eq!(
+        (job["state"].as_str(), job["total"].as_u64(), job["done"].as_u64()),
+        (Some("done"), Some(1), Some(1)),
+        "{job}"
+    );
+    let (hit, _, _) = app.wait_for_projection(1, &[], Duration::from_secs(1)).await;
+    assert!(hit, "the tenant is not a hit right after its warm was done");
+
+    // status: the API's own JSON, and a table of the same.
+    let status = json_of(&operate(&app, admin, &["status", "--tenant", "1", "--json"]).await);
+    let api: serde_json::Value = app
+        .client
+        .get(format!("{}/admin/cache/status?tenant_id=1", app.address))
+        .bearer_auth(admin.unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let row = |v: &serde_json::Value| (v["tenant_id"].clone(), v["state"].clone(), v["calls"].clone());
+    assert_eq!(row(&status["tenants"][0]), row(&api["tenants"][0]));
+    assert_eq!(status["tenants"].as_array().map(Vec::len), Some(1));
+    assert_eq!(status["tenants"][0]["state"], "warm");
+    let table = operate(&app, admin, &["status"]).await;
+    assert!(table.status.success(), "{table:?}");
+    let text = stdout(&table);
+    println!("{text}");
+    let row = text.lines().find(|l| l.contains(" warm ")).unwrap_or_else(|| panic!("no warm tenant row:\n{text}"));
+    let calls = status["tenants"][0]["calls"].to_string();
+    assert!(row.contains(" 1 ") && row.contains(&format!(" {calls} ")), "{row}");
+
+    // verify: equal, exit status 0, in JSON and as a table.
+    let verdict = json_of(&operate(&app, admin, &["verify", "--tenant", "1", "--json"]).await);
+    assert_eq!((verdict["state"].as_str(), verdict["equal"].as_bool()), (Some("warm"), Some(true)), "{verdict}");
+    let table = operate(&app, admin, &["verify", "--tenant", "1"]).await;
+    assert!(table.status.success() && stdout(&table).contains("true"), "{table:?}");
+
+    // invalidate: the tenant is answered live again.
+    let out = operate(&app, admin, &["invalidate", "--tenant", "1"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "invalidated 1 tenants: 1\n");
+    let (cache, _) = app.grouped_as(&app.token(1), &[], false).await;
+    assert_eq!(cache, "miss");
+
+    // Errors: no token, a member's token, both targets, neither.
+    let out = operate(&app, None, &["status"]).await;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("CALLBOARD_ADMIN_TOKEN"), "{out:?}");
+    let member = app.token(1);
+    let out = operate(&app, Some(&member), &["invalidate", "--all"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("forbidden") && stderr.contains("403"), "{out:?}");
+    for args in [&["warm", "--tenant", "1", "--all"][..], &["invalidate"][..]] {
+        let out = operate(&app, admin, args).await;
+        assert_eq!(out.status.code(), Some(2), "clap refuses {args:?}: {out:?}");
+    }
+    app.stop().await;
 }

@@ -50,9 +50,11 @@ const INT_KEYS: &[&str] = &[
 ];
 
 /// `CALLBOARD_*` variables that are not settings: the config file's path,
-/// and the test harness's own.
+/// the operator commands' API and token, and the test harness's own.
 fn is_reserved_env(name: &str) -> bool {
-    name == "CALLBOARD_CONFIG" || name.starts_with("CALLBOARD_TEST_") || name.starts_with("CALLBOARD_STANDIN_")
+    matches!(name, "CALLBOARD_CONFIG" | "CALLBOARD_URL" | "CALLBOARD_ADMIN_TOKEN")
+        || name.starts_with("CALLBOARD_TEST_")
+        || name.starts_with("CALLBOARD_STANDIN_")
 }
 
 #[derive(Debug, thiserror::Error)]
