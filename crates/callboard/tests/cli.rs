@@ -118,8 +118,8 @@ async fn operator_commands_warm_inspect_verify_and_invalidate_through_the_admin_
     app.insert(USERS, &ds.users).await;
     app.insert(CALLS, &ds.calls).await;
     app.start_projector();
-    let admin = app.admin_token(1);
-    let admin = Some(admin.as_str());
+    let admin_token = app.admin_token(1);
+    let admin = Some(admin_token.as_str());
 
     // warm follows its job to the end; the tenant is then a hit equal to live.
     let job = json_of(&operate(&app, admin, &["warm", "--tenant", "1", "--json"]).await);
@@ -136,7 +136,7 @@ async fn operator_commands_warm_inspect_verify_and_invalidate_through_the_admin_
     let api: serde_json::Value = app
         .client
         .get(format!("{}/admin/cache/status?tenant_id=1", app.address))
-        .bearer_auth(admin.unwrap())
+        .bearer_auth(&admin_token)
         .send()
         .await
         .unwrap()
