@@ -31,6 +31,28 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for the API document and the tests.
+    pub const ALL: [ErrorCode; 18] = [
+        ErrorCode::InvalidParameter,
+        ErrorCode::MalformedBody,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::RequestTimeout,
+        ErrorCode::MissingToken,
+        ErrorCode::InvalidToken,
+        ErrorCode::TokenExpired,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::DatabaseUnavailable,
+        ErrorCode::DatabaseBusy,
+        ErrorCode::DatabaseTimeout,
+        ErrorCode::CacheUnavailable,
+        ErrorCode::ResponseTooLarge,
+        ErrorCode::StreamBusy,
+        ErrorCode::Internal,
+    ];
+
     /// The table: HTTP status and machine name of each code.
     pub const fn meta(self) -> (StatusCode, &'static str) {
         match self {
@@ -138,27 +160,7 @@ mod tests {
 
     #[test]
     fn every_code_has_a_distinct_name_and_an_error_status() {
-        use ErrorCode::*;
-        let all = [
-            InvalidParameter,
-            MalformedBody,
-            UnsupportedMediaType,
-            PayloadTooLarge,
-            RequestTimeout,
-            MissingToken,
-            InvalidToken,
-            TokenExpired,
-            Forbidden,
-            NotFound,
-            MethodNotAllowed,
-            DatabaseUnavailable,
-            DatabaseBusy,
-            DatabaseTimeout,
-            CacheUnavailable,
-            ResponseTooLarge,
-            StreamBusy,
-            Internal,
-        ];
+        let all = ErrorCode::ALL;
         let mut names: Vec<&str> = all.iter().map(|c| c.meta().1).collect();
         names.sort();
         names.dedup();

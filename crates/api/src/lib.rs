@@ -11,6 +11,7 @@ pub mod error;
 pub mod freshness;
 pub mod live;
 pub mod metrics;
+pub mod openapi;
 pub mod params;
 mod routes;
 mod state;
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{Server, ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::http::Method;
 use actix_web::{web, App, HttpServer};
 use callboard_readmodel::keys::Partitioning;
 use callboard_readmodel::{Keys, ReadModel};
@@ -211,27 +213,49 @@ pub fn create_app(
         .app_data(web::QueryConfig::default().error_handler(|e, _| {
             error::ApiError::new(error::ErrorCode::InvalidParameter, format!("bad query string: {e}")).into()
         }))
-        .service(
-            // Errors are answered without the cache, so they say miss too.
-            route(GROUPED_PATH, web::post().to(routes::grouped::get_grouped_by_status))
-                .wrap(actix_web::middleware::DefaultHeaders::new().add(("X-Cache", "miss"))),
-        )
-        .service(route(STREAM_PATH, web::get().to(stream::stream)))
-        .service(route(BOARD_PATH, web::get().to(routes::board::page)))
-        .service(route("/healthz", web::get().to(routes::health::healthz)))
-        .service(route("/readyz", web::get().to(routes::health::readyz)))
-        .service(route("/projectorz", web::get().to(routes::health::projectorz)))
         .configure(|c| {
-            if public_metrics {
-                c.service(route("/metrics", web::get().to(routes::health::metrics)));
+            for (path, method, handler) in routes() {
+                if path == METRICS_PATH && !public_metrics {
+                    continue;
+                }
+                let resource = route(path, handler.method(method));
+                if path == GROUPED_PATH {
+                    // Errors are answered without the cache, so they say miss too.
+                    c.service(resource.wrap(actix_web::middleware::DefaultHeaders::new().add(("X-Cache", "miss"))));
+                } else {
+                    c.service(resource);
+                }
             }
         })
-        .service(route("/admin/cache/warm", web::post().to(routes::admin::warm)))
-        .service(route("/admin/cache/warm/{job_id}", web::get().to(routes::admin::warm_job)))
-        .service(route("/admin/cache/status", web::get().to(routes::admin::status)))
-        .service(route("/admin/cache/invalidate", web::post().to(routes::admin::invalidate)))
-        .service(route("/admin/cache/verify", web::post().to(routes::admin::verify)))
         .default_service(web::to(error::not_found))
+}
+
+const METRICS_PATH: &str = "/metrics";
+
+/// Every route the app serves: its path, method and handler (`/metrics`
+/// only when it has no address of its own). The API document lists the
+/// same (checked by `openapi`'s tests).
+fn routes() -> Vec<(&'static str, Method, actix_web::Route)> {
+    vec![
+        (GROUPED_PATH, Method::POST, web::to(routes::grouped::get_grouped_by_status)),
+        (STREAM_PATH, Method::GET, web::to(stream::stream)),
+        (BOARD_PATH, Method::GET, web::to(routes::board::page)),
+        ("/openapi.json", Method::GET, web::to(openapi::openapi_json)),
+        ("/healthz", Method::GET, web::to(routes::health::healthz)),
+        ("/readyz", Method::GET, web::to(routes::health::readyz)),
+        ("/projectorz", Method::GET, web::to(routes::health::projectorz)),
+        (METRICS_PATH, Method::GET, web::to(routes::health::metrics)),
+        ("/admin/cache/warm", Method::POST, web::to(routes::admin::warm)),
+        ("/admin/cache/warm/{job_id}", Method::GET, web::to(routes::admin::warm_job)),
+        ("/admin/cache/status", Method::GET, web::to(routes::admin::status)),
+        ("/admin/cache/invalidate", Method::POST, web::to(routes::admin::invalidate)),
+        ("/admin/cache/verify", Method::POST, web::to(routes::admin::verify)),
+    ]
+}
+
+/// Every (path, method) the app serves.
+pub fn route_list() -> Vec<(&'static str, Method)> {
+    routes().into_iter().map(|(path, method, _)| (path, method)).collect()
 }
 
 /// A path served by one method; other methods get a 405 in the envelope.

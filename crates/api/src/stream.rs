@@ -246,6 +246,28 @@ struct Connection {
 }
 
 /// `GET /crm/calls/stream`
+#[utoipa::path(
+    get,
+    path = "/crm/calls/stream",
+    tag = "calls",
+    description = "The board as Server-Sent Events. First `retry: 1000`, then event `board` at once (data: exactly \
+        the JSON of get-grouped-by-status for these parameters), then one whenever the board changes, at most \
+        `stream.max_events_per_s` a second (changes in between are coalesced). Each event's `id:` is \
+        `<as_of_ms>-<board version>`; reconnecting with `Last-Event-ID` sends the board at once only if it changed. \
+        A `: heartbeat` comment follows 15 s of silence. When the token expires, an event `error` carries the \
+        `token_expired` envelope and the stream ends; it also ends when the process shuts down.",
+    params(
+        crate::openapi::StreamParameters,
+        ("Last-Event-ID" = Option<String>, Header, description = "The id of the last event received"),
+    ),
+    responses(
+        (status = 200, description = "The stream", content_type = "text/event-stream", body = String),
+        (status = 401, description = "No token, or a bad or expired one (`missing_token`, `invalid_token`, `token_expired`); with `WWW-Authenticate`", body = crate::openapi::ErrorEnvelope),
+        (status = 422, description = "A bad parameter (`invalid_parameter`)", body = crate::openapi::ErrorEnvelope),
+        (status = 503, description = "Too many streams on this process (`stream_busy`; with `Retry-After`)", body = crate::openapi::ErrorEnvelope),
+    ),
+    security(("bearer" = []), ("access_token" = []))
+)]
 pub async fn stream(
     caller: crate::Caller,
     state: web::Data<AppState>,

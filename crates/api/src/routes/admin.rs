@@ -80,6 +80,14 @@ impl Target {
 }
 
 /// `POST /admin/cache/warm`: 202 with a job id to follow.
+#[utoipa::path(post, path = "/admin/cache/warm", tag = "admin",
+    description = "Queues a warm (a full load from MongoDB) of one tenant or of every tenant with calls.",
+    request_body = crate::openapi::Target,
+    responses(
+        (status = 202, description = "Queued", body = crate::openapi::WarmAccepted),
+        (status = 401, description = "No token, or a bad or expired one (`missing_token`, `invalid_token`, `token_expired`); with `WWW-Authenticate`", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Not an admin token (`forbidden`)", body = crate::openapi::ErrorEnvelope), (status = 422, description = "A bad parameter (`invalid_parameter`)", body = crate::openapi::ErrorEnvelope), (status = 503, description = "Redis is unavailable (`cache_unavailable`)", body = crate::openapi::ErrorEnvelope),
+    ),
+    security(("bearer" = [])))]
 pub async fn warm(_: Admin, target: Target, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let tenants = match target {
         Target::Tenant(t) => vec![t],
@@ -93,6 +101,15 @@ pub async fn warm(_: Admin, target: Target, state: web::Data<AppState>) -> Resul
 }
 
 /// `GET /admin/cache/warm/{job_id}`
+#[utoipa::path(get, path = "/admin/cache/warm/{job_id}", tag = "admin",
+    params(("job_id" = String, Path, description = "As `POST /admin/cache/warm` returned it")),
+    responses(
+        (status = 200, description = "The job's progress", body = crate::openapi::WarmJob),
+        (status = 401, description = "No token, or a bad or expired one (`missing_token`, `invalid_token`, `token_expired`); with `WWW-Authenticate`", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Not an admin token (`forbidden`)", body = crate::openapi::ErrorEnvelope),
+        (status = 404, description = "No such job (`not_found`)", body = crate::openapi::ErrorEnvelope),
+        (status = 503, description = "Redis is unavailable (`cache_unavailable`)", body = crate::openapi::ErrorEnvelope),
+    ),
+    security(("bearer" = [])))]
 pub async fn warm_job(_: Admin, path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     match state.cache.job(&path).await.map_err(cache_error)? {
         Some(job) => Ok(HttpResponse::Ok().json(job)),
@@ -107,6 +124,13 @@ pub struct StatusQuery {
 }
 
 /// `GET /admin/cache/status[?tenant_id=N]`
+#[utoipa::path(get, path = "/admin/cache/status", tag = "admin",
+    params(("tenant_id" = Option<i64>, Query, description = "One tenant; without it, every tenant not cold")),
+    responses(
+        (status = 200, description = "The read model's state", body = crate::openapi::CacheStatus),
+        (status = 401, description = "No token, or a bad or expired one (`missing_token`, `invalid_token`, `token_expired`); with `WWW-Authenticate`", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Not an admin token (`forbidden`)", body = crate::openapi::ErrorEnvelope), (status = 422, description = "A bad parameter (`invalid_parameter`)", body = crate::openapi::ErrorEnvelope), (status = 503, description = "Redis is unavailable (`cache_unavailable`)", body = crate::openapi::ErrorEnvelope),
+    ),
+    security(("bearer" = [])))]
 pub async fn status(
     _: Admin,
     query: web::Query<StatusQuery>,
@@ -138,6 +162,15 @@ pub async fn status(
 
 /// `POST /admin/cache/verify` with `{"tenant_id": N}`: compares the
 /// tenant's cached answer with MongoDB's now, and repairs drift.
+#[utoipa::path(post, path = "/admin/cache/verify", tag = "admin",
+    description = "Compares the tenant's cached answer with MongoDB's at one moment; drift is counted and repaired.",
+    request_body = crate::openapi::TenantTarget,
+    responses(
+        (status = 200, description = "The verdict", body = crate::openapi::Verdict),
+        (status = 401, description = "No token, or a bad or expired one (`missing_token`, `invalid_token`, `token_expired`); with `WWW-Authenticate`", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Not an admin token (`forbidden`)", body = crate::openapi::ErrorEnvelope), (status = 422, description = "A bad parameter (`invalid_parameter`)", body = crate::openapi::ErrorEnvelope), (status = 503, description = "Redis is unavailable (`cache_unavailable`)", body = crate::openapi::ErrorEnvelope),
+        (status = 503, description = "MongoDB unavailable (`database_unavailable`)", body = crate::openapi::ErrorEnvelope),
+    ),
+    security(("bearer" = [])))]
 pub async fn verify(_: Admin, target: Target, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let Target::Tenant(tenant) = target else {
         return Err(ApiError::new(ErrorCode::InvalidParameter, "verify one tenant at a time: {\"tenant_id\": N}"));
@@ -147,6 +180,14 @@ pub async fn verify(_: Admin, target: Target, state: web::Data<AppState>) -> Res
 }
 
 /// `POST /admin/cache/invalidate`
+#[utoipa::path(post, path = "/admin/cache/invalidate", tag = "admin",
+    description = "Drops one tenant's cached data, or every tenant's: answered live until warmed again.",
+    request_body = crate::openapi::Target,
+    responses(
+        (status = 200, description = "The tenants invalidated", body = crate::openapi::Invalidated),
+        (status = 401, description = "No token, or a bad or expired one (`missing_token`, `invalid_token`, `token_expired`); with `WWW-Authenticate`", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Not an admin token (`forbidden`)", body = crate::openapi::ErrorEnvelope), (status = 422, description = "A bad parameter (`invalid_parameter`)", body = crate::openapi::ErrorEnvelope), (status = 503, description = "Redis is unavailable (`cache_unavailable`)", body = crate::openapi::ErrorEnvelope),
+    ),
+    security(("bearer" = [])))]
 pub async fn invalidate(_: Admin, target: Target, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let tenants = match target {
         Target::Tenant(t) => {

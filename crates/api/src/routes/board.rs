@@ -7,6 +7,9 @@ const PAGE: &str = include_str!("../board.html");
 /// `GET /board`: a live Kanban of the caller's tenant. The page asks for
 /// nothing itself; its script opens the stream with the token from
 /// `access_token` (moved out of the logged URI) or a paste box.
+#[utoipa::path(get, path = "/board", tag = "calls",
+    description = "A live Kanban page of the tenant whose token is given in `access_token` or pasted in.",
+    responses((status = 200, description = "The page", content_type = "text/html", body = String)))]
 pub async fn page() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")

@@ -16,6 +16,47 @@ pub const AS_OF_HEADER: &str = "X-Callboard-As-Of";
 pub const LAG_HEADER: &str = "X-Callboard-Lag-Ms";
 
 /// `POST /crm/calls/get-grouped-by-status`
+#[utoipa::path(
+    post,
+    path = "/crm/calls/get-grouped-by-status",
+    tag = "calls",
+    description = "Every call status the tenant sees, with its call count and its most recent calls, enriched with \
+                   owner, user and assignee details. From the Redis read model when the tenant is warm \
+                   (`X-Cache: hit`), else live from MongoDB (`miss`, and a warm is queued). Parameters may come in \
+                   the query string or the body, in any of its three encodings.",
+    params(
+        crate::openapi::GroupedParameters,
+        ("Cache-Control" = Option<String>, Header, description = "`no-cache` with an admin token: answer live"),
+    ),
+    request_body(
+        description = "The parameters, if not in the query string (an empty body is fine)",
+        content(
+            (crate::openapi::GroupedParameters = "multipart/form-data"),
+            (crate::openapi::GroupedParameters = "application/x-www-form-urlencoded"),
+            (crate::openapi::GroupedParameters = "application/json"),
+        )
+    ),
+    responses(
+        (status = 200, description = "The grouped calls", body = crate::openapi::GroupedResponse, headers(
+            ("X-Cache" = String, description = "`hit`: from the read model; `miss`: live from MongoDB"),
+            ("X-Callboard-As-Of" = String, description = "RFC 3339 (ms): every change committed in MongoDB before \
+                this instant is in the answer"),
+            ("X-Callboard-Lag-Ms" = u64, description = "How long before the answer was sent that instant was, in ms"),
+        )),
+        (status = 400, description = "A body that does not parse (`malformed_body`)", body = crate::openapi::ErrorEnvelope),
+        (status = 401, description = "No token, or a bad or expired one (`missing_token`, `invalid_token`, `token_expired`); with `WWW-Authenticate`", body = crate::openapi::ErrorEnvelope),
+        (status = 408, description = "The body did not arrive in time (`request_timeout`)", body = crate::openapi::ErrorEnvelope),
+        (status = 413, description = "The body is too large (`payload_too_large`)", body = crate::openapi::ErrorEnvelope),
+        (status = 415, description = "Another body encoding (`unsupported_media_type`)", body = crate::openapi::ErrorEnvelope),
+        (status = 422, description = "A bad parameter (`invalid_parameter`), or too many calls in one answer \
+            (`response_too_large`)", body = crate::openapi::ErrorEnvelope),
+        (status = 500, description = "`internal`", body = crate::openapi::ErrorEnvelope),
+        (status = 503, description = "MongoDB unavailable or busy for a live answer (`database_unavailable`, \
+            `database_busy`; with `Retry-After`)", body = crate::openapi::ErrorEnvelope, headers(("Retry-After" = u32))),
+        (status = 504, description = "The live query ran out of time (`database_timeout`)", body = crate::openapi::ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn get_grouped_by_status(
     caller: Caller,
     GroupedParams { request, freshness }: GroupedParams,

@@ -10,6 +10,8 @@ use crate::state::AppState;
 const PROJECTOR_STALE_MS: i64 = 15_000;
 
 /// `GET /healthz`: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process answers", body = crate::openapi::Health)))]
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
@@ -24,6 +26,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// rotation for them would only turn a degraded service (cold tenants
 /// failing, or answers going stale) into no service. The projector's own
 /// health is `GET /projectorz`.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "Ready: Redis answers with noeviction, not shutting down", body = crate::openapi::Readiness),
+        (status = 503, description = "Not ready", body = crate::openapi::Readiness),
+    ))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let draining = state.draining.load(Ordering::Relaxed);
     let ping = state.live.query().database().run_command(bson::doc! {"ping": 1});
@@ -76,6 +83,11 @@ async fn projector_health(state: &AppState) -> Option<ProjectorHealth> {
 /// otherwise (or when Redis cannot be read), with the heartbeat's age and
 /// the last batch's lag. For alerting on the projector, not for an API
 /// process's rotation.
+#[utoipa::path(get, path = "/projectorz", tag = "health",
+    responses(
+        (status = 200, description = "A projector reported within 15 s", body = crate::openapi::ProjectorHealth),
+        (status = 503, description = "No projector reported within 15 s, or Redis cannot be read", body = crate::openapi::ProjectorHealth),
+    ))]
 pub async fn projectorz(state: web::Data<AppState>) -> HttpResponse {
     let Ok(Some(health)) = tokio::time::timeout(PROBE_TIMEOUT, projector_health(&state)).await else {
         return HttpResponse::ServiceUnavailable().json(json!({"status": "unknown", "redis": false}));
@@ -90,6 +102,9 @@ pub async fn projectorz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// `GET /metrics`: Prometheus text.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    description = "Prometheus text (on `http.metrics_addr` instead when that is set).",
+    responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String)))]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let noeviction = state.noeviction.load(Ordering::Relaxed);
     HttpResponse::Ok()
