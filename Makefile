@@ -88,12 +88,18 @@ bench: deps ## criterion micro-benchmarks, then loads at 10K, 100K and 1M calls 
 	$(CARGO) bench -p callboard-bench
 	target/release/callboard-bench --out BENCHMARKS.md
 	target/release/callboard-bench --scale --out BENCHMARKS.md
+	target/release/callboard-bench --stream --out BENCHMARKS.md
 
 .PHONY: bench-scale
 bench-scale: deps ## Scale-out figures: hits on a 3-master cluster, projection rate with 1/2/4 projectors, memory per master (long)
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 	$(CARGO) build --release -p callboard -p callboard-bench
 	target/release/callboard-bench --scale --out BENCHMARKS.md
+
+.PHONY: bench-stream
+bench-stream: deps ## The board stream's figures: write-to-event latency at 1 and 1,000 connections, idle memory and CPU (about 1 min)
+	$(CARGO) build --release -p callboard -p callboard-bench
+	target/release/callboard-bench --stream --out BENCHMARKS.md
 
 .PHONY: bench-quick
 bench-quick: deps ## The 10K-call benchmarks only (under a minute once built)

@@ -6,6 +6,7 @@
 
 mod report;
 mod scale;
+mod stream;
 mod wrk;
 
 use std::path::PathBuf;
@@ -44,6 +45,10 @@ pub(crate) struct Args {
     /// Which scale-out parts to run: `all`, or some of `hits,rate,memory`.
     #[arg(long, default_value = "all")]
     scale_parts: String,
+    /// The board stream's figures instead (latency at 1 and 1,000
+    /// connections, memory and CPU of idle connections).
+    #[arg(long)]
+    stream: bool,
 }
 
 pub struct Scenario {
@@ -76,6 +81,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !args.bin.exists() {
         bail!("{} not found: run `cargo build --release -p callboard` (make bench does)", args.bin.display());
+    }
+    if args.stream {
+        stream::run(&args).await?;
+        eprintln!("wrote the stream section of {}", args.out.display());
+        return Ok(());
     }
     if args.scale {
         scale::run(&args, args.scale_memory_calls, &args.scale_parts).await?;
