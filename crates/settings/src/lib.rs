@@ -49,6 +49,13 @@ const INT_KEYS: &[&str] = &[
     "stream.max_events_per_s",
 ];
 
+/// Whether a process started with `CALLBOARD_<name>` in its environment
+/// accepts it: a setting ([`ENV_KEYS`]) or one of the reserved variables
+/// below. Any other `CALLBOARD_*` variable fails start-up.
+pub fn is_accepted_env(name: &str) -> bool {
+    ENV_KEYS.iter().any(|(e, _)| *e == name) || is_reserved_env(name)
+}
+
 /// `CALLBOARD_*` variables that are not settings: the config file's path,
 /// the operator commands' API and token, and the test harness's own.
 fn is_reserved_env(name: &str) -> bool {
