@@ -98,8 +98,17 @@ and a bound on staleness (older than 5 s: answered live):
     -H "Authorization: Bearer $TOKEN" -F "limit=5" \\
     -F "min_as_of=\$(date +%s%3N)" -F "max_staleness_ms=5000"
 
+The live board (Kanban), in a browser:
+  http://$HTTP_ADDR/board?access_token=$TOKEN
+
+The same board as Server-Sent Events (a new event whenever it changes):
+  curl -N "http://$HTTP_ADDR/crm/calls/stream?limit=5" -H "Authorization: Bearer $TOKEN"
+
 Operators (admin token):
+  CALLBOARD_URL=http://$HTTP_ADDR CALLBOARD_ADMIN_TOKEN=$ADMIN $BIN status
   curl -H "Authorization: Bearer $ADMIN" http://$HTTP_ADDR/admin/cache/status
+
+The API document: http://$HTTP_ADDR/openapi.json
 
 Ctrl-C stops the API, the projector, Redis and the stand-in.
 MSG
