@@ -120,7 +120,12 @@ fn main() -> anyhow::Result<()> {
     };
     if let Some(operation) = operator {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        return runtime.block_on(operation.run());
+        // One line for an operator, without a backtrace.
+        if let Err(e) = runtime.block_on(operation.run()) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
     }
     let settings = Settings::from_env(cli.config.as_deref())?;
     if !matches!(cli.command, Command::Token { .. }) {

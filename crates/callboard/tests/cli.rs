@@ -97,7 +97,12 @@ fn bad_configuration_fails_at_start_naming_the_key() {
 /// URL and `token` in the environment.
 async fn operate(app: &callboard_tests::TestApp, token: Option<&str>, args: &[&str]) -> Output {
     let mut command = tokio::process::Command::new(callboard_bin());
-    command.args(args).env("CALLBOARD_URL", &app.address).env_remove("CALLBOARD_ADMIN_TOKEN");
+    // A backtrace would be on: errors must still be one line.
+    command
+        .args(args)
+        .env("CALLBOARD_URL", &app.address)
+        .env_remove("CALLBOARD_ADMIN_TOKEN")
+        .env("RUST_BACKTRACE", "1");
     if let Some(token) = token {
         command.env("CALLBOARD_ADMIN_TOKEN", token);
     }
@@ -175,6 +180,7 @@ async fn operator_commands_warm_inspect_verify_and_invalidate_through_the_admin_
     let out = operate(&app, Some(&member), &["invalidate", "--all"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("forbidden") && stderr.contains("403"), "{out:?}");
+    assert!(stderr.starts_with("error: ") && stderr.lines().count() == 1, "one line for an operator: {stderr}");
     for args in [&["warm", "--tenant", "1", "--all"][..], &["invalidate"][..]] {
         let out = operate(&app, admin, args).await;
         assert_eq!(out.status.code(), Some(2), "clap refuses {args:?}: {out:?}");
