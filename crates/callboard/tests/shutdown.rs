@@ -197,3 +197,53 @@ async fn sigterm_to_a_leader_hands_its_partitions_over_at_once() {
     eprintln!("write after the exit shown in {} ms", exited.elapsed().as_millis());
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_board_streams_at_once_so_their_clients_reconnect_elsewhere() {
+    use callboard_tests::sse::{EventStream, Next};
+    let app = spawn_app().await;
+    let ds = generate(8, 40);
+    app.insert(CALL_STATUS, &ds.statuses).await;
+    app.insert(USERS, &ds.users).await;
+    app.insert(CALLS, &ds.calls).await;
+    let port = free_port().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut api = start(
+        &app,
+        "serve",
+        "[http]\nshutdown_delay_ms = 120000\nshutdown_timeout_s = 60\n",
+        &[("CALLBOARD_HTTP_ADDR", format!("127.0.0.1:{port}"))],
+        "serve-stream",
+    );
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(&client, &format!("{base}/readyz")).await.map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "the API never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = app.token(ds.tenants[0]);
+    let streaming = reqwest::Client::new();
+    let response = streaming
+        .get(format!("{base}/crm/calls/stream"))
+        .query(&[("access_token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = EventStream::new(response);
+    assert_eq!(stream.expect(Duration::from_secs(20)).await.event, "board");
+
+    api.sigterm();
+    let signalled = Instant::now();
+    // Ended within moments, while the process still serves (the delay is
+    // two minutes): a stream must not hold the shutdown up, nor be cut
+    // at its end.
+    assert!(matches!(stream.next(Duration::from_secs(5)).await, Next::End), "the stream outlived the SIGTERM");
+    let ended = signalled.elapsed();
+    assert_eq!(get(&client, &format!("{base}/healthz")).await.map(|(s, _)| s), Some(200), "no longer serving");
+    assert!(ended < Duration::from_secs(2), "the stream ended {ended:?} after SIGTERM");
+    api.sigterm();
+    api.sigterm();
+    assert!(api.wait_exit(Duration::from_secs(30)).is_some(), "the API did not exit");
+    app.stop().await;
+}
