@@ -180,11 +180,18 @@ async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Resu
     let quick = args.quick;
     let mut loads = Vec::new();
     let dir = d.services.dir.path().to_path_buf();
+    let secs = if quick { 3 } else { 5 };
+    for conns in [64, 1] {
+        loads.push(wrk::floor(&dir, &d.base, conns, secs).await?);
+    }
     for (kind, body) in KINDS {
         for conns in [64, 1] {
-            let secs = if quick { 3 } else { 5 };
             loads.push(wrk::run(&dir, &d.base, &d.token, body, false, conns, secs, kind).await?);
         }
+    }
+    // The floor again after the hits: two readings bound its drift.
+    for conns in [64, 1] {
+        loads.push(wrk::floor(&dir, &d.base, conns, secs).await?);
     }
     let rss_serve_kb = rss_kb(d.serve.pid());
     let rss_project_kb = rss_kb(d.project.pid());

@@ -42,6 +42,21 @@ impl ScenarioResult {
     fn load(&self, kind: &str, live: bool, conns: u32) -> Option<&Load> {
         self.loads.iter().find(|l| l.kind == kind && l.live == live && l.conns == conns)
     }
+
+    /// The floor at `conns`: the mean of its readings before and after the
+    /// hits (req/s and p99 averaged), and how far apart the two were.
+    fn floor(&self, conns: u32) -> Option<(Load, f64)> {
+        let readings: Vec<&Load> =
+            self.loads.iter().filter(|l| l.kind == crate::wrk::FLOOR && l.conns == conns).collect();
+        let first = (*readings.first()?).clone();
+        let n = readings.len() as f64;
+        let rps = readings.iter().map(|l| l.rps).sum::<f64>() / n;
+        let p99 = readings.iter().map(|l| l.p99_us).sum::<f64>() / n;
+        let spread = readings.iter().map(|l| l.rps).fold(0.0_f64, f64::max)
+            / readings.iter().map(|l| l.rps).fold(f64::INFINITY, f64::min)
+            - 1.0;
+        Some((Load { rps, p99_us: p99, ..first }, spread))
+    }
 }
 
 pub struct Report {
@@ -103,6 +118,36 @@ impl Report {
             "- MongoDB: the stand-in nx-27017 0.8.1 (Python on SQLite, through ../shared/standin/nx_standin.py)\n"
         )?;
         writeln!(md, "**Read the live figures as an upper bound on the old system's cost, not a measurement of it.** The stand-in is far slower than a real mongod: it runs aggregations in Python at about 0.35 s per 10K documents, with one lock per database. So every hit/live ratio here flatters the cache. Against a real replica set, the spec reports 150 ms at 10K calls and 5 s at 1M.\n")?;
+
+        writeln!(md, "## Hits against the floor\n")?;
+        writeln!(md, "The floor is `GET /healthz` on the same `serve` process, with the same wrk settings, in the same run (measured before and after the hits; their mean, and how far apart the two readings were). Every hit as a fraction of the floor's req/s at 64 connections, and its p99 at 1 connection as a multiple of the floor's.\n")?;
+        writeln!(md, "| dataset | request | req/s @64 | of floor | p99 @1 | x floor p99 |")?;
+        writeln!(md, "|---|---|---:|---:|---:|---:|")?;
+        for s in &self.scenarios {
+            let (Some((f64_, spread)), Some((f1, _))) = (s.floor(64), s.floor(1)) else { continue };
+            writeln!(
+                md,
+                "| {} | **floor** (`GET /healthz`; readings {:.0}% apart) | {:.0} | 1.00 | {} | 1.0 |",
+                s.name,
+                spread * 100.0,
+                f64_.rps,
+                us(f1.p99_us)
+            )?;
+            for (kind, _) in crate::KINDS {
+                if let (Some(h64), Some(h1)) = (s.load(kind, false, 64), s.load(kind, false, 1)) {
+                    writeln!(
+                        md,
+                        "| {} | {kind} | {:.0} | {:.2} | {} | {:.1} |",
+                        s.name,
+                        h64.rps,
+                        h64.rps / f64_.rps.max(1.0),
+                        us(h1.p99_us),
+                        h1.p99_us / f1.p99_us.max(1.0)
+                    )?;
+                }
+            }
+        }
+        writeln!(md)?;
 
         writeln!(md, "## Read throughput and latency\n")?;
         writeln!(md, "`hit`: served from Redis. `live`: the live aggregation, forced with an admin token and `Cache-Control: no-cache`. Requests are POSTed as forms; tenant 1 is warm.\n")?;
@@ -210,10 +255,11 @@ impl Report {
         }
         std::fs::create_dir_all(chart.parent().unwrap_or(Path::new(".")))?;
         std::fs::write(&chart, self.svg())?;
-        // The scale-out section (`--scale`) is another run's, and the
+        // The scale-out and stream sections (`--scale`, `--stream`) are
+        // other runs', and the
         // figures measured by hand or by tests are other sessions': kept.
         let existing = std::fs::read_to_string(out).unwrap_or_default();
-        for part in ["scale", "by-hand"] {
+        for part in ["scale", "stream", "by-hand"] {
             let (begin, end) = (format!("<!-- {part}:begin -->"), format!("<!-- {part}:end -->"));
             if let (Some(a), Some(b)) = (existing.find(&begin), existing.find(&end)) {
                 if a < b {

@@ -39,9 +39,35 @@ end
         ),
     )?;
     let url = format!("{base}/crm/calls/get-grouped-by-status");
+    exec(&script, &url, live, conns, secs, kind).await
+}
+
+/// The floor: `GET /healthz` on the same process with the same wrk
+/// settings: what this machine serves when a request does no work.
+pub async fn floor(dir: &Path, base: &str, conns: u32, secs: u64) -> anyhow::Result<Load> {
+    let script = dir.join(format!("wrk-{conns}-floor.lua"));
+    std::fs::write(
+        &script,
+        r#"wrk.method = "GET"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("CB_RESULT %d %d %d %d %d %d\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+"#,
+    )?;
+    exec(&script, &format!("{base}/healthz"), false, conns, secs, FLOOR).await
+}
+
+/// The floor's kind in the report.
+pub const FLOOR: &str = "GET /healthz (floor)";
+
+async fn exec(script: &Path, url: &str, live: bool, conns: u32, secs: u64, kind: &str) -> anyhow::Result<Load> {
+    let url = url.to_string();
     let threads = conns.min(2);
     let out = tokio::task::spawn_blocking({
-        let script = script.clone();
+        let script = script.to_path_buf();
         move || {
             Command::new("wrk")
                 .args([
