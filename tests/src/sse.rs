@@ -69,7 +69,11 @@ impl EventStream {
                 Err(_) => return Next::Timeout,
                 Ok(None) => return Next::End,
                 Ok(Some(Err(e))) => panic!("stream read failed: {e}"),
-                Ok(Some(Ok(chunk))) => self.buf.extend_from_slice(&chunk),
+                // CRLF and CR end lines as LF does.
+                Ok(Some(Ok(chunk))) => {
+                    let text = String::from_utf8_lossy(&chunk).replace("\r\n", "\n").replace('\r', "\n");
+                    self.buf.extend_from_slice(text.as_bytes());
+                }
             }
         }
     }

@@ -170,6 +170,24 @@ async fn the_board_page_shows_every_status_and_a_write_within_two_seconds() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/board.png");
     std::fs::write(&path, png).expect("write the screenshot");
     println!("screenshot: {}", path.display());
+
+    // A bad token: the page asks for another instead of retrying.
+    client.goto(&format!("{}/board?access_token=not.a.token", app.address)).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let shown: Value = client
+            .execute(
+                "return [document.getElementById('login').hidden, document.getElementById('error').textContent];",
+                vec![],
+            )
+            .await
+            .unwrap();
+        if shown[0] == false && shown[1].as_str().is_some_and(|m| m.contains("not valid")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no token prompt for a bad token: {shown}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     client.close().await.unwrap();
     app.stop().await;
 }

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use callboard_settings::{Settings, ENV_KEYS};
+use callboard_settings::{Settings, ENV_KEYS, PLACEHOLDER};
 use callboard_store::{CALLS, CALL_STATUS, USERS};
 use callboard_testkit::Services;
 use callboard_tests::dataset::generate;
@@ -170,11 +170,31 @@ fn env_problems(whose: &str, env: &BTreeMap<String, String>) -> Vec<String> {
             problems.push(format!("{whose}: {name} is not a setting (callboard_settings::is_accepted_env)"));
         }
     }
-    let vars = env
+    let vars: Vec<(String, String)> = env
         .iter()
         .filter(|(n, _)| n.starts_with("CALLBOARD_") && n.as_str() != "CALLBOARD_CONFIG")
-        .map(|(n, v)| (n.clone(), v.clone()));
-    if let Err(e) = Settings::load(None, vars) {
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    // A placeholder secret must stop the process (a known secret signs
+    // anyone's tokens); with real secrets in their place, it must start.
+    let placeholder = |(n, v): &(String, String)| n.ends_with("JWT_SECRET") && v.contains(PLACEHOLDER);
+    if vars.iter().any(placeholder) {
+        match Settings::load(None, vars.clone()) {
+            Err(e) if e.to_string().contains("placeholder") => {}
+            other => problems.push(format!("{whose}: a placeholder secret was not refused: {:?}", other.err())),
+        }
+    }
+    let real: Vec<(String, String)> = vars
+        .into_iter()
+        .map(|(n, v)| {
+            if placeholder(&(n.clone(), v.clone())) {
+                (n.clone(), format!("{n}-a-real-secret-of-32-bytes-or-more"))
+            } else {
+                (n, v)
+            }
+        })
+        .collect();
+    if let Err(e) = Settings::load(None, real) {
         problems.push(format!("{whose}: the settings refuse this environment: {e}"));
     }
     problems

@@ -239,3 +239,39 @@ async fn bad_tokens_are_refused_before_the_stream_starts_and_an_expiring_one_end
     assert!(matches!(s.next(Duration::from_secs(5)).await, Next::End), "the stream goes on past its token");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_board_answered_live_keeps_following_mongodb_and_is_never_resumed_as_current() {
+    let mut app = warm_app(98).await;
+    // Redis may evict: every answer is live, and with the projector
+    // stopped no write moves a version. Only the stream's own re-renders
+    // can show a change.
+    app.services.redis.config_set("maxmemory-policy", "allkeys-lru").unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while app.grouped_as(&app.token(1), &[], false).await.0 != "miss" {
+        assert!(std::time::Instant::now() < deadline, "the API never noticed the policy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop_projector().await;
+    let mut stream = open(&app, &app.token(1), None).await;
+    let first = stream.expect(WAIT).await;
+    assert_eq!(first.json(), app.live(1, &[("limit", LIMIT)]).await);
+    // Its id vouches for no version: a reconnect with it gets the board.
+    assert!(first.id.as_deref().is_some_and(|id| id.ends_with("-0000000000000000")), "{:?}", first.id);
+    // Several re-renders without a change come first (each one is a live
+    // query), then a write: it must still come through.
+    let queries = app.counter("callboard_live_queries_total").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while app.counter("callboard_live_queries_total").await < queries + 3 {
+        assert!(std::time::Instant::now() < deadline, "the stream stopped re-rendering a live board");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.insert(CALLS, &[new_call(1, 930_001)]).await;
+    let (event, _) = until_first(&mut stream, 930_001).await;
+    assert_eq!(event.json(), app.live(1, &[("limit", LIMIT)]).await);
+    drop(stream);
+    let mut resumed = open(&app, &app.token(1), event.id.as_deref()).await;
+    assert_eq!(first_in_status_1(&resumed.expect(Duration::from_secs(5)).await.json()), Some(930_001));
+    app.services.redis.config_set("maxmemory-policy", "noeviction").unwrap();
+    app.stop().await;
+}

@@ -47,6 +47,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(15);
 /// rendered again this often even if no version changed: a cold tenant's
 /// writes bump no version until it is warm.
 const LIVE_RETRY: Duration = Duration::from_secs(1);
+/// A stream lasts at most this long (a year), whatever its token's `exp`.
+const MAX_STREAM_S: u64 = 365 * 24 * 3600;
 /// What `EventSource` waits before reconnecting after the stream ends.
 const RETRY_MS: u64 = 1000;
 
@@ -78,13 +80,22 @@ struct Watched {
     version: watch::Sender<Option<BoardVersion>>,
     /// One render per distinct request, shared by every connection asking
     /// for it (at most the few thousand distinct requests there are).
-    renders: Mutex<HashMap<GroupedRequest, Arc<tokio::sync::Mutex<Option<Rendered>>>>>,
+    renders: Mutex<HashMap<GroupedRequest, RenderSlot>>,
 }
+
+/// The last render of one board, shared by the connections that show it
+/// (each holds a clone, so a slot no connection holds is dropped).
+type RenderSlot = Arc<tokio::sync::Mutex<Option<Rendered>>>;
 
 /// One board event, ready to send.
 #[derive(Clone)]
 struct Rendered {
+    /// The version read before the render, or [`BoardVersion::UNKNOWN`]
+    /// for an answer that was not a hit (a cold tenant's writes move no
+    /// version, so no reconnect may take it as current).
     version: BoardVersion,
+    /// When the render started.
+    at: Instant,
     frame: Bytes,
     /// Of the data alone, to skip an event that would repeat the last.
     digest: u64,
@@ -161,6 +172,9 @@ async fn poll(cache: ReadModel, hub: Weak<Hub>, draining: Arc<AtomicBool>, closi
         let watched: Vec<(TenantId, Arc<Watched>)> = {
             let mut tenants = hub.tenants.lock().unwrap_or_else(|e| e.into_inner());
             tenants.retain(|_, w| w.version.receiver_count() > 0);
+            for w in tenants.values() {
+                w.renders.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, slot| Arc::strong_count(slot) > 1);
+            }
             tenants.iter().map(|(t, w)| (*t, w.clone())).collect()
         };
         if watched.is_empty() {
@@ -191,20 +205,24 @@ async fn poll(cache: ReadModel, hub: Weak<Hub>, draining: Arc<AtomicBool>, closi
     }
 }
 
-/// Moves an `access_token` query parameter of the stream and the board
-/// page into an `Authorization: Bearer` header, and out of the URI before
-/// anything logs it. A token given twice (both ways, or twice in the
-/// query) becomes two headers, which authentication refuses.
+/// Takes an `access_token` query parameter out of the URI of every
+/// request, before anything logs it: on the stream and the board page it
+/// becomes an `Authorization: Bearer` header (a token given twice, both
+/// ways or twice in the query, becomes two headers, which authentication
+/// refuses); anywhere else it is dropped, as the endpoint ignores
+/// parameters it does not know. Paths are compared as the router sees
+/// them (percent-decoded).
 pub async fn token_from_query(
     mut req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let applies = req.path() == STREAM_PATH || req.path() == crate::BOARD_PATH;
     let pairs = match serde_urlencoded::from_str::<Vec<(String, String)>>(req.query_string()) {
-        Ok(pairs) if applies && pairs.iter().any(|(k, _)| k == TOKEN_PARAM) => pairs,
+        Ok(pairs) if pairs.iter().any(|(k, _)| k == TOKEN_PARAM) => pairs,
         // A malformed query string is the handler's to refuse.
         _ => return next.call(req).await,
     };
+    let routed = req.match_info().as_str().to_owned();
+    let accepts = routed == STREAM_PATH || routed == crate::BOARD_PATH;
     let (tokens, rest): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(k, _)| k == TOKEN_PARAM);
     let path = req.path().to_owned();
     let rest = serde_urlencoded::to_string(&rest).unwrap_or_default();
@@ -215,10 +233,12 @@ pub async fn token_from_query(
         req.match_info_mut().get_mut().update(&uri);
         req.head_mut().uri = uri;
     }
-    for (_, token) in tokens {
-        let value = HeaderValue::from_str(&format!("Bearer {token}"))
-            .unwrap_or_else(|_| HeaderValue::from_static("Bearer not-a-token"));
-        req.headers_mut().append(header::AUTHORIZATION, value);
+    if accepts {
+        for (_, token) in tokens {
+            let value = HeaderValue::from_str(&format!("Bearer {token}"))
+                .unwrap_or_else(|_| HeaderValue::from_static("Bearer not-a-token"));
+            req.headers_mut().append(header::AUTHORIZATION, value);
+        }
     }
     next.call(req).await
 }
@@ -228,7 +248,8 @@ struct Connection {
     state: web::Data<AppState>,
     tenant: TenantId,
     request: GroupedRequest,
-    watched: Arc<Watched>,
+    /// This board's shared render.
+    render_slot: RenderSlot,
     versions: watch::Receiver<Option<BoardVersion>>,
     closing: watch::Receiver<bool>,
     /// What the client has: the version and data of its last event.
@@ -263,8 +284,10 @@ struct Connection {
     responses(
         (status = 200, description = "The stream", content_type = "text/event-stream", body = String),
         (status = 401, description = "No token, or a bad or expired one (`missing_token`, `invalid_token`, `token_expired`); with `WWW-Authenticate`", body = crate::openapi::ErrorEnvelope),
-        (status = 422, description = "A bad parameter (`invalid_parameter`)", body = crate::openapi::ErrorEnvelope),
-        (status = 503, description = "Too many streams on this process (`stream_busy`; with `Retry-After`)", body = crate::openapi::ErrorEnvelope),
+        (status = 422, description = "A bad parameter (`invalid_parameter`), or a first board showing too many calls (`response_too_large`)", body = crate::openapi::ErrorEnvelope),
+        (status = 500, description = "`internal`", body = crate::openapi::ErrorEnvelope),
+        (status = 503, description = "Too many streams on this process (`stream_busy`), or MongoDB unavailable or busy for a first board answered live (`database_unavailable`, `database_busy`); with `Retry-After`", body = crate::openapi::ErrorEnvelope),
+        (status = 504, description = "The first board's live query ran out of time (`database_timeout`)", body = crate::openapi::ErrorEnvelope),
     ),
     security(("bearer" = []), ("access_token" = []))
 )]
@@ -289,15 +312,27 @@ pub async fn stream(
         .and_then(|v| v.to_str().ok())
         .and_then(|id| id.rsplit_once('-'))
         .and_then(|(_, version)| version.parse::<BoardVersion>().ok());
+    // Draining: no board, only when to come back (to another process,
+    // once the load balancer has taken this one out).
+    if state.draining.load(Ordering::Relaxed) {
+        return Ok(HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .insert_header((header::CACHE_CONTROL, "no-cache"))
+            .force_close()
+            .body(format!("retry: {RETRY_MS}\n\n")));
+    }
     let slot = boards.open(&state)?;
     let (watched, versions) = boards.watch(caller.tenant);
+    let render_slot = watched.renders.lock().unwrap_or_else(|e| e.into_inner()).entry(request).or_default().clone();
     let now_s = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    let expires_at = Instant::now() + Duration::from_secs(caller.expires_at_s.saturating_sub(now_s));
+    // Capped, so that no `exp` overflows the clock.
+    let remaining = Duration::from_secs(caller.expires_at_s.saturating_sub(now_s).min(MAX_STREAM_S));
+    let expires_at = Instant::now() + remaining;
     let mut conn = Connection {
         state,
         tenant: caller.tenant,
         request,
-        watched,
+        render_slot,
         versions,
         closing: boards.inner.closing.clone(),
         sent: None,
@@ -317,7 +352,7 @@ pub async fn stream(
     match version {
         Some(v) if last_seen == Some(v) => conn.sent = Some((v, 0)),
         _ => {
-            let rendered = conn.render(version, true).await?;
+            let rendered = conn.render(version).await?;
             first.extend_from_slice(&rendered.frame);
             conn.note_sent(&rendered);
         }
@@ -333,6 +368,10 @@ pub async fn stream(
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         // Proxies that buffer (nginx) pass events on at once.
         .insert_header(("X-Accel-Buffering", "no"))
+        // Its own connection: when it ends (draining), the client's
+        // reconnect opens a new one, which the load balancer can route
+        // elsewhere.
+        .force_close()
         .streaming(body))
 }
 
@@ -348,14 +387,7 @@ impl Connection {
         loop {
             let retry = self.retry_at;
             tokio::select! {
-                _ = tokio::time::sleep_until(self.expires_at) => {
-                    self.ended = true;
-                    tracing::info!(tenant = %self.tenant, "stream ended: the token expired");
-                    let envelope = serde_json::json!({
-                        "status": 401, "message": "the token has expired", "error": "token_expired",
-                    });
-                    return Some(Bytes::from(format!("event: error\ndata: {envelope}\n\n")));
-                }
+                _ = tokio::time::sleep_until(self.expires_at) => return Some(self.expired()),
                 changed = self.closing.changed() => {
                     if changed.is_err() || *self.closing.borrow() {
                         tracing::info!(tenant = %self.tenant, "stream ended: the process is draining");
@@ -371,33 +403,53 @@ impl Connection {
                         return None;
                     }
                     if let Some(frame) = self.on_change(false).await {
-                        return Some(frame);
+                        return Some(self.unless_expired(frame));
                     }
                 }
                 _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
                     self.retry_at = None;
                     if let Some(frame) = self.on_change(true).await {
-                        return Some(frame);
+                        return Some(self.unless_expired(frame));
                     }
                 }
             }
         }
     }
 
+    /// The stream's last frame: its token expired.
+    fn expired(&mut self) -> Bytes {
+        self.ended = true;
+        tracing::info!(tenant = %self.tenant, "stream ended: the token expired");
+        let envelope = serde_json::json!({"status": 401, "message": "the token has expired", "error": "token_expired"});
+        Bytes::from(format!("event: error\ndata: {envelope}\n\n"))
+    }
+
+    /// `frame`, unless the token expired while it was made (a render can
+    /// outlast it): then the expiry instead.
+    fn unless_expired(&mut self, frame: Bytes) -> Bytes {
+        if Instant::now() >= self.expires_at {
+            self.expired()
+        } else {
+            frame
+        }
+    }
+
     /// The board's version changed (or a live answer is due again): its
     /// event, unless the client has it already.
-    async fn on_change(&mut self, fresh: bool) -> Option<Bytes> {
+    async fn on_change(&mut self, retry: bool) -> Option<Bytes> {
         // At most `max_events_per_s`: what changes meanwhile is in the
         // version read after the wait.
         tokio::time::sleep_until(self.next_event_at).await;
         let version = *self.versions.borrow_and_update();
-        if !fresh && version.is_some() && self.sent.map(|(v, _)| v) == version {
+        if !retry && version.is_some() && self.sent.map(|(v, _)| v) == version {
             return None;
         }
-        match self.render(version, fresh).await {
+        match self.render(version).await {
             Ok(rendered) => {
                 if self.sent.map(|(_, digest)| digest) == Some(rendered.digest) {
                     self.sent = Some((rendered.version, rendered.digest));
+                    // Not a hit: rendered again until one is.
+                    self.retry_at = (rendered.outcome != CacheOutcome::Hit).then(|| Instant::now() + LIVE_RETRY);
                     return None;
                 }
                 self.note_sent(&rendered);
@@ -419,27 +471,33 @@ impl Connection {
         self.retry_at = (rendered.outcome != CacheOutcome::Hit).then(|| Instant::now() + LIVE_RETRY);
     }
 
-    /// The board at `version` (read before it): shared with every
-    /// connection asking for the same board unless `fresh`.
-    async fn render(&self, version: Option<BoardVersion>, fresh: bool) -> Result<Rendered, ApiError> {
-        let slot = {
-            let mut renders = self.watched.renders.lock().unwrap_or_else(|e| e.into_inner());
-            renders.entry(self.request).or_default().clone()
-        };
-        let mut slot = slot.lock().await;
-        if let (Some(v), Some(done), false) = (version, slot.as_ref(), fresh) {
-            if done.version == v && done.outcome == CacheOutcome::Hit {
+    /// The board at `version` (read before it), shared by every
+    /// connection showing it: the last render is reused when it was a hit
+    /// at this version (its data is at least that new), or when it was not
+    /// a hit and began less than [`LIVE_RETRY`] ago (so a thousand
+    /// connections on a cold board run one live query a second, not a
+    /// thousand). One render runs at a time per board; the others wait
+    /// for it and take it.
+    async fn render(&self, version: Option<BoardVersion>) -> Result<Rendered, ApiError> {
+        let mut slot = self.render_slot.lock().await;
+        if let Some(done) = slot.as_ref() {
+            let same_hit = done.outcome == CacheOutcome::Hit && Some(done.version) == version;
+            let recent_live = done.outcome != CacheOutcome::Hit && done.at.elapsed() < LIVE_RETRY;
+            if same_hit || recent_live {
                 return Ok(done.clone());
             }
         }
+        let at = Instant::now();
         let answer = self.state.grouped(self.tenant, &self.request, &Freshness::default(), false).await?;
         let json = answer.body.into_string();
         let mut hasher = DefaultHasher::new();
         json.hash(&mut hasher);
-        // No version (Redis unreadable): 0, which no reconnect matches.
-        let version = version.unwrap_or(BoardVersion::UNKNOWN);
+        let version = match (version, answer.outcome) {
+            (Some(v), CacheOutcome::Hit) => v,
+            _ => BoardVersion::UNKNOWN,
+        };
         let frame = Bytes::from(format!("id: {}-{version}\nevent: board\ndata: {json}\n\n", answer.as_of_ms));
-        let rendered = Rendered { version, frame, digest: hasher.finish(), outcome: answer.outcome };
+        let rendered = Rendered { version, at, frame, digest: hasher.finish(), outcome: answer.outcome };
         *slot = Some(rendered.clone());
         Ok(rendered)
     }
@@ -482,10 +540,12 @@ mod tests {
         // Twice, or both ways: two headers, which authentication refuses.
         assert_eq!(seen("/board?access_token=a&access_token=b", None).await, "/board Bearer a | Bearer b");
         assert_eq!(seen("/board?access_token=a", Some("Bearer h")).await, "/board Bearer h | Bearer a");
-        // Other paths keep their query string: the token is theirs to refuse.
+        // Other paths lose it too, without a header: it is never logged.
         assert_eq!(
-            seen("/crm/calls/get-grouped-by-status?access_token=a", None).await,
-            "/crm/calls/get-grouped-by-status?access_token=a "
+            seen("/crm/calls/get-grouped-by-status?limit=2&access_token=a", None).await,
+            "/crm/calls/get-grouped-by-status?limit=2 "
         );
+        // A percent-encoded path is the path the router matches.
+        assert_eq!(seen("/crm/calls/%73tream?access_token=t", None).await, "/crm/calls/%73tream Bearer t");
     }
 }

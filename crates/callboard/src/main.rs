@@ -123,7 +123,7 @@ fn main() -> anyhow::Result<()> {
         // One line for an operator, without a backtrace.
         if let Err(e) = runtime.block_on(operation.run()) {
             eprintln!("error: {e:#}");
-            std::process::exit(1);
+            std::process::exit(if e.is::<ops::NotCompared>() { 3 } else { 1 });
         }
         return Ok(());
     }

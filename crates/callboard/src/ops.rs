@@ -17,7 +17,7 @@ pub struct Endpoint {
     #[arg(long, env = "CALLBOARD_URL", default_value = "http://127.0.0.1:8006")]
     pub url: String,
     /// An admin bearer token (`callboard token --tenant 1 --admin` prints
-    /// one).
+    /// one). Prefer the variable: an argument shows in `ps`.
     #[arg(long, env = "CALLBOARD_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Print the API's JSON instead of tables.
@@ -249,8 +249,15 @@ pub async fn invalidate(endpoint: &Endpoint, target: &Target) -> anyhow::Result<
     Ok(())
 }
 
-/// `callboard verify --tenant N`: exits non-zero when the cache differs
-/// from MongoDB.
+/// Verification compared nothing (a cold tenant, one written to in every
+/// round, a projector behind): exit status 3, so that scripts do not read
+/// it as "no drift".
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotCompared(String);
+
+/// `callboard verify --tenant N`: exit status 1 when the cache differs
+/// from MongoDB, 3 when nothing was compared.
 pub async fn verify(endpoint: &Endpoint, tenant: i64) -> anyhow::Result<()> {
     let client = Client::new(endpoint)?;
     let verdict = client.post("/admin/cache/verify", &json!({"tenant_id": tenant})).await?;
@@ -277,6 +284,9 @@ pub async fn verify(endpoint: &Endpoint, tenant: i64) -> anyhow::Result<()> {
     }
     if verdict["equal"] == false {
         bail!("tenant {tenant}'s cached answer differs from MongoDB's (a repair was started)");
+    }
+    if verdict["equal"].is_null() {
+        return Err(NotCompared(format!("tenant {tenant} was not compared: {}", cell(&verdict["state"]))).into());
     }
     Ok(())
 }

@@ -166,10 +166,14 @@ async fn operator_commands_warm_inspect_verify_and_invalidate_through_the_admin_
     let table = operate(&app, admin, &["verify", "--tenant", "1"]).await;
     assert!(table.status.success() && stdout(&table).contains("true"), "{table:?}");
 
-    // invalidate: the tenant is answered live again.
+    // invalidate: the tenant is answered live again, and verify, which
+    // then compares nothing, says so with exit status 3.
     let out = operate(&app, admin, &["invalidate", "--tenant", "1"]).await;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout(&out), "invalidated 1 tenants: 1\n");
+    let out = operate(&app, admin, &["verify", "--tenant", "1"]).await;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not compared: cold"), "{out:?}");
     let (cache, _) = app.grouped_as(&app.token(1), &[], false).await;
     assert_eq!(cache, "miss");
 

@@ -36,6 +36,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("CALLBOARD_RECONCILE_INTERVAL_S", "reconcile.interval_s"),
     ("CALLBOARD_RECONCILE_MAX_QUERIES_PER_S", "reconcile.max_queries_per_s"),
     ("CALLBOARD_STREAM_MAX_EVENTS_PER_S", "stream.max_events_per_s"),
+    ("CALLBOARD_STREAM_POLL_MS", "stream.poll_ms"),
+    ("CALLBOARD_STREAM_MAX_CONNECTIONS", "stream.max_connections"),
     ("CALLBOARD_LOG", "log.filter"),
     ("CALLBOARD_LOG_FORMAT", "log.format"),
 ];
@@ -47,6 +49,8 @@ const INT_KEYS: &[&str] = &[
     "reconcile.interval_s",
     "reconcile.max_queries_per_s",
     "stream.max_events_per_s",
+    "stream.poll_ms",
+    "stream.max_connections",
 ];
 
 /// Whether a process started with `CALLBOARD_<name>` in its environment
@@ -437,9 +441,16 @@ impl Settings {
     }
 }
 
+/// What the placeholder secrets in `deploy/` contain.
+pub const PLACEHOLDER: &str = "REPLACE-ME";
+
 fn check_jwt_secret(key: &'static str, secret: &Secret) -> Result<(), SettingsError> {
     if secret.expose().len() < 32 {
         return Err(invalid(key, "must be at least 32 bytes"));
+    }
+    // deploy/'s placeholders: a known secret signs anyone's tokens.
+    if secret.expose().to_ascii_uppercase().contains(PLACEHOLDER) {
+        return Err(invalid(key, format!("is still a placeholder ({PLACEHOLDER}...): set a secret of your own")));
     }
     Ok(())
 }

@@ -167,8 +167,8 @@ pub async fn status(
     request_body = crate::openapi::TenantTarget,
     responses(
         (status = 200, description = "The verdict", body = crate::openapi::Verdict),
-        (status = 401, description = "No token, or a bad or expired one (`missing_token`, `invalid_token`, `token_expired`); with `WWW-Authenticate`", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Not an admin token (`forbidden`)", body = crate::openapi::ErrorEnvelope), (status = 422, description = "A bad parameter (`invalid_parameter`)", body = crate::openapi::ErrorEnvelope), (status = 503, description = "Redis is unavailable (`cache_unavailable`)", body = crate::openapi::ErrorEnvelope),
-        (status = 503, description = "MongoDB unavailable (`database_unavailable`)", body = crate::openapi::ErrorEnvelope),
+        (status = 401, description = "No token, or a bad or expired one (`missing_token`, `invalid_token`, `token_expired`); with `WWW-Authenticate`", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Not an admin token (`forbidden`)", body = crate::openapi::ErrorEnvelope), (status = 422, description = "A bad parameter (`invalid_parameter`)", body = crate::openapi::ErrorEnvelope), (status = 503, description = "Redis or MongoDB is unavailable (`cache_unavailable`, `database_unavailable`, `database_busy`)", body = crate::openapi::ErrorEnvelope),
+        (status = 504, description = "The live query ran out of time (`database_timeout`)", body = crate::openapi::ErrorEnvelope),
     ),
     security(("bearer" = [])))]
 pub async fn verify(_: Admin, target: Target, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
