@@ -258,20 +258,34 @@ async fn a_board_answered_live_keeps_following_mongodb_and_is_never_resumed_as_c
     assert_eq!(first.json(), app.live(1, &[("limit", LIMIT)]).await);
     // Its id vouches for no version: a reconnect with it gets the board.
     assert!(first.id.as_deref().is_some_and(|id| id.ends_with("-0000000000000000")), "{:?}", first.id);
+    // Ten more watch it: they share its renders, one live query a second
+    // (unshared, eleven connections would run eleven a second).
+    let mut others = Vec::new();
+    for _ in 0..10 {
+        let mut s = open(&app, &app.token(1), None).await;
+        s.expect(WAIT).await;
+        others.push(s);
+    }
     // Several re-renders without a change come first (each one is a live
     // query), then a write: it must still come through.
     let queries = app.counter("callboard_live_queries_total").await;
-    let deadline = std::time::Instant::now() + WAIT;
+    let counting = std::time::Instant::now();
+    let deadline = counting + WAIT;
     while app.counter("callboard_live_queries_total").await < queries + 3 {
         assert!(std::time::Instant::now() < deadline, "the stream stopped re-rendering a live board");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let three = counting.elapsed();
+    assert!(
+        three > Duration::from_millis(1500),
+        "3 live queries in {three:?}: the connections' renders are not shared"
+    );
+    drop(others);
     app.insert(CALLS, &[new_call(1, 930_001)]).await;
     let (event, _) = until_first(&mut stream, 930_001).await;
     assert_eq!(event.json(), app.live(1, &[("limit", LIMIT)]).await);
     drop(stream);
     let mut resumed = open(&app, &app.token(1), event.id.as_deref()).await;
     assert_eq!(first_in_status_1(&resumed.expect(Duration::from_secs(5)).await.json()), Some(930_001));
-    app.services.redis.config_set("maxmemory-policy", "noeviction").unwrap();
     app.stop().await;
 }

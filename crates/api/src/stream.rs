@@ -85,7 +85,15 @@ struct Watched {
 
 /// The last render of one board, shared by the connections that show it
 /// (each holds a clone, so a slot no connection holds is dropped).
-type RenderSlot = Arc<tokio::sync::Mutex<Option<Rendered>>>;
+type RenderSlot = Arc<tokio::sync::Mutex<SlotState>>;
+
+/// A board's last render, and its last failed one.
+#[derive(Default)]
+struct SlotState {
+    last: Option<Rendered>,
+    /// When the last failed render began, and its error.
+    failed: Option<(Instant, ErrorCode, String)>,
+}
 
 /// One board event, ready to send.
 #[derive(Clone)]
@@ -353,6 +361,10 @@ pub async fn stream(
         Some(v) if last_seen == Some(v) => conn.sent = Some((v, 0)),
         _ => {
             let rendered = conn.render(version).await?;
+            // The first render can outlast the token (a live query).
+            if Instant::now() >= conn.expires_at {
+                return Err(ApiError::new(ErrorCode::TokenExpired, "the token has expired"));
+            }
             first.extend_from_slice(&rendered.frame);
             conn.note_sent(&rendered);
         }
@@ -387,6 +399,8 @@ impl Connection {
         loop {
             let retry = self.retry_at;
             tokio::select! {
+                // Expiry and draining before any render.
+                biased;
                 _ = tokio::time::sleep_until(self.expires_at) => return Some(self.expired()),
                 changed = self.closing.changed() => {
                     if changed.is_err() || *self.closing.borrow() {
@@ -472,23 +486,35 @@ impl Connection {
     }
 
     /// The board at `version` (read before it), shared by every
-    /// connection showing it: the last render is reused when it was a hit
-    /// at this version (its data is at least that new), or when it was not
-    /// a hit and began less than [`LIVE_RETRY`] ago (so a thousand
-    /// connections on a cold board run one live query a second, not a
-    /// thousand). One render runs at a time per board; the others wait
-    /// for it and take it.
+    /// connection showing it. One render runs at a time per board; a
+    /// connection reuses the last one when it was a hit at this version
+    /// (its data is at least that new), or when it was not a hit, or
+    /// failed, and began less than [`LIVE_RETRY`] before this connection
+    /// asked: a thousand connections on a cold board wait for one live
+    /// query, however long it takes, instead of running a thousand.
     async fn render(&self, version: Option<BoardVersion>) -> Result<Rendered, ApiError> {
+        let asked = Instant::now();
+        let recent = |at: Instant| at + LIVE_RETRY > asked;
         let mut slot = self.render_slot.lock().await;
-        if let Some(done) = slot.as_ref() {
+        if let Some(done) = slot.last.as_ref() {
             let same_hit = done.outcome == CacheOutcome::Hit && Some(done.version) == version;
-            let recent_live = done.outcome != CacheOutcome::Hit && done.at.elapsed() < LIVE_RETRY;
-            if same_hit || recent_live {
+            if same_hit || (done.outcome != CacheOutcome::Hit && recent(done.at)) {
                 return Ok(done.clone());
             }
         }
+        if let Some((at, code, message)) = slot.failed.as_ref() {
+            if recent(*at) {
+                return Err(ApiError::new(*code, message.clone()));
+            }
+        }
         let at = Instant::now();
-        let answer = self.state.grouped(self.tenant, &self.request, &Freshness::default(), false).await?;
+        let answer = match self.state.grouped(self.tenant, &self.request, &Freshness::default(), false).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                slot.failed = Some((at, e.code, e.message.clone()));
+                return Err(e);
+            }
+        };
         let json = answer.body.into_string();
         let mut hasher = DefaultHasher::new();
         json.hash(&mut hasher);
@@ -498,7 +524,8 @@ impl Connection {
         };
         let frame = Bytes::from(format!("id: {}-{version}\nevent: board\ndata: {json}\n\n", answer.as_of_ms));
         let rendered = Rendered { version, at, frame, digest: hasher.finish(), outcome: answer.outcome };
-        *slot = Some(rendered.clone());
+        slot.last = Some(rendered.clone());
+        slot.failed = None;
         Ok(rendered)
     }
 }

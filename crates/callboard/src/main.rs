@@ -88,7 +88,7 @@ enum Command {
         endpoint: ops::Endpoint,
     },
     /// Compare a tenant's cached answer with MongoDB's now (exit status 1
-    /// if they differ).
+    /// if they differ, 3 if nothing could be compared).
     Verify {
         #[arg(long)]
         tenant: i64,
