@@ -166,6 +166,13 @@ impl TestApp {
 
     /// Runs a projector in this process (a lease TTL short enough for
     /// tests) until [`TestApp::stop_projector`] or [`TestApp::stop`].
+    /// Inserts a generated dataset: its statuses, users, then calls.
+    pub async fn insert_dataset(&self, ds: &dataset::Dataset) {
+        self.insert(callboard_store::CALL_STATUS, &ds.statuses).await;
+        self.insert(callboard_store::USERS, &ds.users).await;
+        self.insert(callboard_store::CALLS, &ds.calls).await;
+    }
+
     pub fn start_projector(&mut self) {
         self.start_projector_with(callboard_readmodel::write::DocWindow::default());
     }

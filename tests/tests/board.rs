@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bson::{doc, DateTime};
-use callboard_store::{CALLS, CALL_STATUS, USERS};
+use callboard_store::CALLS;
 use callboard_tests::dataset::generate;
 use callboard_tests::spawn_app;
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -116,9 +116,7 @@ fn shown(page: &Value) -> Vec<(i64, String, i64)> {
 async fn the_board_page_shows_every_status_and_a_write_within_two_seconds() {
     let mut app = spawn_app().await;
     let ds = generate(95, 600);
-    app.insert(CALL_STATUS, &ds.statuses).await;
-    app.insert(USERS, &ds.users).await;
-    app.insert(CALLS, &ds.calls).await;
+    app.insert_dataset(&ds).await;
     app.start_projector();
     app.grouped_as(&app.token(1), &[], false).await;
     let (hit, _, _) = app.wait_for_projection(1, &[("limit", "20")], WAIT).await;

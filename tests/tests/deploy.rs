@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use callboard_settings::{Settings, ENV_KEYS, PLACEHOLDER};
-use callboard_store::{CALLS, CALL_STATUS, USERS};
 use callboard_testkit::Services;
 use callboard_tests::dataset::generate;
 use callboard_tests::{spawn_app_configured, TestApp};
@@ -814,9 +813,7 @@ async fn every_metric_the_dashboard_and_alerts_name_is_exported() {
     })
     .await;
     let ds = generate(11, 300);
-    app.insert(CALL_STATUS, &ds.statuses).await;
-    app.insert(USERS, &ds.users).await;
-    app.insert(CALLS, &ds.calls).await;
+    app.insert_dataset(&ds).await;
     app.start_projector();
     // A cold request (a miss, which queues a warm), then hits.
     let fields: &[(&str, &str)] = &[("limit", "5")];

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use callboard_store::{CALLS, CALL_STATUS, USERS};
 use callboard_tests::dataset::generate;
 use callboard_tests::sse::EventStream;
 use callboard_tests::{spawn_app, TestApp};
@@ -79,9 +78,7 @@ impl Contract {
 async fn seeded() -> TestApp {
     let mut app = spawn_app().await;
     let ds = generate(97, 120);
-    app.insert(CALL_STATUS, &ds.statuses).await;
-    app.insert(USERS, &ds.users).await;
-    app.insert(CALLS, &ds.calls).await;
+    app.insert_dataset(&ds).await;
     app.start_projector();
     app
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bson::{doc, DateTime, Document};
 use callboard_domain::TenantId;
-use callboard_store::{CALLS, CALL_STATUS, USERS};
+use callboard_store::CALLS;
 use callboard_testkit::Services;
 use callboard_tests::dataset::generate;
 use callboard_tests::sse::{Event, EventStream, Next};
@@ -20,9 +20,7 @@ const LIMIT: &str = "5";
 async fn warm_app(seed: u64) -> TestApp {
     let mut app = spawn_app_configured(Services::start().expect("servers"), |s| s.auth.leeway_s = 0).await;
     let ds = generate(seed, 60);
-    app.insert(CALL_STATUS, &ds.statuses).await;
-    app.insert(USERS, &ds.users).await;
-    app.insert(CALLS, &ds.calls).await;
+    app.insert_dataset(&ds).await;
     app.start_projector();
     for tenant in [1, 2] {
         app.grouped_as(&app.token(tenant), &[], false).await;

@@ -321,7 +321,7 @@ pub(crate) async fn used_memory(nodes: &[String]) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-fn rss_kb(pid: u32) -> u64 {
+pub(crate) fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

@@ -24,16 +24,16 @@ const RATE_BOUNDS: &str = "What bounds it: the stand-in. Every partition reads t
 const END: &str = "<!-- scale:end -->";
 
 /// A deployment of release processes on `services`.
-struct Deployed {
-    services: Services,
+pub(crate) struct Deployed {
+    pub(crate) services: Services,
     env: Vec<(String, String)>,
-    base: String,
+    pub(crate) base: String,
     procs: Vec<Guarded>,
     bin: std::path::PathBuf,
 }
 
 impl Deployed {
-    fn new(args: &Args, services: Services, extra: &[(&str, &str)]) -> anyhow::Result<Self> {
+    pub(crate) fn new(args: &Args, services: Services, extra: &[(&str, &str)]) -> anyhow::Result<Self> {
         let port = free_port()?;
         let (var, value) = services.redis.setting();
         let mut env: Vec<(String, String)> = vec![
@@ -48,7 +48,7 @@ impl Deployed {
         Ok(Self { services, env, base: format!("http://127.0.0.1:{port}"), procs: Vec::new(), bin: args.bin.clone() })
     }
 
-    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+    pub(crate) fn run(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(&self.bin).args(args).envs(self.env.iter().map(|(k, v)| (k, v))).output()?;
         if !out.status.success() {
             bail!("callboard {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -56,7 +56,7 @@ impl Deployed {
         Ok(String::from_utf8(out.stdout)?.trim().to_string())
     }
 
-    fn spawn(&mut self, cmd: &str, config: Option<&Path>) -> anyhow::Result<usize> {
+    pub(crate) fn spawn(&mut self, cmd: &str, config: Option<&Path>) -> anyhow::Result<usize> {
         let mut c = Command::new(&self.bin);
         if let Some(config) = config {
             c.arg("--config").arg(config);
@@ -67,7 +67,12 @@ impl Deployed {
         Ok(self.procs.len() - 1)
     }
 
-    fn seed(&self, tenants: u32, calls: u64) -> anyhow::Result<f64> {
+    /// The pid of the process [`Deployed::spawn`] numbered `i`.
+    pub(crate) fn pid(&self, i: usize) -> u32 {
+        self.procs[i].pid()
+    }
+
+    pub(crate) fn seed(&self, tenants: u32, calls: u64) -> anyhow::Result<f64> {
         let started = Instant::now();
         let (tenants, calls) = (tenants.to_string(), calls.to_string());
         self.run(&["seed", "--tenants", &tenants, "--calls", &calls, "--users", "100", "--statuses", "5", "--drop"])?;
@@ -75,7 +80,7 @@ impl Deployed {
         Ok(started.elapsed().as_secs_f64())
     }
 
-    fn token(&self, tenant: u32, admin: bool) -> anyhow::Result<String> {
+    pub(crate) fn token(&self, tenant: u32, admin: bool) -> anyhow::Result<String> {
         let t = tenant.to_string();
         let mut args = vec!["token", "--tenant", &t, "--ttl", "2h"];
         if admin {
@@ -86,7 +91,7 @@ impl Deployed {
 
     /// Queues a warm (`{"tenant_id": 1}` or `{"all": true}`) and waits for
     /// its job; returns the seconds it took.
-    async fn warm(&self, client: &reqwest::Client, body: serde_json::Value) -> anyhow::Result<f64> {
+    pub(crate) async fn warm(&self, client: &reqwest::Client, body: serde_json::Value) -> anyhow::Result<f64> {
         crate::warm(client, &self.base, &self.token(1, true)?, body).await
     }
 }

@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bson::{doc, DateTime, Document};
-use callboard_testkit::{free_port, Guarded, Services};
+use callboard_testkit::Services;
 use futures::StreamExt;
 
-use crate::{wait_healthy, Args, SECRET};
+use crate::scale::Deployed;
+use crate::{rss_kb, wait_healthy, Args};
 
 const BEGIN: &str = "<!-- stream:begin -->";
 const END: &str = "<!-- stream:end -->";
@@ -68,15 +69,6 @@ fn cpu_s(pid: u32) -> anyhow::Result<f64> {
     // SAFETY: sysconf with a valid name.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks / hz)
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Opens one stream and records, for every written id it shows first in
@@ -195,41 +187,18 @@ fn pct(v: &[f64], p: f64) -> f64 {
 pub async fn run(args: &Args) -> anyhow::Result<()> {
     let fds = raise_fd_limit()?;
     eprintln!("== stream: 1 and 1,000 connections (open files allowed: {fds})");
-    let services = Services::start()?;
-    let port = free_port()?;
-    let (var, value) = services.redis.setting();
-    let env: Vec<(String, String)> = vec![
-        ("CALLBOARD_MONGODB_URI".into(), services.mongo.uri()),
-        ("CALLBOARD_MONGODB_DB".into(), "bench".into()),
-        (var.into(), value),
-        ("CALLBOARD_JWT_SECRET".into(), SECRET.into()),
-        ("CALLBOARD_HTTP_ADDR".into(), format!("127.0.0.1:{port}")),
-        ("CALLBOARD_LOG".into(), "warn".into()),
-    ];
-    let run = |a: &[&str]| -> anyhow::Result<String> {
-        let out = std::process::Command::new(&args.bin).args(a).envs(env.iter().map(|(k, v)| (k, v))).output()?;
-        if !out.status.success() {
-            bail!("callboard {a:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8(out.stdout)?.trim().to_string())
-    };
-    run(&["seed", "--tenants", "1", "--calls", "10000", "--users", "100", "--statuses", "5", "--drop"])?;
-    run(&["create-indexes"])?;
-    let spawn = |cmd: &str| -> anyhow::Result<Guarded> {
-        let mut c = std::process::Command::new(&args.bin);
-        c.arg(cmd).envs(env.iter().map(|(k, v)| (k, v)));
-        Ok(Guarded::spawn(c, "callboard", &services.dir.path().join(format!("{cmd}.log")))?)
-    };
-    let _project = spawn("project")?;
-    let serve = spawn("serve")?;
-    let base = format!("http://127.0.0.1:{port}");
+    let mut d = Deployed::new(args, Services::start()?, &[])?;
+    d.seed(1, 10_000)?;
+    d.spawn("project", None)?;
+    let serve = d.spawn("serve", None)?;
+    let serve_pid = d.pid(serve);
+    let base = d.base.clone();
     let client = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
     wait_healthy(&client, &base).await?;
-    let admin = run(&["token", "--tenant", "1", "--admin", "--ttl", "2h"])?;
-    crate::warm(&client, &base, &admin, serde_json::json!({"tenant_id": 1})).await?;
-    let token = run(&["token", "--tenant", "1", "--ttl", "2h"])?;
+    d.warm(&client, serde_json::json!({"tenant_id": 1})).await?;
+    let token = d.token(1, false)?;
     let url = format!("{base}/crm/calls/stream");
-    let db = mongodb::Client::with_uri_str(services.mongo.uri()).await?.database("bench");
+    let db = mongodb::Client::with_uri_str(d.services.mongo.uri()).await?.database("bench");
     let calls = db.collection::<Document>("calls");
 
     // One connection, and beside it a reader polling the endpoint, which
@@ -273,7 +242,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     );
 
     // 1,000 idle connections, on a quiet server.
-    let rss_before = rss_kb(serve.pid());
+    let rss_before = rss_kb(serve_pid);
     let seen = Seen::default();
     let opened = Instant::now();
     let conns = 1000;
@@ -285,15 +254,15 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let open_s = opened.elapsed().as_secs_f64();
     // Let allocations settle before reading the RSS.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_after = rss_kb(serve.pid());
+    let rss_after = rss_kb(serve_pid);
     let per_conn_kb = (rss_after.saturating_sub(rss_before)) as f64 / conns as f64;
     eprintln!(
         "   {conns} connections open in {open_s:.1} s; RSS {rss_before} -> {rss_after} KiB ({per_conn_kb:.1} KiB each)"
     );
-    let cpu_before = cpu_s(serve.pid())?;
+    let cpu_before = cpu_s(serve_pid)?;
     let idle_started = Instant::now();
     tokio::time::sleep(IDLE_WINDOW).await;
-    let idle_cpu = (cpu_s(serve.pid())? - cpu_before) / idle_started.elapsed().as_secs_f64();
+    let idle_cpu = (cpu_s(serve_pid)? - cpu_before) / idle_started.elapsed().as_secs_f64();
     eprintln!("   idle CPU with {conns} connections: {:.2}% of a core", idle_cpu * 100.0);
     let (last, median) = latencies(&calls, &seen, conns, 9_100_000).await?;
     let many_events = seen.events.load(std::sync::atomic::Ordering::Relaxed);

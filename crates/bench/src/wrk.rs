@@ -8,6 +8,15 @@ use anyhow::{bail, Context};
 
 use crate::report::Load;
 
+/// What every script reports: wrk's own counts and latency percentiles.
+const DONE: &str = r#"done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("CB_RESULT %d %d %d %d %d %d\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+"#;
+
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     dir: &Path,
@@ -29,13 +38,7 @@ wrk.body = "{body}"
 wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
 wrk.headers["Authorization"] = "Bearer {token}"
 {cache_control}
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("CB_RESULT %d %d %d %d %d %d\n", summary.requests, summary.duration,
-    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
-    e.connect + e.read + e.write + e.status + e.timeout))
-end
-"#
+{DONE}"#
         ),
     )?;
     let url = format!("{base}/crm/calls/get-grouped-by-status");
@@ -46,17 +49,7 @@ end
 /// settings: what this machine serves when a request does no work.
 pub async fn floor(dir: &Path, base: &str, conns: u32, secs: u64) -> anyhow::Result<Load> {
     let script = dir.join(format!("wrk-{conns}-floor.lua"));
-    std::fs::write(
-        &script,
-        r#"wrk.method = "GET"
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("CB_RESULT %d %d %d %d %d %d\n", summary.requests, summary.duration,
-    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
-    e.connect + e.read + e.write + e.status + e.timeout))
-end
-"#,
-    )?;
+    std::fs::write(&script, format!("wrk.method = \"GET\"\n{DONE}"))?;
     exec(&script, &format!("{base}/healthz"), false, conns, secs, FLOOR).await
 }
 

@@ -116,12 +116,9 @@ fn json_of(o: &Output) -> serde_json::Value {
 
 #[tokio::test]
 async fn operator_commands_warm_inspect_verify_and_invalidate_through_the_admin_api() {
-    use callboard_store::{CALLS, CALL_STATUS, USERS};
     let mut app = callboard_tests::spawn_app().await;
     let ds = callboard_tests::dataset::generate(96, 80);
-    app.insert(CALL_STATUS, &ds.statuses).await;
-    app.insert(USERS, &ds.users).await;
-    app.insert(CALLS, &ds.calls).await;
+    app.insert_dataset(&ds).await;
     app.start_projector();
     let admin_token = app.admin_token(1);
     let admin = Some(admin_token.as_str());

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bson::{doc, DateTime};
 use callboard_readmodel::keys::Partitioning;
 use callboard_readmodel::Keys;
-use callboard_store::{CALLS, CALL_STATUS, USERS};
+use callboard_store::CALLS;
 use callboard_testkit::{free_port, Guarded};
 use callboard_tests::dataset::generate;
 use callboard_tests::reference::assert_same;
@@ -28,6 +28,27 @@ fn start(app: &TestApp, command: &str, config: &str, extra_env: &[(&str, String)
     Guarded::spawn(cmd, "callboard", &app.services.dir.path().join(format!("{log}.log"))).expect("start callboard")
 }
 
+/// A `serve` process with a two-minute shutdown delay (cut short by a
+/// second SIGTERM), once ready: it, its port, its base URL, a client.
+async fn ready_serve(app: &TestApp, log: &str) -> (Guarded, u16, String, reqwest::Client) {
+    let port = free_port().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let api = start(
+        app,
+        "serve",
+        "[http]\nshutdown_delay_ms = 120000\nshutdown_timeout_s = 60\n",
+        &[("CALLBOARD_HTTP_ADDR", format!("127.0.0.1:{port}"))],
+        log,
+    );
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(&client, &format!("{base}/readyz")).await.map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "the API never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (api, port, base, client)
+}
+
 async fn get(client: &reqwest::Client, url: &str) -> Option<(u16, Value)> {
     let r = client.get(url).send().await.ok()?;
     let status = r.status().as_u16();
@@ -38,25 +59,9 @@ async fn get(client: &reqwest::Client, url: &str) -> Option<(u16, Value)> {
 async fn sigterm_fails_readiness_first_then_drains_the_requests_in_flight() {
     let app = spawn_app().await;
     let ds = generate(7, 40);
-    app.insert(CALL_STATUS, &ds.statuses).await;
-    app.insert(USERS, &ds.users).await;
-    app.insert(CALLS, &ds.calls).await;
-    let port = free_port().unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    app.insert_dataset(&ds).await;
     // A long delay, cut short by a second SIGTERM below.
-    let mut api = start(
-        &app,
-        "serve",
-        "[http]\nshutdown_delay_ms = 120000\nshutdown_timeout_s = 60\n",
-        &[("CALLBOARD_HTTP_ADDR", format!("127.0.0.1:{port}"))],
-        "serve",
-    );
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get(&client, &format!("{base}/readyz")).await.map(|(s, _)| s) != Some(200) {
-        assert!(Instant::now() < deadline, "the API never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (mut api, port, base, client) = ready_serve(&app, "serve").await;
 
     // A request in flight: its headers sent, its body not yet.
     let tenant = ds.tenants[0];
@@ -133,9 +138,7 @@ async fn leaders(app: &TestApp, partitions: u32) -> Vec<Option<u32>> {
 async fn sigterm_to_a_leader_hands_its_partitions_over_at_once() {
     let app = spawn_app().await;
     let ds = generate(11, 40);
-    app.insert(CALL_STATUS, &ds.statuses).await;
-    app.insert(USERS, &ds.users).await;
-    app.insert(CALLS, &ds.calls).await;
+    app.insert_dataset(&ds).await;
     let partitions = callboard_tests::test_partitions();
     // A lease far longer than the test waits: a partition taken over only
     // once its lease expired would fail it.
@@ -203,24 +206,8 @@ async fn sigterm_ends_board_streams_at_once_so_their_clients_reconnect_elsewhere
     use callboard_tests::sse::{EventStream, Next};
     let app = spawn_app().await;
     let ds = generate(8, 40);
-    app.insert(CALL_STATUS, &ds.statuses).await;
-    app.insert(USERS, &ds.users).await;
-    app.insert(CALLS, &ds.calls).await;
-    let port = free_port().unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut api = start(
-        &app,
-        "serve",
-        "[http]\nshutdown_delay_ms = 120000\nshutdown_timeout_s = 60\n",
-        &[("CALLBOARD_HTTP_ADDR", format!("127.0.0.1:{port}"))],
-        "serve-stream",
-    );
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get(&client, &format!("{base}/readyz")).await.map(|(s, _)| s) != Some(200) {
-        assert!(Instant::now() < deadline, "the API never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.insert_dataset(&ds).await;
+    let (mut api, _, base, client) = ready_serve(&app, "serve-stream").await;
     let token = app.token(ds.tenants[0]);
     let streaming = reqwest::Client::new();
     let response = streaming
