@@ -77,6 +77,9 @@ lint: deps ## cargo fmt --check and clippy -D warnings
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# The binary is always built alone (`-p callboard`): built together with
+# the bench, features unify differently and `make run` after `make bench`
+# (or the reverse) recompiled half the dependency graph.
 .PHONY: build
 build: ## Build the release binary
 	$(CARGO) build --release -p callboard
@@ -84,7 +87,7 @@ build: ## Build the release binary
 .PHONY: bench
 bench: deps ## criterion micro-benchmarks, then loads at 10K, 100K and 1M calls (long); writes BENCHMARKS.md
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
-	$(CARGO) build --release -p callboard -p callboard-bench
+	$(CARGO) build --release -p callboard && $(CARGO) build --release -p callboard-bench
 	$(CARGO) bench -p callboard-bench
 	target/release/callboard-bench --out BENCHMARKS.md
 	target/release/callboard-bench --scale --out BENCHMARKS.md
@@ -93,18 +96,18 @@ bench: deps ## criterion micro-benchmarks, then loads at 10K, 100K and 1M calls 
 .PHONY: bench-scale
 bench-scale: deps ## Scale-out figures: hits on a 3-master cluster, projection rate with 1/2/4 projectors, memory per master (long)
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
-	$(CARGO) build --release -p callboard -p callboard-bench
+	$(CARGO) build --release -p callboard && $(CARGO) build --release -p callboard-bench
 	target/release/callboard-bench --scale --out BENCHMARKS.md
 
 .PHONY: bench-stream
 bench-stream: deps ## The board stream's figures: write-to-event latency at 1 and 1,000 connections, idle memory and CPU (about 1 min)
-	$(CARGO) build --release -p callboard -p callboard-bench
+	$(CARGO) build --release -p callboard && $(CARGO) build --release -p callboard-bench
 	target/release/callboard-bench --stream --out BENCHMARKS.md
 
 .PHONY: bench-quick
 bench-quick: deps ## The 10K-call benchmarks only (under a minute once built)
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
-	$(CARGO) build --release -p callboard -p callboard-bench
+	$(CARGO) build --release -p callboard && $(CARGO) build --release -p callboard-bench
 	target/release/callboard-bench --quick --out BENCHMARKS.md
 
 .PHONY: run
