@@ -120,11 +120,6 @@ impl Boards {
         Self { inner }
     }
 
-    /// Connections open now.
-    pub fn connections(&self) -> usize {
-        self.inner.connections.load(Ordering::Relaxed)
-    }
-
     fn watch(&self, tenant: TenantId) -> (Arc<Watched>, watch::Receiver<Option<BoardVersion>>) {
         let mut tenants = self.inner.tenants.lock().unwrap_or_else(|e| e.into_inner());
         let watched = tenants
@@ -224,6 +219,11 @@ pub async fn token_from_query(
     mut req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    // Most requests (the endpoint's, with its parameters in the body)
+    // have no query string: nothing to parse.
+    if req.query_string().is_empty() {
+        return next.call(req).await;
+    }
     let pairs = match serde_urlencoded::from_str::<Vec<(String, String)>>(req.query_string()) {
         Ok(pairs) if pairs.iter().any(|(k, _)| k == TOKEN_PARAM) => pairs,
         // A malformed query string is the handler's to refuse.
@@ -461,9 +461,7 @@ impl Connection {
         match self.render(version).await {
             Ok(rendered) => {
                 if self.sent.map(|(_, digest)| digest) == Some(rendered.digest) {
-                    self.sent = Some((rendered.version, rendered.digest));
-                    // Not a hit: rendered again until one is.
-                    self.retry_at = (rendered.outcome != CacheOutcome::Hit).then(|| Instant::now() + LIVE_RETRY);
+                    self.note_rendered(&rendered);
                     return None;
                 }
                 self.note_sent(&rendered);
@@ -478,11 +476,18 @@ impl Connection {
         }
     }
 
-    fn note_sent(&mut self, rendered: &Rendered) {
+    /// The client has `rendered`'s data (sent now, or the same as sent
+    /// before). Not a hit: rendered again after [`LIVE_RETRY`].
+    fn note_rendered(&mut self, rendered: &Rendered) {
         self.sent = Some((rendered.version, rendered.digest));
+        self.retry_at = (rendered.outcome != CacheOutcome::Hit).then(|| Instant::now() + LIVE_RETRY);
+    }
+
+    /// `rendered` was sent: the rate gap and the heartbeat start again.
+    fn note_sent(&mut self, rendered: &Rendered) {
+        self.note_rendered(rendered);
         self.next_event_at = Instant::now() + Duration::from_secs(1) / self.max_events_per_s;
         self.heartbeat_at = Instant::now() + HEARTBEAT;
-        self.retry_at = (rendered.outcome != CacheOutcome::Hit).then(|| Instant::now() + LIVE_RETRY);
     }
 
     /// The board at `version` (read before it), shared by every

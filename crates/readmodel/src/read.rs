@@ -180,29 +180,37 @@ impl ReadModel {
     pub async fn answer_versions(&self, tenant: TenantId) -> Result<Vec<Option<String>>, ReadModelError> {
         let mut c = self.conn().await?;
         let mut versions = Vec::with_capacity(4);
-        for key in [
-            self.keys.version(tenant),
-            self.keys.status_stamp(tenant),
-            self.keys.global_status_stamp(),
-            self.keys.users_stamp(),
-        ] {
+        for key in self.tenant_version_keys(tenant).into_iter().chain(self.shared_version_keys()) {
             versions.push(c.get(key).await?);
         }
         Ok(versions)
+    }
+
+    /// The keys that version a tenant's own part of its answer: its write
+    /// version and its statuses' stamp.
+    fn tenant_version_keys(&self, tenant: TenantId) -> [String; 2] {
+        [self.keys.version(tenant), self.keys.status_stamp(tenant)]
+    }
+
+    /// ...and the shared part: the global statuses' and the users' stamps.
+    fn shared_version_keys(&self) -> [String; 2] {
+        [self.keys.global_status_stamp(), self.keys.users_stamp()]
     }
 
     /// Each tenant's [`BoardVersion`], in order: one pipeline on a single
     /// node (one per tenant's slot on a cluster), however many tenants.
     pub async fn board_versions(&self, tenants: &[TenantId]) -> Result<Vec<BoardVersion>, ReadModelError> {
         let get = |key: String| (key.clone(), redis::cmd("GET").arg(key).clone());
-        let mut cmds = vec![get(self.keys.global_status_stamp()), get(self.keys.users_stamp())];
+        let shared = self.shared_version_keys();
+        let mut cmds: Vec<_> = shared.iter().cloned().map(get).collect();
         for t in tenants {
-            cmds.extend([get(self.keys.state(*t)), get(self.keys.version(*t)), get(self.keys.status_stamp(*t))]);
+            cmds.push(get(self.keys.state(*t)));
+            cmds.extend(self.tenant_version_keys(*t).map(get));
         }
         let replies = self.redis.query_by_tag(cmds).await?;
         let values =
             replies.into_iter().map(redis::from_redis_value::<Option<Vec<u8>>>).collect::<Result<Vec<_>, _>>()?;
-        let (global, per_tenant) = values.split_at(2);
+        let (global, per_tenant) = values.split_at(shared.len());
         Ok(per_tenant.chunks(3).map(|own| BoardVersion::of(global.iter().chain(own))).collect())
     }
 
