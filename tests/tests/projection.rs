@@ -600,20 +600,34 @@ async fn a_redis_restart_degrades_to_live_answers_then_recovers() {
     app.stop().await;
 }
 
-/// A cached read takes two round trips (members, then documents); writes
-/// racing it must never show a call under a status it is not in at that
-/// moment. Calls move between two statuses while reads run; every hit must
-/// list each call under its own status, once, with totals that add up.
+/// A cached read takes two round trips (members, then documents), and a
+/// kept answer is reused while its label holds; writes racing either must
+/// never show a call under a status it is not in at that moment. Calls
+/// move between two statuses while reads run; every hit must list each
+/// call under its own status, once, with totals that add up; the hits must
+/// follow the writes, and the last equal the final data. Run without the
+/// response cache (every hit is a racing read: the version check) and with
+/// it (most hits are reuses: the label check).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_racing_writes_see_one_moment() {
-    let mut app = spawn_app().await;
+    for response_cache_mb in [0, 64] {
+        let services = callboard_testkit::Services::start().expect("start Redis and MongoDB");
+        let mut app =
+            callboard_tests::spawn_app_configured(services, |s| s.query.response_cache_mb = response_cache_mb).await;
+        race_reads_against_writes(&mut app, response_cache_mb).await;
+        app.stop().await;
+    }
+}
+
+async fn race_reads_against_writes(app: &mut TestApp, response_cache_mb: u64) {
     app.insert(CALL_STATUS, &[doc! {"id": 1, "name": "Open"}, doc! {"id": 2, "name": "Done"}]).await;
     let calls: Vec<Document> = (1..=30_i64)
         .map(|i| doc! {"id": i, "tenant_id": 1, "status_id": 1, "start_time": DateTime::from_millis(1_700_000_000_000 + i)})
         .collect();
     app.insert(CALLS, &calls).await;
     app.start_projector();
-    warm_up(&app, 1, &[("limit", "100")]).await;
+    let fields = [("limit", "100")];
+    warm_up(app, 1, &fields).await;
 
     let coll = app.db.collection::<Document>(CALLS);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -632,9 +646,10 @@ async fn reads_racing_writes_see_one_moment() {
     };
     let token = app.token(1);
     let (mut hits, started) = (0, std::time::Instant::now());
+    let mut answers = std::collections::HashSet::new();
     // 3 s, or until enough hits raced the writes on a loaded machine.
     while started.elapsed() < Duration::from_secs(3) || (hits <= 100 && started.elapsed() < Duration::from_secs(30)) {
-        let (cache, body) = app.grouped_as(&token, &[("limit", "100")], false).await;
+        let (cache, body) = app.grouped_as(&token, &fields, false).await;
         if cache != "hit" {
             continue;
         }
@@ -650,11 +665,134 @@ async fn reads_racing_writes_see_one_moment() {
             }
         }
         assert_eq!((total, seen.len()), (30, 30), "{body}");
+        answers.insert(body.to_string());
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = writer.await.unwrap();
-    eprintln!("{hits} cached reads checked against {writes} concurrent moves");
+    eprintln!(
+        "response cache {response_cache_mb} MiB: {hits} cached reads ({} different answers) checked against \
+         {writes} concurrent moves",
+        answers.len()
+    );
     assert!(hits > 100 && writes > 20, "too little overlap to mean anything: {hits} reads, {writes} writes");
+    assert!(answers.len() > 1, "every hit was the same answer: the reads did not follow the writes");
+    let (hit, cached, live) = app.wait_for_projection(1, &fields, WAIT).await;
+    assert!(hit, "the last answer never became a hit");
+    callboard_tests::reference::assert_same(&cached, &live, "after the writes");
+}
+
+/// Each API process keeps rendered answers and reuses one while the keys it
+/// was read from are unchanged: repeated requests are reuses, a write to
+/// another tenant leaves the answer reusable, and each kind of change to
+/// what it shows (a call, a user, a global status, the tenant's own status)
+/// is in the next answer once projected. Fails if the label misses any of
+/// the keys those changes write.
+#[tokio::test]
+async fn kept_answers_are_reused_until_what_they_show_changes() {
+    let mut app = spawn_app().await;
+    app.insert(
+        CALL_STATUS,
+        &[
+            doc! {"id": 1, "name": "Open"},
+            doc! {"id": 2, "name": "Done"},
+            doc! {"id": 7, "name": "Mine", "tenant_id": 1},
+        ],
+    )
+    .await;
+    app.insert(USERS, &(1..=3).map(|u| doc! {"id": u, "name": format!("User {u}")}).collect::<Vec<_>>()).await;
+    let calls: Vec<Document> = (1..=12_i64)
+        .map(|i| {
+            let (tenant, status) = (if i <= 9 { 1 } else { 2 }, [1, 2, 7][i as usize % 3]);
+            doc! {"id": i, "tenant_id": tenant, "status_id": status,
+            "owner_id": 1 + i % 3, "start_time": DateTime::from_millis(1_700_000_000_000 + i)}
+        })
+        .collect();
+    app.insert(CALLS, &calls).await;
+    app.start_projector();
+    let fields = [("limit", "20")];
+    warm_up(&app, 1, &fields).await;
+    warm_up(&app, 2, &fields).await;
+    let hits = "callboard_response_cache_lookups_total{result=\"hit\"}";
+    let stale = "callboard_response_cache_lookups_total{result=\"stale\"}";
+
+    let token = app.token(1);
+    let (_, first) = app.grouped_as(&token, &fields, false).await;
+    let before = app.counter(hits).await;
+    for _ in 0..5 {
+        let (cache, body) = app.grouped_as(&token, &fields, false).await;
+        assert_eq!((cache.as_str(), &body), ("hit", &first), "a repeated request");
+    }
+    assert_eq!(app.counter(hits).await, before + 5, "five repeated requests, each a reuse");
+
+    // Another tenant's write leaves tenant 1's answer as it was.
+    app.insert(CALLS, &[doc! {"id": 50, "tenant_id": 2, "status_id": 1, "owner_id": 1}]).await;
+    let (hit, cached, live) = app.wait_for_projection(2, &fields, WAIT).await;
+    assert!(hit, "tenant 2 never showed its new call");
+    callboard_tests::reference::assert_same(&cached, &live, "tenant 2");
+    let before = app.counter(hits).await;
+    let (_, body) = app.grouped_as(&token, &fields, false).await;
+    assert_eq!((&body, app.counter(hits).await), (&first, before + 1), "tenant 1 after tenant 2's write");
+
+    let calls = app.db.collection::<Document>(CALLS);
+    let users = app.db.collection::<Document>(USERS);
+    let statuses = app.db.collection::<Document>(CALL_STATUS);
+    let changes: [(&str, &str); 4] = [
+        ("a call moved", "\"subject\":\"Moved\""),
+        ("a user renamed", "Renamed"),
+        ("a global status renamed", "Closed"),
+        ("the tenant's status renamed", "Mine!"),
+    ];
+    for (change, shows) in changes {
+        let stale_before = app.counter(stale).await;
+        match change {
+            "a call moved" => {
+                calls.update_one(doc! {"id": 3}, doc! {"$set": {"status_id": 2, "subject": "Moved"}}).await.unwrap()
+            }
+            "a user renamed" => users.update_one(doc! {"id": 1}, doc! {"$set": {"name": "Renamed"}}).await.unwrap(),
+            "a global status renamed" => {
+                statuses.update_one(doc! {"id": 2}, doc! {"$set": {"name": "Closed"}}).await.unwrap()
+            }
+            _ => statuses.update_one(doc! {"id": 7}, doc! {"$set": {"name": "Mine!"}}).await.unwrap(),
+        };
+        let (hit, cached, live) = app.wait_for_projection(1, &fields, WAIT).await;
+        assert!(hit && cached.to_string().contains(shows), "{change}: never shown: {cached}");
+        callboard_tests::reference::assert_same(&cached, &live, change);
+        assert!(app.counter(stale).await > stale_before, "{change}: the kept answer was not found stale");
+    }
+    app.stop().await;
+}
+
+/// Concurrent requests for one tenant share the reads of its label: every
+/// answer is the reused one, and Redis saw fewer label reads (`MGET`s)
+/// than there were requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_label_reads() {
+    let mut app = spawn_app().await;
+    app.insert(CALL_STATUS, &[doc! {"id": 1, "name": "Open"}]).await;
+    let calls: Vec<Document> =
+        (1..=5_i64).map(|i| doc! {"id": i, "tenant_id": 1, "status_id": 1, "owner_id": 1}).collect();
+    app.insert(CALLS, &calls).await;
+    app.start_projector();
+    let fields = [("limit", "20")];
+    warm_up(&app, 1, &fields).await;
+    let token = app.token(1);
+    let (_, expected) = app.grouped_as(&token, &fields, false).await;
+    let mgets = || async {
+        let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut redis(&app).await).await.unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_mget:calls="))
+            .and_then(|l| l.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = mgets().await;
+    let requests = 400;
+    let answers = futures::future::join_all((0..requests).map(|_| app.grouped_as(&token, &fields, false))).await;
+    let reads = mgets().await - before;
+    for (cache, body) in &answers {
+        assert_eq!((cache.as_str(), body), ("hit", &expected), "a concurrent request");
+    }
+    eprintln!("{requests} concurrent requests, {reads} label reads");
+    assert!(reads < requests, "{reads} label reads for {requests} concurrent requests: none was shared");
     app.stop().await;
 }
 

@@ -71,12 +71,13 @@ impl AppParts {
         // A policy that may evict: the process must not start.
         callboard_readmodel::refuse_eviction(&redis).await.map_err(ApplicationError::Redis)?;
         let noeviction = Arc::new(AtomicBool::new(true));
+        let metrics = Metrics::new();
         let mut cache = ReadModel::new(redis.clone(), Keys::new(&settings.redis.key_prefix))
-            .with_user_fields(settings.query.user_fields()?);
+            .with_user_fields(settings.query.user_fields()?)
+            .with_answer_cache(settings.query.response_cache_mb << 20, Some(metrics.answer_lookup_observer()));
         if !settings.redis.is_cluster() {
             cache = cache.with_hot_client(settings.redis.client()?);
         }
-        let metrics = Metrics::new();
         let limits = LiveLimits {
             max_concurrency: settings.query.max_live_concurrency,
             queue_wait: Duration::from_millis(settings.query.live_queue_wait_ms),

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use callboard_readmodel::ReadModel;
+use callboard_readmodel::{Lookup, ReadModel};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -35,6 +35,9 @@ pub mod names {
     pub const RECONCILE_CHECKS: &str = "callboard_reconcile_checks_total";
     pub const STREAM_CONNECTIONS: &str = "callboard_stream_connections";
     pub const STREAM_EVENTS: &str = "callboard_stream_events_total";
+    pub const RESPONSE_CACHE_LOOKUPS: &str = "callboard_response_cache_lookups_total";
+    pub const RESPONSE_CACHE_BYTES: &str = "callboard_response_cache_bytes";
+    pub const RESPONSE_CACHE_ENTRIES: &str = "callboard_response_cache_entries";
 }
 
 /// How often an API process recounts its tenants by state.
@@ -65,6 +68,9 @@ pub struct Metrics {
     checks: IntCounter,
     stream_connections: IntGauge,
     stream_events: IntCounter,
+    answer_lookups: IntCounterVec,
+    answer_bytes: IntGauge,
+    answer_entries: IntGauge,
 }
 
 impl Metrics {
@@ -182,6 +188,22 @@ impl Metrics {
         let stream_events = counter(names::STREAM_EVENTS, "board events this process sent to stream connections");
         registry.register(Box::new(stream_connections.clone())).expect("unique metric");
         registry.register(Box::new(stream_events.clone())).expect("unique metric");
+        let answer_lookups = IntCounterVec::new(
+            Opts::new(
+                names::RESPONSE_CACHE_LOOKUPS,
+                "warm reads by what this process's response cache held: hit (reused), stale (read again), absent",
+            ),
+            &["result"],
+        )
+        .expect("valid counter");
+        let answer_bytes = gauge(
+            names::RESPONSE_CACHE_BYTES,
+            "bytes of rendered answers this process keeps (query.response_cache_mb)",
+        );
+        let answer_entries = gauge(names::RESPONSE_CACHE_ENTRIES, "rendered answers this process keeps");
+        registry.register(Box::new(answer_lookups.clone())).expect("unique metric");
+        registry.register(Box::new(answer_bytes.clone())).expect("unique metric");
+        registry.register(Box::new(answer_entries.clone())).expect("unique metric");
         Self {
             registry,
             grouped,
@@ -206,7 +228,24 @@ impl Metrics {
             checks,
             stream_connections,
             stream_events,
+            answer_lookups,
+            answer_bytes,
+            answer_entries,
         }
+    }
+
+    /// Counts one lookup of the response cache (its observer).
+    pub fn answer_lookup_observer(&self) -> callboard_readmodel::LookupObserver {
+        let lookups = self.answer_lookups.clone();
+        let by_result: Vec<(Lookup, IntCounter)> = [Lookup::Hit, Lookup::Stale, Lookup::Absent]
+            .into_iter()
+            .map(|l| (l, lookups.with_label_values(&[l.as_str()])))
+            .collect();
+        std::sync::Arc::new(move |lookup| {
+            if let Some((_, c)) = by_result.iter().find(|(l, _)| *l == lookup) {
+                c.inc();
+            }
+        })
     }
 
     pub fn stream_opened(&self) {
@@ -262,6 +301,10 @@ impl Metrics {
     /// single-key reads; nothing per tenant).
     pub async fn render(&self, cache: &ReadModel, noeviction: bool, history: (u32, f64)) -> String {
         self.noeviction.set(i64::from(noeviction));
+        if let Some((bytes, entries)) = cache.answer_cache_size() {
+            self.answer_bytes.set(bytes as i64);
+            self.answer_entries.set(entries as i64);
+        }
         if let Ok(h) = cache.history_window(history.0, history.1).await {
             self.checkpoint_age.set(h.checkpoint_age_ms.map_or(-1, |ms| ms / 1000));
             self.history_window.set(h.window_ms.map_or(-1, |ms| ms / 1000));

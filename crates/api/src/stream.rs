@@ -520,7 +520,7 @@ impl Connection {
                 return Err(e);
             }
         };
-        let json = answer.body.into_string();
+        let json = answer.body.as_str();
         let mut hasher = DefaultHasher::new();
         json.hash(&mut hasher);
         let version = match (version, answer.outcome) {

@@ -48,7 +48,7 @@ fn render_cached(stored: &[Vec<String>], users: &std::collections::HashMap<i64, 
         include_enrichment: true,
         include_calls: true,
     };
-    render::assemble(&statuses, groups, &request).into_string()
+    render::assemble(&statuses, groups, &request).as_str().to_owned()
 }
 
 fn benches(c: &mut Criterion) {

@@ -184,11 +184,13 @@ async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Resu
     for conns in [64, 1] {
         loads.push(wrk::floor(&dir, &d.base, conns, secs).await?);
     }
+    let lookups_before = answer_lookups(&client, &d.base).await?;
     for (kind, body) in KINDS {
         for conns in [64, 1] {
             loads.push(wrk::run(&dir, &d.base, &d.token, body, false, conns, secs, kind).await?);
         }
     }
+    let answer_reuse = answer_lookups(&client, &d.base).await?.reuse_since(&lookups_before);
     // The floor again after the hits: two readings bound its drift.
     for conns in [64, 1] {
         loads.push(wrk::floor(&dir, &d.base, conns, secs).await?);
@@ -231,10 +233,40 @@ async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Resu
             redis_bytes_per_call: (used_after.saturating_sub(used_before)) / tenant_calls.max(1),
             rss_serve_kb,
             rss_project_kb,
+            answer_reuse,
             loads,
         },
         lag,
     ))
+}
+
+/// The serve process's response-cache lookups so far, by result.
+#[derive(Debug, Default)]
+struct Lookups {
+    hit: f64,
+    other: f64,
+}
+
+impl Lookups {
+    /// The share of lookups since `before` that reused a kept answer.
+    fn reuse_since(&self, before: &Lookups) -> Option<f64> {
+        let (hit, other) = (self.hit - before.hit, self.other - before.other);
+        (hit + other > 0.0).then(|| hit / (hit + other))
+    }
+}
+
+async fn answer_lookups(client: &reqwest::Client, base: &str) -> anyhow::Result<Lookups> {
+    let text = client.get(format!("{base}/metrics")).send().await?.text().await?;
+    let mut lookups = Lookups::default();
+    for line in text.lines().filter(|l| l.starts_with("callboard_response_cache_lookups_total{")) {
+        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        if line.contains("result=\"hit\"") {
+            lookups.hit += value;
+        } else {
+            lookups.other += value;
+        }
+    }
+    Ok(lookups)
 }
 
 /// Queues a warm (`{"tenant_id": 1}` or `{"all": true}`) with an admin

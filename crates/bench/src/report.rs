@@ -35,6 +35,9 @@ pub struct ScenarioResult {
     pub redis_bytes_per_call: u64,
     pub rss_serve_kb: u64,
     pub rss_project_kb: u64,
+    /// The share of warm reads during the hit loads that reused a kept
+    /// answer (`None`: no response cache, or no lookups).
+    pub answer_reuse: Option<f64>,
     pub loads: Vec<Load>,
 }
 
@@ -145,6 +148,18 @@ impl Report {
                         h1.p99_us / f1.p99_us.max(1.0)
                     )?;
                 }
+            }
+        }
+        writeln!(md)?;
+        for s in &self.scenarios {
+            match s.answer_reuse {
+                Some(share) => writeln!(
+                    md,
+                    "- {}: {:.2}% of the hits above reused an answer kept by the process (`callboard_response_cache_lookups_total`; `query.response_cache_mb`).",
+                    s.name,
+                    share * 100.0
+                )?,
+                None => writeln!(md, "- {}: no answer was reused (the response cache is off).", s.name)?,
             }
         }
         writeln!(md)?;

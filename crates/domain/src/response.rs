@@ -18,7 +18,9 @@ pub const GROUPED_MESSAGE: &str = "Calls grouped by status retrieved successfull
 /// in avoids re-parsing every call on the hot path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupedBody {
-    json: String,
+    /// Shared, so that an answer kept for reuse is handed out without a
+    /// copy.
+    json: std::sync::Arc<str>,
     calls: usize,
 }
 
@@ -27,8 +29,18 @@ impl GroupedBody {
         &self.json
     }
 
-    pub fn into_string(self) -> String {
-        self.json
+    /// The text, shared with every other clone of this body.
+    pub fn shared(&self) -> std::sync::Arc<str> {
+        self.json.clone()
+    }
+
+    /// How many bytes the text takes.
+    pub fn len(&self) -> usize {
+        self.json.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.json.is_empty()
     }
 
     /// How many calls the body shows, over every group.
@@ -89,7 +101,7 @@ pub fn assemble(
         "],\"summary\":{{\"total_calls\":{total},\"total_status_groups\":{count},\"limit_per_status\":{}}}}}",
         request.limit.get()
     );
-    GroupedBody { json: out, calls: shown }
+    GroupedBody { json: out.into(), calls: shown }
 }
 
 #[cfg(test)]

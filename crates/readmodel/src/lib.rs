@@ -9,6 +9,7 @@
 //! idempotent) are spread over shards. [`Redis`] hides whether this is one
 //! node or a Redis Cluster. docs/ARCHITECTURE.md explains the consistency argument.
 
+mod answers;
 pub mod codec;
 pub mod conn;
 pub mod keys;
@@ -17,6 +18,7 @@ mod read;
 pub mod state;
 pub mod write;
 
+pub use answers::{Lookup, LookupObserver};
 pub use conn::{Conn, Redis};
 pub use keys::Keys;
 pub use read::{BoardVersion, Counters, HistoryWindow, JobStatus, Miss, Progress, Read, ReadModel};
@@ -39,6 +41,9 @@ pub enum ReadModelError {
     Rejected { tenant: callboard_domain::TenantId, source: redis::RedisError },
     #[error("Redis configuration: {0}")]
     Config(String),
+    /// A read shared by several callers failed (its error, as text).
+    #[error("{0}")]
+    Shared(std::sync::Arc<str>),
     #[error("corrupt read model value at {key}: {detail}")]
     Corrupt { key: String, detail: String },
     #[error(

@@ -5,6 +5,7 @@ use callboard_domain::render::{self, GroupCalls, UserFields};
 use callboard_domain::{ClusterTime, GroupedBody, GroupedRequest, Status, StatusRecord, TenantId, UserId, Watermark};
 use redis::AsyncCommands;
 
+use crate::answers::{AnswerKey, Answers, Kept, Label, Lookup, LookupObserver, Mode, SharedLabel, TenantLabel};
 use crate::codec::{member_call_id, split_stored, user_json_for};
 use crate::conn::{transaction, Conn, Redis};
 use crate::local::{LocalCopies, Stamps, TenantStatuses};
@@ -81,6 +82,8 @@ pub struct ReadModel {
     local: LocalCopies,
     hot: Option<HotConnections>,
     user_fields: UserFields,
+    /// Rendered answers kept for reuse (`query.response_cache_mb`).
+    answers: Option<Answers>,
 }
 
 /// The grouped read's connections: one multiplexed, self-reconnecting
@@ -117,7 +120,28 @@ impl HotConnections {
 
 impl ReadModel {
     pub fn new(redis: Redis, keys: Keys) -> Self {
-        Self { redis, keys, local: LocalCopies::default(), hot: None, user_fields: UserFields::default() }
+        Self {
+            redis,
+            keys,
+            local: LocalCopies::default(),
+            hot: None,
+            user_fields: UserFields::default(),
+            answers: None,
+        }
+    }
+
+    /// Keeps up to `max_bytes` of rendered answers in this process, each
+    /// reused while the keys it was read from are unchanged (see
+    /// [`crate::answers`]); `observe` counts every lookup.
+    pub fn with_answer_cache(mut self, max_bytes: u64, observe: Option<LookupObserver>) -> Self {
+        self.answers = (max_bytes > 0).then(|| Answers::new(max_bytes, observe));
+        self
+    }
+
+    /// (bytes, entries) of rendered answers kept now; `None` without a
+    /// cache.
+    pub fn answer_cache_size(&self) -> Option<(u64, usize)> {
+        self.answers.as_ref().map(Answers::size)
     }
 
     /// The user fields this process may show: a user read from Redis is
@@ -145,7 +169,7 @@ impl ReadModel {
     /// must see what Redis holds (a copy would hide a hash lost under an
     /// unchanged stamp).
     pub fn without_local_copies(&self) -> Self {
-        Self { local: LocalCopies::default(), ..self.clone() }
+        Self { local: LocalCopies::default(), answers: None, ..self.clone() }
     }
 
     pub async fn ping(&self) -> Result<(), ReadModelError> {
@@ -288,7 +312,39 @@ impl ReadModel {
     /// stamps still match the copy and the version did not move; otherwise
     /// the read is repeated. Users come from this process's copy when its
     /// stamp matches, else from one `HMGET`.
+    ///
+    /// With an answer cache ([`Self::with_answer_cache`]), an answer kept
+    /// for the same tenant and parameters is reused if its [`Label`] is
+    /// current: one `MGET` (one per slot, at once, on a cluster) instead,
+    /// shared by the requests for the tenant that arrived before it
+    /// started ([`Self::current_label`]).
     pub async fn grouped(&self, tenant: TenantId, request: &GroupedRequest) -> Result<Read, ReadModelError> {
+        let Some(answers) = &self.answers else {
+            return Ok(self.read_grouped(tenant, request).await?.0);
+        };
+        let key = AnswerKey::of(tenant, request);
+        let kept = answers.get(&key);
+        if let Some(kept) = &kept {
+            if self.current_label(answers, tenant).await? == kept.label {
+                answers.observe(Lookup::Hit);
+                return Ok(Read::Hit(kept.body.clone()));
+            }
+        }
+        answers.observe(if kept.is_some() { Lookup::Stale } else { Lookup::Absent });
+        let (read, label) = self.read_grouped(tenant, request).await?;
+        if let (Read::Hit(body), Some(label)) = (&read, label) {
+            answers.keep(key, Kept { label, body: body.clone() });
+        }
+        Ok(read)
+    }
+
+    /// Reads and renders the answer (see [`Self::grouped`]), with the label
+    /// it was read at when it is a hit.
+    async fn read_grouped(
+        &self,
+        tenant: TenantId,
+        request: &GroupedRequest,
+    ) -> Result<(Read, Option<Label>), ReadModelError> {
         match &self.hot {
             Some(hot) if !self.redis.is_cluster() => {
                 self.grouped_on(&mut hot.get().await?, None, tenant, request).await
@@ -300,26 +356,84 @@ impl ReadModel {
         }
     }
 
+    /// The tenant's current [`Label`], from a read that started after this
+    /// call began. Concurrent calls for one tenant share reads: while one
+    /// is under way, later callers wait for the next, which starts when it
+    /// ends and serves all of them (a group commit; see
+    /// [`crate::answers::LabelReads`]).
+    async fn current_label(&self, answers: &Answers, tenant: TenantId) -> Result<Label, ReadModelError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if answers.reads.join(tenant, tx) {
+            // Its own task, so that a client going away does not strand the
+            // requests waiting on this read.
+            let model = self.clone();
+            tokio::spawn(async move { model.label_rounds(tenant).await });
+        }
+        match rx.await {
+            Ok(Ok(label)) => Ok(label),
+            Ok(Err(e)) => Err(ReadModelError::Shared(e)),
+            Err(_) => Err(ReadModelError::Shared("the label read ended without an answer".into())),
+        }
+    }
+
+    /// Reads the label for each batch of waiting callers until none waits.
+    async fn label_rounds(self, tenant: TenantId) {
+        let Some(answers) = self.answers.clone() else { return };
+        let _unwind = answers.reads.rounds(tenant);
+        while let Some(batch) = answers.reads.next_batch(tenant) {
+            let label = self.read_label(tenant).await.map_err(|e| Arc::<str>::from(e.to_string()));
+            for waiter in batch {
+                let _ = waiter.send(label.clone());
+            }
+        }
+    }
+
+    /// One read of a tenant's [`Label`]: one `MGET` on a single node
+    /// (atomic), one per slot at once on a cluster, as the read itself
+    /// reads them.
+    async fn read_label(&self, tenant: TenantId) -> Result<Label, ReadModelError> {
+        let shared = SharedLabel::keys(&self.keys);
+        let own = TenantLabel::keys(&self.keys, tenant);
+        let values: Vec<Option<String>> = match &self.hot {
+            Some(hot) if !self.redis.is_cluster() => {
+                redis::cmd("MGET").arg(&shared).arg(&own).query_async(&mut hot.get().await?).await?
+            }
+            _ if !self.redis.is_cluster() => {
+                redis::cmd("MGET").arg(&shared).arg(&own).query_async(&mut self.conn().await?).await?
+            }
+            _ => {
+                let (global, tenant) = (redis::cmd("MGET").arg(&shared).clone(), redis::cmd("MGET").arg(&own).clone());
+                let (mut g, mut c) = futures::try_join!(self.conn(), self.conn())?;
+                let (mut g_values, t): (Vec<Option<String>>, Vec<Option<String>>) =
+                    futures::try_join!(global.query_async(&mut g), tenant.query_async(&mut c))?;
+                g_values.extend(t);
+                g_values
+            }
+        };
+        let mut values = values.into_iter();
+        let mut next = || values.next().flatten();
+        Ok(Label {
+            shared: SharedLabel::from_values([next(), next(), next()]),
+            tenant: TenantLabel::from_values([next(), next(), next()]),
+        })
+    }
+
     async fn grouped_on<C: redis::aio::ConnectionLike + Send>(
         &self,
         c: &mut C,
         mut side: Option<Conn>,
         tenant: TenantId,
         request: &GroupedRequest,
-    ) -> Result<Read, ReadModelError> {
-        let mode = match (request.include_calls, request.include_enrichment) {
-            (false, _) => Mode::Counts,
-            (true, false) => Mode::Ids,
-            (true, true) => Mode::Enriched,
-        };
+    ) -> Result<(Read, Option<Label>), ReadModelError> {
+        let mode = Mode::of(request);
         let mut statuses = self.local.statuses(tenant);
         let mut attempts = 0;
-        let (stamps, groups, statuses) = loop {
+        let (stamps, label, groups, statuses) = loop {
             attempts += 1;
             if attempts > MAX_ATTEMPTS {
                 // Writes or status changes kept racing the read: let the
                 // live path answer this one.
-                return Ok(Read::Miss(Miss::Raced));
+                return Ok((Read::Miss(Miss::Raced), None));
             }
             let Some(copy) = statuses.take() else {
                 statuses = Some(self.load_statuses(c, tenant).await?);
@@ -340,10 +454,9 @@ impl ReadModel {
             if side.is_none() {
                 pipe.get(self.keys.global_status_stamp()).get(self.keys.users_stamp()).get(&shared);
             }
-            pipe.get(self.keys.state(tenant)).get(self.keys.status_stamp(tenant));
+            pipe.get(self.keys.state(tenant)).get(self.keys.status_stamp(tenant)).get(self.keys.version(tenant));
             let with_windows = mode == Mode::Enriched && !copy.visible.is_empty();
             if with_windows {
-                pipe.get(self.keys.version(tenant));
                 let keys: Vec<i64> = copy.visible.iter().map(|s| s.key.get()).collect();
                 pipe.cmd("HMGET").arg(self.keys.windows(tenant)).arg(keys);
             }
@@ -369,27 +482,28 @@ impl ReadModel {
             let mut replies = replies.into_iter();
             let mut next = || replies.next().unwrap_or(redis::Value::Nil);
             let (global_statuses, users): (Option<String>, Option<String>) = (parse(next())?, parse(next())?);
-            let shared_loaded = parse::<Option<String>>(next())?.is_some();
+            let format: Option<String> = parse(next())?;
+            let shared_loaded = format.is_some();
             let state: Option<String> = parse(next())?;
             // Data in another format (before the projector's upgrade
             // rebuild) is never served: its state does not parse.
             match (state.as_deref(), TenantState::parse(state.as_deref())) {
                 (_, TenantState::Warm(_)) => {}
-                (None, _) | (Some(_), TenantState::Warming(_)) => return Ok(Read::Miss(Miss::Cold)),
-                (Some(_), TenantState::Cold) => return Ok(Read::Miss(Miss::Format)),
-                (_, TenantState::Quarantined) => return Ok(Read::Miss(Miss::Quarantined)),
+                (None, _) | (Some(_), TenantState::Warming(_)) => return Ok((Read::Miss(Miss::Cold), None)),
+                (Some(_), TenantState::Cold) => return Ok((Read::Miss(Miss::Format), None)),
+                (_, TenantState::Quarantined) => return Ok((Read::Miss(Miss::Quarantined), None)),
             }
             // After the state: a cold tenant is still reported cold (its
             // request queues the warm) before any projector has led.
             if !shared_loaded {
-                return Ok(Read::Miss(Miss::Rebuilding));
+                return Ok((Read::Miss(Miss::Rebuilding), None));
             }
             let stamps = Stamps { global_statuses, tenant_statuses: parse(next())?, users };
             if !copy.is_current(&stamps) {
                 continue;
             }
-            let (version, windows): (Option<String>, Vec<Option<u64>>) =
-                if with_windows { (parse(next())?, parse(next())?) } else { (None, Vec::new()) };
+            let version: Option<String> = parse(next())?;
+            let windows: Vec<Option<u64>> = if with_windows { parse(next())? } else { Vec::new() };
             let mut groups: Vec<Group> = Vec::with_capacity(copy.visible.len());
             for i in 0..copy.visible.len() {
                 let count: u64 = parse(next())?;
@@ -397,7 +511,7 @@ impl ReadModel {
                 // A document window shorter than asked for: a refill is
                 // under way; the live path answers meanwhile.
                 if mode == Mode::Enriched && windows.get(i).copied().flatten().unwrap_or(0) < members.len() as u64 {
-                    return Ok(Read::Miss(Miss::ShortWindow));
+                    return Ok((Read::Miss(Miss::ShortWindow), None));
                 }
                 groups.push((count, members, Vec::new()));
             }
@@ -428,7 +542,17 @@ impl ReadModel {
                     }
                 }
             }
-            break (stamps, groups, copy);
+            // What this answer is made of, as read with it: a kept copy is
+            // reused while these values hold (crate::answers).
+            let label = Label {
+                shared: SharedLabel {
+                    global_statuses: stamps.global_statuses.clone(),
+                    users: stamps.users.clone(),
+                    format,
+                },
+                tenant: TenantLabel { state, statuses: stamps.tenant_statuses.clone(), version },
+            };
+            break (stamps, label, groups, copy);
         };
 
         let mut users: HashMap<UserId, Option<Arc<str>>> = HashMap::new();
@@ -483,7 +607,7 @@ impl ReadModel {
             };
             by_status.insert(status.key, GroupCalls { total: count, calls });
         }
-        Ok(Read::Hit(render::assemble(&statuses.visible, by_status, request)))
+        Ok((Read::Hit(render::assemble(&statuses.visible, by_status, request)), Some(label)))
     }
 
     /// Reads the tenant's statuses and their stamps atomically, and keeps
@@ -857,14 +981,6 @@ impl Miss {
             Miss::Rebuilding => "rebuilding",
         }
     }
-}
-
-/// What a grouped read returns per status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Counts,
-    Ids,
-    Enriched,
 }
 
 /// Read attempts before a hit gives way to the live path.

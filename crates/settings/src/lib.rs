@@ -33,6 +33,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("CALLBOARD_PROJECTOR_PARTITIONS", "projector.partitions"),
     ("CALLBOARD_PROJECTOR_WATERMARK_COLLECTION", "projector.watermark_collection"),
     ("CALLBOARD_QUERY_MAX_STALENESS_MS", "query.max_staleness_ms"),
+    ("CALLBOARD_QUERY_RESPONSE_CACHE_MB", "query.response_cache_mb"),
     ("CALLBOARD_RECONCILE_INTERVAL_S", "reconcile.interval_s"),
     ("CALLBOARD_RECONCILE_MAX_QUERIES_PER_S", "reconcile.max_queries_per_s"),
     ("CALLBOARD_STREAM_MAX_EVENTS_PER_S", "stream.max_events_per_s"),
@@ -46,6 +47,7 @@ const INT_KEYS: &[&str] = &[
     "http.workers",
     "projector.partitions",
     "query.max_staleness_ms",
+    "query.response_cache_mb",
     "reconcile.interval_s",
     "reconcile.max_queries_per_s",
     "stream.max_events_per_s",
@@ -243,6 +245,8 @@ pub struct QuerySettings {
     /// `max_staleness_ms` for requests that give none; unset: unbounded.
     #[serde(default)]
     pub max_staleness_ms: Option<u64>,
+    /// MiB of rendered answers each API process keeps for reuse; 0: none.
+    pub response_cache_mb: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -394,6 +398,9 @@ impl Settings {
         }
         if self.query.max_wait_ms > 60_000 {
             return Err(invalid("query.max_wait_ms", "must be at most 60000"));
+        }
+        if self.query.response_cache_mb > 1 << 20 {
+            return Err(invalid("query.response_cache_mb", "must be at most 1048576 (1 TiB)"));
         }
         let coll = &self.projector.watermark_collection;
         if coll.starts_with("system.") || coll.contains(['$', '\0']) || coll.len() > 120 {

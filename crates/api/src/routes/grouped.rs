@@ -75,7 +75,19 @@ pub async fn get_grouped_by_status(
         .insert_header(("X-Cache", answer.outcome.as_str()))
         .insert_header((AS_OF_HEADER, rfc3339_ms(answer.as_of_ms)))
         .insert_header((LAG_HEADER, lag_ms.to_string()))
-        .body(answer.body.into_string()))
+        .body(shared_bytes(answer.body.shared())))
+}
+
+/// The body as actix's bytes without copying it: a reused answer is
+/// handed to every request that reuses it.
+fn shared_bytes(text: std::sync::Arc<str>) -> actix_web::web::Bytes {
+    struct Shared(std::sync::Arc<str>);
+    impl AsRef<[u8]> for Shared {
+        fn as_ref(&self) -> &[u8] {
+            self.0.as_bytes()
+        }
+    }
+    actix_web::web::Bytes::from_owner(Shared(text))
 }
 
 fn wants_no_cache(http: &HttpRequest) -> bool {
