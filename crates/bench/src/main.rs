@@ -4,6 +4,12 @@
 //! `callboard serve` and `callboard project` as separate processes, and
 //! measures with `wrk` over loopback. Writes BENCHMARKS.md and a chart.
 
+/// The allocator `callboard` runs with, so that the projector's own
+/// throughput (`pipeline`) is measured as it runs there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod pipeline;
 mod report;
 mod scale;
 mod stream;
@@ -49,6 +55,10 @@ pub(crate) struct Args {
     /// connections, memory and CPU of idle connections).
     #[arg(long)]
     stream: bool,
+    /// Only the projector's throughput without MongoDB, printed (not
+    /// written): `make bench` puts it in the report.
+    #[arg(long)]
+    pipeline: bool,
 }
 
 pub struct Scenario {
@@ -87,6 +97,19 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("wrote the stream section of {}", args.out.display());
         return Ok(());
     }
+    if args.pipeline {
+        for p in pipeline::run(100_000, 20_000).await? {
+            println!(
+                "{:<32} {:>8} events {:>7.2} s {:>9.0} events/s ({} windows left short)",
+                p.kind,
+                p.events,
+                p.secs,
+                p.rate(),
+                p.refills
+            );
+        }
+        return Ok(());
+    }
     if args.scale {
         scale::run(&args, args.scale_memory_calls, &args.scale_parts).await?;
         eprintln!("wrote the scale-out section of {}", args.out.display());
@@ -110,6 +133,11 @@ async fn main() -> anyhow::Result<()> {
         let (result, lag) = run_scenario(&args, scenario, scenario.calls == 10_000).await?;
         report.scenarios.push(result);
         report.lag.extend(lag);
+    }
+    if args.only.is_none() {
+        eprintln!("== projector throughput, no MongoDB");
+        let (calls, events) = if args.quick { (20_000, 5_000) } else { (100_000, 20_000) };
+        report.pipeline = pipeline::run(calls, events).await?;
     }
     report.write(&args.out)?;
     eprintln!("wrote {}", args.out.display());

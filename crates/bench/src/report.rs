@@ -66,6 +66,7 @@ pub struct Report {
     pub quick: bool,
     pub scenarios: Vec<ScenarioResult>,
     pub lag: Vec<LagResult>,
+    pub pipeline: Vec<crate::pipeline::PipelineResult>,
 }
 
 fn cmd(program: &str, args: &[&str]) -> String {
@@ -87,7 +88,7 @@ fn us(v: f64) -> String {
 
 impl Report {
     pub fn new(quick: bool) -> Self {
-        Self { quick, scenarios: Vec::new(), lag: Vec::new() }
+        Self { quick, scenarios: Vec::new(), lag: Vec::new(), pipeline: Vec::new() }
     }
 
     pub fn write(&self, out: &Path) -> anyhow::Result<()> {
@@ -163,6 +164,17 @@ impl Report {
             }
         }
         writeln!(md)?;
+
+        if !self.pipeline.is_empty() {
+            writeln!(md, "## Projector throughput, no MongoDB\n")?;
+            writeln!(md, "Synthetic change events (the seed's documents) through the projector's transform and Redis apply, {} events a batch (`projector.batch_max`), one process against one Redis; the warm row is a snapshot's chunks (1,000 calls) from documents in memory, so neither counts MongoDB's time. Left out: document-window refills, which read MongoDB (the last column counts the statuses an apply left short).\n", crate::pipeline::BATCH)?;
+            writeln!(md, "| what | events | s | events/s | windows left short |")?;
+            writeln!(md, "|---|---:|---:|---:|---:|")?;
+            for p in &self.pipeline {
+                writeln!(md, "| {} | {} | {:.2} | {:.0} | {} |", p.kind, p.events, p.secs, p.rate(), p.refills)?;
+            }
+            writeln!(md)?;
+        }
 
         writeln!(md, "## Read throughput and latency\n")?;
         writeln!(md, "`hit`: served from Redis. `live`: the live aggregation, forced with an admin token and `Cache-Control: no-cache`. Requests are POSTed as forms; tenant 1 is warm.\n")?;

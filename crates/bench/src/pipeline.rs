@@ -1,0 +1,204 @@
+//! The projector's own throughput, with no MongoDB in the way: synthetic
+//! change events (the seed's documents, as `ChangeStreamEvent`s) through
+//! the transform (`change_of`, `needs`, `plan`) and the Redis apply
+//! (`load_locators`, `apply`), in batches of `projector.batch_max`; and a
+//! warm's snapshot chunks (`CallEntry::from_document`, `put_snapshot`).
+//! One real redis-server, started here. Each kind is timed alone.
+//!
+//! Left out, because they need MongoDB: the document windows' refills
+//! after deletes and moves out of a window (`apply` returns the statuses
+//! that need one; counted here, not run), and a warm's final refill.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use bson::{doc, Bson, DateTime, Document};
+use callboard_domain::render::UserFields;
+use callboard_domain::TenantId;
+use callboard_projector::transform::{self, Change};
+use callboard_readmodel::codec::CallEntry;
+use callboard_readmodel::write::Writer;
+use callboard_readmodel::{Keys, Redis, TenantState};
+use callboard_store::seed::SeedPlan;
+use callboard_store::{CALLS, USERS};
+use mongodb::change_stream::event::ChangeStreamEvent;
+
+/// The projector's default batch (`projector.batch_max`).
+pub const BATCH: usize = 1000;
+/// A warm's chunk (the projector's `warm::CHUNK`).
+const CHUNK: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct PipelineResult {
+    pub kind: &'static str,
+    pub events: u64,
+    pub secs: f64,
+    /// Statuses whose document window the apply left short (a refill
+    /// from MongoDB would follow, not run here).
+    pub refills: u64,
+}
+
+impl PipelineResult {
+    pub fn rate(&self) -> f64 {
+        self.events as f64 / self.secs.max(1e-9)
+    }
+}
+
+fn event(op: &str, coll: &str, id: i64, full: Option<Document>) -> anyhow::Result<ChangeStreamEvent<Document>> {
+    let mut e = doc! {
+        "_id": {"_data": format!("{id:016x}")},
+        "operationType": op,
+        "ns": {"db": "crm", "coll": coll},
+        "documentKey": {"_id": id},
+    };
+    if let Some(full) = full {
+        e.insert("fullDocument", full);
+    }
+    Ok(bson::from_document(e)?)
+}
+
+/// Calls owned by user 1 among the warm's (a rename's fan-out).
+const USER_1_CALLS: usize = 10_000;
+
+/// The seed's calls `1..=n`, all in `tenant`, each with `_id` = its id;
+/// user 1 owns the first [`USER_1_CALLS`].
+fn calls(n: u64, tenant: i64) -> Vec<Document> {
+    let plan = SeedPlan { tenants: 1, calls: n, users: 100, statuses: 5, seed: 7 };
+    (0..plan.batches())
+        .flat_map(|b| plan.call_documents(b))
+        .enumerate()
+        .map(|(i, mut d)| {
+            let id = d.get_i64("id").unwrap_or(0);
+            d.insert("_id", id);
+            d.insert("tenant_id", tenant);
+            if i < USER_1_CALLS {
+                d.insert("owner_id", 1_i64);
+            }
+            d
+        })
+        .collect()
+}
+
+/// Runs `events` through the transform and the apply, a batch at a time.
+async fn project(
+    writer: &Writer,
+    kind: &'static str,
+    events: &[ChangeStreamEvent<Document>],
+) -> anyhow::Result<PipelineResult> {
+    let fields = UserFields::default();
+    let started = Instant::now();
+    let mut refills = 0;
+    for batch in events.chunks(BATCH) {
+        let changes: Vec<Change> = batch.iter().filter_map(|e| transform::change_of(e, &fields)).collect();
+        let needs = transform::needs(&changes);
+        let view = writer.load_locators(&needs.calls, &needs.users, &needs.statuses, &needs.tenants).await?;
+        let plan = transform::plan(&changes, &view, 0);
+        refills += writer.apply(&plan).await?.len() as u64;
+    }
+    Ok(PipelineResult { kind, events: events.len() as u64, secs: started.elapsed().as_secs_f64(), refills })
+}
+
+/// Every figure, on a fresh Redis: a warm of `calls` calls, then `events`
+/// events of each kind against it.
+pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<Vec<PipelineResult>> {
+    let dir = tempfile_dir()?;
+    let server = callboard_testkit::RedisServer::start(&dir).context("start redis-server")?;
+    let redis = Redis::single_url(&server.url(), 4)?;
+    let keys = Keys::new("cb");
+    let writer = Writer::new(redis.clone(), keys.clone());
+    let (t1, t2) = (TenantId::new(1)?, TenantId::new(2)?);
+    let mut c = redis.get().await?;
+    for t in [t1, t2] {
+        let _: () = redis::AsyncCommands::set(&mut c, keys.state(t), TenantState::encode_warm(1)).await?;
+    }
+    let mut out = Vec::new();
+
+    // A warm's snapshot load, timed from documents in memory.
+    let docs = calls(calls_n, 1);
+    let started = Instant::now();
+    let mut refills = 0;
+    for chunk in docs.chunks(CHUNK) {
+        let entries: Vec<CallEntry> = chunk.iter().filter_map(CallEntry::from_document).collect();
+        refills += writer.put_snapshot(t1, &entries).await?.len() as u64;
+    }
+    out.push(PipelineResult {
+        kind: "warm: snapshot chunks (calls)",
+        events: docs.len() as u64,
+        secs: started.elapsed().as_secs_f64(),
+        refills,
+    });
+
+    let n = events_n.min(calls_n) as usize;
+    let newest = 1_900_000_000_000_i64;
+    // Inserts: new calls, newest first in their statuses.
+    let inserts: Vec<_> = calls(n as u64, 1)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut d)| {
+            let id = 10_000_000 + i as i64;
+            d.insert("_id", id);
+            d.insert("id", id);
+            d.insert("start_time", DateTime::from_millis(newest + i as i64));
+            event("insert", CALLS, id, Some(d))
+        })
+        .collect::<Result<_, _>>()?;
+    out.push(project(&writer, "inserts", &inserts).await?);
+    // Status moves of warm calls (update events carry the full document).
+    let moved: Vec<_> = docs
+        .iter()
+        .take(n)
+        .map(|d| {
+            let mut d = d.clone();
+            let next = match d.get("status_id") {
+                Some(Bson::Int64(s)) => s % 5 + 1,
+                Some(Bson::String(s)) => s.parse::<i64>().unwrap_or(0) % 5 + 1,
+                _ => 1,
+            };
+            d.insert("status_id", next);
+            let id = d.get_i64("_id").unwrap_or(0);
+            event("update", CALLS, id, Some(d))
+        })
+        .collect::<Result<_, _>>()?;
+    out.push(project(&writer, "status moves", &moved).await?);
+    // Moves to another warm tenant.
+    let to_tenant_2: Vec<_> = docs
+        .iter()
+        .skip(n)
+        .take(n)
+        .map(|d| {
+            let mut d = d.clone();
+            d.insert("tenant_id", 2_i64);
+            event("update", CALLS, d.get_i64("_id").unwrap_or(0), Some(d))
+        })
+        .collect::<Result<_, _>>()?;
+    out.push(project(&writer, "tenant moves", &to_tenant_2).await?);
+    // Deletes (the event carries only the `_id`).
+    let deletes: Vec<_> = docs
+        .iter()
+        .skip(2 * n)
+        .take(n)
+        .map(|d| event("delete", CALLS, d.get_i64("_id").unwrap_or(0), None))
+        .collect::<Result<_, _>>()?;
+    out.push(project(&writer, "deletes", &deletes).await?);
+    // User renames: a user is stored once and spliced in at read time, so
+    // a rename writes one hash field and one stamp, whatever the number of
+    // calls it shows on. One rename of user 1 (who owns USER_1_CALLS of
+    // the tenant's calls) alone, then renames of distinct users (in one
+    // batch, renames of one user fold into one write).
+    let one = [event("update", USERS, 1, Some(doc! {"_id": 1_i64, "id": 1_i64, "name": "Renamed"}))?];
+    out.push(project(&writer, "one rename of user 1 (owns 10K calls)", &one).await?);
+    let renames: Vec<_> = (1..=n as i64)
+        .map(|u| event("update", USERS, u, Some(doc! {"_id": u, "id": u, "name": format!("Renamed {u}")})))
+        .collect::<Result<_, _>>()?;
+    out.push(project(&writer, "user renames (distinct users)", &renames).await?);
+    let owned = docs.iter().filter(|d| d.get_i64("owner_id").ok() == Some(1)).count();
+    eprintln!("   user 1 owns {owned} of tenant 1's calls");
+    drop(server);
+    Ok(out)
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("cb-pipeline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
