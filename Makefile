@@ -104,6 +104,11 @@ bench-stream: deps ## The board stream's figures: write-to-event latency at 1 an
 	$(CARGO) build --release -p callboard && $(CARGO) build --release -p callboard-bench
 	target/release/callboard-bench --stream --out BENCHMARKS.md
 
+.PHONY: bench-pipeline
+bench-pipeline: ## The projector's own throughput without MongoDB, printed (make bench reports it too; under a minute)
+	$(CARGO) build --release -p callboard && $(CARGO) build --release -p callboard-bench
+	target/release/callboard-bench --pipeline
+
 .PHONY: bench-quick
 bench-quick: deps ## The 10K-call benchmarks only (under a minute once built)
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
