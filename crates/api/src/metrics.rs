@@ -191,7 +191,7 @@ impl Metrics {
         let answer_lookups = IntCounterVec::new(
             Opts::new(
                 names::RESPONSE_CACHE_LOOKUPS,
-                "warm reads by what this process's response cache held: hit (reused), stale (read again), absent",
+                "reads of the grouped answer from Redis (cold tenants included), by what this process's response cache held: hit (a kept answer reused), stale (one kept, read again), absent (none kept, or the tenant not warm); a read that waits for min_as_of counts twice",
             ),
             &["result"],
         )

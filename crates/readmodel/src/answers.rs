@@ -32,8 +32,8 @@ impl Mode {
     }
 }
 
-/// Which answer: a tenant's, for these parameters. A counts-only answer
-/// does not depend on the limit, so all of them share one entry.
+/// Which answer: a tenant's, for these parameters. The limit is part of
+/// every answer, counts-only too (`summary.limit_per_status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct AnswerKey {
     tenant: TenantId,
@@ -43,9 +43,7 @@ pub(crate) struct AnswerKey {
 
 impl AnswerKey {
     pub(crate) fn of(tenant: TenantId, request: &GroupedRequest) -> Self {
-        let mode = Mode::of(request);
-        let limit = if mode == Mode::Counts { 0 } else { request.limit.get() };
-        Self { tenant, limit, mode }
+        Self { tenant, limit: request.limit.get(), mode: Mode::of(request) }
     }
 }
 
@@ -128,16 +126,28 @@ impl Lookup {
 /// Counts each lookup (the API's metrics).
 pub type LookupObserver = Arc<dyn Fn(Lookup) + Send + Sync>;
 
-/// Bytes an entry costs beyond its body: the key, the label's strings,
-/// the map's and the `Arc`'s bookkeeping (an estimate).
-const ENTRY_OVERHEAD: u64 = 256;
+/// Bytes an entry costs beyond its body and its label's text: the key,
+/// the label's six `Option<String>`s and their allocations, the body's
+/// `Arc`, the entry's `Arc` and the map's slot (an estimate).
+const ENTRY_OVERHEAD: u64 = 320;
+
+impl Label {
+    /// The bytes of its values' text.
+    fn text_len(&self) -> usize {
+        let (s, t) = (&self.shared, &self.tenant);
+        [&s.global_statuses, &s.users, &s.format, &t.state, &t.statuses, &t.version]
+            .iter()
+            .map(|v| v.as_ref().map_or(0, String::len))
+            .sum()
+    }
+}
 
 #[derive(Clone)]
 struct ByBytes;
 
 impl quick_cache::Weighter<AnswerKey, Arc<Kept>> for ByBytes {
     fn weight(&self, _key: &AnswerKey, kept: &Arc<Kept>) -> u64 {
-        kept.body.len() as u64 + ENTRY_OVERHEAD
+        (kept.body.len() + kept.label.text_len()) as u64 + ENTRY_OVERHEAD
     }
 }
 
@@ -186,22 +196,33 @@ impl LabelReads {
         Some(batch)
     }
 
-    /// A guard for the rounds' task: if it unwinds, the tenant's waiters
-    /// are dropped (their reads fail, and the requests answer live) and the
-    /// next caller starts new rounds.
+    /// The tenant's rounds, as a guard: [`Rounds::next_batch`] until
+    /// `None`. If they end any other way (a panic, the task dropped), the
+    /// tenant's waiters are dropped (their reads fail, and the requests
+    /// answer live) and the next caller starts new rounds.
     pub(crate) fn rounds(&self, tenant: TenantId) -> Rounds<'_> {
-        Rounds { reads: self, tenant }
+        Rounds { reads: self, tenant, over: false }
     }
 }
 
 pub(crate) struct Rounds<'a> {
     reads: &'a LabelReads,
     tenant: TenantId,
+    over: bool,
+}
+
+impl Rounds<'_> {
+    /// See [`LabelReads::next_batch`].
+    pub(crate) fn next_batch(&mut self) -> Option<Vec<Waiter>> {
+        let batch = self.reads.next_batch(self.tenant);
+        self.over = batch.is_none();
+        batch
+    }
 }
 
 impl Drop for Rounds<'_> {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if !self.over {
             self.reads.tenants.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.tenant);
         }
     }
@@ -265,9 +286,10 @@ mod tests {
     }
 
     #[test]
-    fn counts_only_answers_share_one_entry_whatever_the_limit() {
+    fn answers_are_kept_per_tenant_limit_and_mode() {
         let t = TenantId::new(1).unwrap();
-        assert_eq!(AnswerKey::of(t, &request(5, false, true)), AnswerKey::of(t, &request(50, false, false)));
+        assert_eq!(AnswerKey::of(t, &request(5, false, true)), AnswerKey::of(t, &request(5, false, false)));
+        assert_ne!(AnswerKey::of(t, &request(5, false, true)), AnswerKey::of(t, &request(50, false, true)));
         assert_ne!(AnswerKey::of(t, &request(5, true, true)), AnswerKey::of(t, &request(50, true, true)));
         assert_ne!(AnswerKey::of(t, &request(5, true, true)), AnswerKey::of(t, &request(5, true, false)));
         assert_ne!(
@@ -288,6 +310,26 @@ mod tests {
         assert_eq!(reads.next_batch(t).map(|b| b.len()), Some(1));
         assert!(reads.next_batch(t).is_none(), "the rounds end when no one waits");
         assert!(reads.join(t, d), "the next caller starts new rounds");
+    }
+
+    #[test]
+    fn rounds_that_end_early_leave_no_tenant_waiting() {
+        use tokio::sync::oneshot::error::TryRecvError;
+        let (reads, t) = (LabelReads::default(), TenantId::new(1).unwrap());
+        let waiter = || tokio::sync::oneshot::channel::<LabelResult>();
+        let ((a, _ra), (b, mut rb), (c, _rc), (d, _rd)) = (waiter(), waiter(), waiter(), waiter());
+        assert!(reads.join(t, a));
+        let mut rounds = reads.rounds(t);
+        assert!(rounds.next_batch().is_some());
+        assert!(!reads.join(t, b), "b waits for the next read");
+        drop(rounds); // cancelled mid-way, say
+        assert_eq!(rb.try_recv(), Err(TryRecvError::Closed), "b is told the read will not come");
+        assert!(reads.join(t, c), "the next caller starts new rounds");
+        let mut rounds = reads.rounds(t);
+        assert!(rounds.next_batch().is_some() && rounds.next_batch().is_none(), "c's rounds end");
+        assert!(reads.join(t, d), "d starts the next rounds");
+        drop(rounds);
+        assert_eq!(reads.next_batch(t).map(|b| b.len()), Some(1), "rounds that ended leave d's in place");
     }
 
     #[test]

@@ -379,8 +379,8 @@ impl ReadModel {
     /// Reads the label for each batch of waiting callers until none waits.
     async fn label_rounds(self, tenant: TenantId) {
         let Some(answers) = self.answers.clone() else { return };
-        let _unwind = answers.reads.rounds(tenant);
-        while let Some(batch) = answers.reads.next_batch(tenant) {
+        let mut rounds = answers.reads.rounds(tenant);
+        while let Some(batch) = rounds.next_batch() {
             let label = self.read_label(tenant).await.map_err(|e| Arc::<str>::from(e.to_string()));
             for waiter in batch {
                 let _ = waiter.send(label.clone());

@@ -4,7 +4,7 @@
 -- KEYS[4] its windows. Then operations: a name, then ARITY[name] arguments;
 -- a key argument is an index into KEYS. Built by write::script::Batch.
 --
--- In a tenant script, CPUT, CREM and DEL bump the version.
+-- In a tenant script, CPUT, CREM and DEL bump the version (version.lua).
 -- CPUT and CREM keep the document window: the first d ranks of a ZSET,
 -- and only they, have a document. Returns the statuses whose window is
 -- below min(F, size) after the operations.
@@ -70,7 +70,7 @@ while i <= #ARGV do
   i = i + 1 + n
 end
 local needy = {}
-if tenant and (changed or next(touched) ~= nil) then redis.call('INCR', VER) end
+if tenant and (changed or next(touched) ~= nil) then bump_version(VER) end
 for z, status in pairs(touched) do
   local size = redis.call('ZCARD', z)
   if size == 0 then

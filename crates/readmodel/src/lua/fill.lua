@@ -16,5 +16,5 @@ while i < #ARGV and d < W do
   i = i + 2
 end
 redis.call('HSET', KEYS[4], ARGV[4], d)
-redis.call('INCR', KEYS[5])
+bump_version(KEYS[5])
 return d

@@ -10,8 +10,10 @@ use super::DocWindow;
 use crate::conn::Conn;
 use crate::ReadModelError;
 
-pub(crate) const APPLY: &str = concat!(include_str!("../lua/guard.lua"), include_str!("../lua/apply.lua"));
-pub(crate) const FILL: &str = concat!(include_str!("../lua/guard.lua"), include_str!("../lua/fill.lua"));
+pub(crate) const APPLY: &str =
+    concat!(include_str!("../lua/guard.lua"), include_str!("../lua/version.lua"), include_str!("../lua/apply.lua"));
+pub(crate) const FILL: &str =
+    concat!(include_str!("../lua/guard.lua"), include_str!("../lua/version.lua"), include_str!("../lua/fill.lua"));
 pub(crate) const MARK_WARM: &str = concat!(include_str!("../lua/guard.lua"), include_str!("../lua/mark_warm.lua"));
 pub(crate) const REQUEST_WARM: &str = include_str!("../lua/request_warm.lua");
 pub(crate) const MARK: &str = concat!(include_str!("../lua/guard.lua"), include_str!("../lua/mark.lua"));
