@@ -136,6 +136,68 @@ pub fn call_base(call: &Document) -> Map<String, Value> {
         .collect()
 }
 
+/// [`call_base`] serialised straight from the document, without building
+/// its JSON tree first: the same bytes as `serde_json::to_string(&call_base(call))`.
+/// What the projector stores for every call it puts.
+pub fn call_base_json(call: &Document) -> Result<String, serde_json::Error> {
+    serde_json::to_string(&AsJson::Base(call))
+}
+
+/// A BSON value serialised as [`bson_to_json`] renders it.
+enum AsJson<'a> {
+    Value(&'a Bson),
+    /// A call's document without `_id` and the detail fields.
+    Base(&'a Document),
+}
+
+impl serde::Serialize for AsJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        let map = |doc: &Document, base: bool, s: S| {
+            let mut m = s.serialize_map(None)?;
+            for (k, v) in doc {
+                if base && (k.as_str() == "_id" || USER_REFERENCES.iter().any(|(_, d)| d == k)) {
+                    continue;
+                }
+                m.serialize_entry(k, &AsJson::Value(v))?;
+            }
+            m.end()
+        };
+        let value = match self {
+            AsJson::Base(doc) => return map(doc, true, s),
+            AsJson::Value(v) => *v,
+        };
+        match value {
+            // serde_json writes NaN and the infinities as null, as `Number::from_f64` leaves them.
+            Bson::Double(f) => s.serialize_f64(*f),
+            Bson::String(x) | Bson::Symbol(x) | Bson::JavaScriptCode(x) => s.serialize_str(x),
+            Bson::JavaScriptCodeWithScope(c) => s.serialize_str(&c.code),
+            Bson::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(&AsJson::Value(item))?;
+                }
+                seq.end()
+            }
+            Bson::Document(doc) => map(doc, false, s),
+            Bson::Boolean(b) => s.serialize_bool(*b),
+            Bson::Int32(n) => s.serialize_i32(*n),
+            Bson::Int64(n) => s.serialize_i64(*n),
+            Bson::Timestamp(ts) => s.serialize_u32(ts.time),
+            Bson::DateTime(_)
+            | Bson::ObjectId(_)
+            | Bson::Decimal128(_)
+            | Bson::RegularExpression(_)
+            | Bson::Binary(_)
+            | Bson::Null
+            | Bson::Undefined
+            | Bson::MaxKey
+            | Bson::MinKey
+            | Bson::DbPointer(_) => bson_to_json(value).serialize(s),
+        }
+    }
+}
+
 /// A call as the response shows it with enrichment: [`call_base`], then
 /// `owner_details`, `user_details` and `assigned_to_details` (`{}` when the
 /// reference is missing or names no user).
@@ -217,6 +279,53 @@ mod tests {
             };
             let spliced = splice_details(&base, [&detail("owner_id"), &detail("user_id"), &detail("assigned_to_id")]);
             assert_eq!(spliced, expected);
+        }
+    }
+
+    fn bson() -> impl proptest::strategy::Strategy<Value = Bson> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            any::<f64>().prop_map(Bson::Double),
+            prop_oneof![Just(f64::NAN), Just(f64::INFINITY), Just(-0.0)].prop_map(Bson::Double),
+            ".{0,6}".prop_map(Bson::String),
+            any::<bool>().prop_map(Bson::Boolean),
+            any::<i32>().prop_map(Bson::Int32),
+            any::<i64>().prop_map(Bson::Int64),
+            any::<i64>().prop_map(|ms| Bson::DateTime(BsonDate::from_millis(ms))),
+            any::<[u8; 12]>().prop_map(|b| Bson::ObjectId(ObjectId::from_bytes(b))),
+            Just(Bson::Null),
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(time, increment)| Bson::Timestamp(bson::Timestamp { time, increment })),
+            proptest::collection::vec(any::<u8>(), 0..4)
+                .prop_map(|bytes| Bson::Binary(bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes })),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Bson::Array),
+                proptest::collection::vec(("[a-z_]{1,12}", inner), 0..4)
+                    .prop_map(|kv| Bson::Document(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// The streamed base is the tree's, byte for byte, whatever the
+        /// document holds (including `_id` and detail fields to drop).
+        #[test]
+        fn the_streamed_base_equals_the_serialised_tree(
+            fields in proptest::collection::vec(
+                (proptest::prop_oneof![
+                    proptest::strategy::Just("_id".to_string()),
+                    proptest::strategy::Just("owner_details".to_string()),
+                    proptest::strategy::Just("user_details".to_string()),
+                    "[a-z_]{1,12}",
+                ], bson()),
+                0..8,
+            )
+        ) {
+            let call: Document = fields.into_iter().collect();
+            let tree = serde_json::to_string(&call_base(&call)).unwrap();
+            proptest::prop_assert_eq!(call_base_json(&call).unwrap(), tree);
         }
     }
 

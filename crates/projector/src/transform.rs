@@ -182,7 +182,11 @@ pub fn plan(changes: &[Change], view: &StateView, event_ms: i64) -> Plan {
         match target {
             Some(e) => {
                 touched.insert(e.place.tenant);
-                plan.global.push(GlobalOp::call_loc(doc, [&e.place]));
+                // A locator that names only the final place already (an
+                // insert's intent wrote it) is left as it is.
+                if widened.len() > 1 || !widened.contains(&e.place) {
+                    plan.global.push(GlobalOp::call_loc(doc, [&e.place]));
+                }
                 plan.tenants.entry(e.place.tenant).or_default().push(TenantOp::Put(e));
             }
             // Nothing names the call here (it is another partition's, or
@@ -306,6 +310,25 @@ mod tests {
         assert!(matches!(&moved.tenants[&TenantId::new(2).unwrap()][0], TenantOp::Put(e) if e.place == new_place));
         assert!(moved.intents.contains(&GlobalOp::call_loc(d.clone(), &[entry.place, new_place])));
         assert!(moved.global.contains(&GlobalOp::call_loc(d, [&new_place])));
+    }
+
+    #[test]
+    fn a_locator_is_written_once_when_its_intent_is_final() {
+        let mut view = StateView::default();
+        warm(&mut view, 1);
+        let d = DocKey::from_bson(&Bson::Int64(5));
+        let insert = plan(&[call(5, 1, 3)], &view, 0);
+        let TenantOp::Put(entry) = &insert.tenants[&TenantId::new(1).unwrap()][0] else { panic!() };
+        assert_eq!(insert.intents, vec![GlobalOp::call_loc(d.clone(), [&entry.place])]);
+        assert!(insert.global.is_empty(), "{:?}", insert.global);
+        // Replayed: the locator already names the place, nothing to write.
+        view.call_loc.insert(d.clone(), [entry.place].into());
+        let replay = plan(&[call(5, 1, 3)], &view, 0);
+        assert!(replay.intents.is_empty() && replay.global.is_empty(), "{replay:?}");
+        // A status move narrows it after the tenant's write.
+        let moved = plan(&[call(5, 1, 4)], &view, 0);
+        assert_eq!(moved.intents.len(), 1);
+        assert!(matches!(&moved.global[..], [GlobalOp::PutLoc(Locator::Call, _, places)] if !places.contains(',')));
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub fn stored_call(call: &Document) -> Option<String> {
         .iter()
         .map(|(field, _)| call.get(*field).and_then(UserId::from_bson).map(|u| u.get().to_string()).unwrap_or_default())
         .collect();
-    let base = serde_json::to_string(&render::call_base(call)).ok()?;
+    let base = render::call_base_json(call).ok()?;
     Some(format!("{}|{base}", refs.join(",")))
 }
 

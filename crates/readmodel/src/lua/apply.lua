@@ -42,6 +42,45 @@ local function cput(z, status, score, member, stored)
     redis.call('HSET', DW, status, d)
   end
 end
+-- CPUTs of one ZSET in a row, as one ZADD: the same end state as putting
+-- them one by one. Members already there are removed first (a replay, a
+-- re-warm). The first member without a document, b, stays the first one:
+-- each new member ranked above b joins the window, the rest do not, and
+-- the window is cut to W (the members past W lose their documents).
+local function cputs(z, status, items)
+  local members = {}
+  for j, it in ipairs(items) do members[j] = it[2] end
+  local present = redis.call('ZMSCORE', z, unpack(members))
+  for j, it in ipairs(items) do
+    if present[j] then crem(z, status, it[2]) end
+  end
+  local d = window(status)
+  local b = redis.call('ZREVRANGE', z, d, d)[1]
+  local scored = {}
+  for _, it in ipairs(items) do
+    scored[#scored + 1] = it[1]
+    scored[#scored + 1] = it[2]
+  end
+  redis.call('ZADD', z, unpack(scored))
+  local q
+  if b then q = redis.call('ZREVRANK', z, b) else q = redis.call('ZCARD', z) end
+  local nd = math.min(W, q)
+  if nd > 0 then
+    -- Only a member scored at least as high as the window's last can be in it.
+    local last = tonumber(redis.call('ZREVRANGE', z, nd - 1, nd - 1, 'WITHSCORES')[2])
+    for _, it in ipairs(items) do
+      if tonumber(it[1]) >= last and redis.call('ZREVRANK', z, it[2]) < nd then
+        redis.call('HSET', DOCS, it[2], it[3])
+      end
+    end
+  end
+  if q > nd then
+    for _, out in ipairs(redis.call('ZREVRANGE', z, nd, q - 1)) do redis.call('HDEL', DOCS, out) end
+  end
+  if nd ~= d then redis.call('HSET', DW, status, nd) end
+end
+-- At most this many CPUTs in one ZADD (Lua's unpack has a limit).
+local GROUP = 500
 local i = 6
 while i <= #ARGV do
   local op = ARGV[i]
@@ -50,8 +89,15 @@ while i <= #ARGV do
   local k = KEYS[tonumber(ARGV[i + 1])]
   if (op == 'CPUT' or op == 'CREM') and not tenant then return redis.error_reply('BADOP ' .. op .. ' outside a tenant') end
   if op == 'CPUT' then
-    cput(k, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5])
-    touched[k] = ARGV[i + 2]
+    -- This CPUT and the CPUTs of the same ZSET right after it.
+    local zarg, status = ARGV[i + 1], ARGV[i + 2]
+    local items = {{ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]}}
+    while #items < GROUP and ARGV[i + 1 + n] == 'CPUT' and ARGV[i + 2 + n] == zarg and i + 1 + 2 * n <= #ARGV do
+      i = i + 1 + n
+      items[#items + 1] = {ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]}
+    end
+    if #items == 1 then cput(k, status, items[1][1], items[1][2], items[1][3]) else cputs(k, status, items) end
+    touched[k] = status
   elseif op == 'CREM' then
     crem(k, ARGV[i + 2], ARGV[i + 3])
     touched[k] = ARGV[i + 2]

@@ -229,9 +229,7 @@ impl Writer {
         let mut c = self.conn().await?;
         for (tenant, ops) in &plan.tenants {
             let mut batch = self.tenant_batch(*tenant);
-            for op in ops {
-                self.tenant_op(&mut batch, *tenant, op);
-            }
+            self.tenant_ops(&mut batch, *tenant, ops);
             let short = batch.run(&mut c, self.window).await.map_err(|e| rejected(*tenant, e))?;
             needy.extend(short.into_iter().map(|s| (*tenant, s)));
         }
@@ -268,6 +266,25 @@ impl Writer {
     /// Forgets `tenant`'s poison event (it is warm again).
     pub async fn clear_poison(&self, tenant: TenantId) -> Result<(), ReadModelError> {
         self.run_shared(vec![Op::HDel { key: self.keys.poison(), field: tenant.get().to_string().into_bytes() }]).await
+    }
+
+    /// Adds a tenant's operations in the order its script runs them:
+    /// removals, then puts by status (`apply.lua` runs a status's puts in a
+    /// row as one `ZADD`), then the rest. They commute: a plan names each
+    /// call once, a call's removals are of places other than its put's,
+    /// and statuses and the tenant's meta are keys of their own. Only the
+    /// document windows' lengths can end up otherwise, and either way each
+    /// window holds exactly the documents of its first ranks.
+    fn tenant_ops<'a>(&self, batch: &mut Batch, t: TenantId, ops: impl IntoIterator<Item = &'a TenantOp>) {
+        let mut ops: Vec<&TenantOp> = ops.into_iter().collect();
+        ops.sort_by_key(|op| match op {
+            TenantOp::Remove { .. } => (0, 0),
+            TenantOp::Put(e) => (1, e.place.status.get()),
+            _ => (2, 0),
+        });
+        for op in ops {
+            self.tenant_op(batch, t, op);
+        }
     }
 
     fn tenant_op(&self, batch: &mut Batch, t: TenantId, op: &TenantOp) {

@@ -2,6 +2,7 @@
 //! `apply.lua` its closed set of operations. Every script starts with
 //! `guard.lua` and touches one slot.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use callboard_domain::StatusKey;
@@ -107,28 +108,38 @@ pub(crate) struct Batch {
     /// A tenant batch: KEYS[2..4] are its version, documents and windows.
     tenant: bool,
     keys: Vec<String>,
+    /// Each key's index in `keys` (a shared batch can name a thousand
+    /// locator buckets).
+    index: HashMap<String, usize>,
     argv: Vec<Vec<u8>>,
 }
 
 impl Batch {
     /// A batch on shared keys (no calls).
     pub fn shared(check: Check) -> Self {
-        Self { keys: vec![check.key.clone()], check, tenant: false, argv: Vec::new() }
+        Self::with_keys(check, false, vec![])
     }
 
     /// A batch on one tenant's keys: bumps `version` when it changes calls.
     pub fn tenant(check: Check, version: String, docs: String, windows: String) -> Self {
-        Self { keys: vec![check.key.clone(), version, docs, windows], check, tenant: true, argv: Vec::new() }
+        Self::with_keys(check, true, vec![version, docs, windows])
     }
 
+    /// The check's key is KEYS[1], then `fixed`.
+    fn with_keys(check: Check, tenant: bool, fixed: Vec<String>) -> Self {
+        let keys: Vec<String> = std::iter::once(check.key.clone()).chain(fixed).collect();
+        let index = keys.iter().enumerate().map(|(i, k)| (k.clone(), i + 1)).collect();
+        Self { keys, index, check, tenant, argv: Vec::new() }
+    }
+
+    /// `key`'s KEYS index (1-based), added if new.
     fn key_index(&mut self, key: &str) -> usize {
-        match self.keys.iter().position(|k| k == key) {
-            Some(i) => i + 1,
-            None => {
-                self.keys.push(key.to_string());
-                self.keys.len()
-            }
+        if let Some(i) = self.index.get(key) {
+            return *i;
         }
+        self.keys.push(key.to_string());
+        self.index.insert(key.to_string(), self.keys.len());
+        self.keys.len()
     }
 
     pub fn push(&mut self, op: Op) {

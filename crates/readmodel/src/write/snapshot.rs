@@ -32,15 +32,15 @@ impl Writer {
             entries.iter().filter(|e| last.get(&e.doc).is_some_and(|l| std::ptr::eq(*l, *e))).collect();
         let docs: Vec<DocKey> = entries.iter().map(|e| e.doc.clone()).collect();
         let view = self.load_locators(&docs, &[], &[], &[]).await?;
-        let mut batch = self.tenant_batch(tenant);
+        let mut ops = Vec::with_capacity(entries.len());
         let (mut locators, mut narrowed) = (Vec::with_capacity(entries.len()), Vec::new());
         for e in entries {
             let mut places = view.call_loc.get(&e.doc).cloned().unwrap_or_default();
             let stale: Vec<Place> = places.iter().filter(|p| p.tenant == tenant && **p != e.place).copied().collect();
             for old in &stale {
-                self.tenant_op(&mut batch, tenant, &TenantOp::Remove { doc: e.doc.clone(), place: *old });
+                ops.push(TenantOp::Remove { doc: e.doc.clone(), place: *old });
             }
-            self.tenant_op(&mut batch, tenant, &TenantOp::Put((*e).clone()));
+            ops.push(TenantOp::Put((*e).clone()));
             places.insert(e.place);
             locators.push(GlobalOp::call_loc(e.doc.clone(), &places));
             if !stale.is_empty() {
@@ -52,6 +52,8 @@ impl Writer {
         // which is harmless; the other order could hide a placed call. The
         // places this tenant's script emptied are dropped after it ran.
         self.run_global(&locators).await?;
+        let mut batch = self.tenant_batch(tenant);
+        self.tenant_ops(&mut batch, tenant, &ops);
         let short = batch.run(&mut self.conn().await?, self.window).await.map_err(|e| super::rejected(tenant, e))?;
         self.run_global(&narrowed).await?;
         Ok(short.into_iter().map(|s| (tenant, s)).collect())
