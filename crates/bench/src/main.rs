@@ -9,6 +9,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod memory;
 mod pipeline;
 mod report;
 mod scale;
@@ -98,7 +99,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if args.pipeline {
-        for p in pipeline::run(100_000, 20_000).await? {
+        let run = pipeline::run(100_000, 20_000).await?;
+        for p in &run.results {
             println!(
                 "{:<32} {:>8} events {:>7.2} s {:>9.0} events/s ({} windows left short)",
                 p.kind,
@@ -106,6 +108,16 @@ async fn main() -> anyhow::Result<()> {
                 p.secs,
                 p.rate(),
                 p.refills
+            );
+        }
+        println!("\nRedis after the warm ({} calls in one tenant), by key type (MEMORY USAGE):", run.warm_calls);
+        for c in &run.warm_costs {
+            println!(
+                "{:<36} {:>6} keys {:>12} bytes {:>7.1} bytes/call",
+                c.label(),
+                c.keys,
+                c.bytes,
+                c.bytes as f64 / run.warm_calls.max(1) as f64
             );
         }
         return Ok(());
@@ -137,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
     if args.only.is_none() {
         eprintln!("== projector throughput, no MongoDB");
         let (calls, events) = if args.quick { (20_000, 5_000) } else { (100_000, 20_000) };
-        report.pipeline = pipeline::run(calls, events).await?;
+        report.pipeline = pipeline::run(calls, events).await?.results;
     }
     report.write(&args.out)?;
     eprintln!("wrote {}", args.out.display());
@@ -202,6 +214,7 @@ async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Resu
             .await?
     };
     eprintln!("   warm of tenant 1 ({tenant_calls} calls) in {warm_s:.1}s");
+    let key_costs = memory::key_costs(&nodes, &callboard_readmodel::Keys::new("cb")).await?;
     let cache = probe_cache(&client, &d, "limit=20&include_enrichment=true", false).await?;
     if cache != "hit" {
         bail!("tenant 1 is not served from the cache after its warm ({cache})");
@@ -264,6 +277,7 @@ async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Resu
             warm_s,
             tenant_calls,
             redis_bytes_per_call: (used_after.saturating_sub(used_before)) / tenant_calls.max(1),
+            key_costs,
             rss_serve_kb,
             rss_project_kb,
             answer_reuse,

@@ -100,9 +100,17 @@ async fn project(
     Ok(PipelineResult { kind: kind.to_string(), events: events.len() as u64, secs, refills: short.len() as u64 })
 }
 
+/// One run's figures.
+pub struct PipelineRun {
+    pub results: Vec<PipelineResult>,
+    /// Calls the warm loaded, and what Redis held by key type right after it.
+    pub warm_calls: u64,
+    pub warm_costs: Vec<crate::memory::KeyCost>,
+}
+
 /// Every figure, on a fresh Redis: a warm of `calls` calls, then `events`
 /// events of each kind against it.
-pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<Vec<PipelineResult>> {
+pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<PipelineRun> {
     let dir = tempfile_dir()?;
     let server = callboard_testkit::RedisServer::start(&dir).context("start redis-server")?;
     let redis = Redis::single_url(&server.url(), 4)?;
@@ -129,6 +137,7 @@ pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<Vec<PipelineResu
         secs: started.elapsed().as_secs_f64(),
         refills: short.len() as u64,
     });
+    let warm_costs = crate::memory::key_costs(&[server.url()], &keys).await?;
 
     let n = events_n.min(calls_n) as usize;
     let newest = 1_900_000_000_000_i64;
@@ -204,7 +213,7 @@ pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<Vec<PipelineResu
     );
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(out)
+    Ok(PipelineRun { results: out, warm_calls: docs.len() as u64, warm_costs })
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {

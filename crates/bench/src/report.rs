@@ -38,6 +38,8 @@ pub struct ScenarioResult {
     /// The share of warm reads during the hit loads that reused a kept
     /// answer (`None`: no response cache, or no lookups).
     pub answer_reuse: Option<f64>,
+    /// What Redis held right after the warm, by key type.
+    pub key_costs: Vec<crate::memory::KeyCost>,
     pub loads: Vec<Load>,
 }
 
@@ -250,6 +252,7 @@ impl Report {
             )?;
         }
         writeln!(md, "\nRedis bytes/call: `INFO memory` `used_memory` after the warm minus before, divided by the tenant's calls. RSS after the load runs.\n")?;
+        self.key_cost_table(&mut md)?;
 
         if !self.lag.is_empty() {
             writeln!(md, "## Projection lag\n")?;
@@ -301,6 +304,49 @@ impl Report {
 
     /// Two panels, log scale: req/s @64 and p99 @1 for "limit 20 enriched",
     /// hit vs live, by dataset.
+    /// Bytes per call of tenant 1 by key type, per dataset.
+    fn key_cost_table(&self, md: &mut String) -> anyhow::Result<()> {
+        let scenarios: Vec<&ScenarioResult> = self.scenarios.iter().filter(|s| !s.key_costs.is_empty()).collect();
+        if scenarios.is_empty() {
+            return Ok(());
+        }
+        // Rows in the order of the largest dataset's weights.
+        let mut kinds: Vec<Option<callboard_readmodel::keys::KeyKind>> = Vec::new();
+        for s in scenarios.iter().rev() {
+            for c in &s.key_costs {
+                if !kinds.contains(&c.kind) {
+                    kinds.push(c.kind);
+                }
+            }
+        }
+        writeln!(md, "### What each key type costs\n")?;
+        writeln!(md, "Bytes per call of tenant 1, and keys, right after its warm: every key under the prefix weighed with `MEMORY USAGE <key> SAMPLES 0` (every element counted), by its row in the key schema (docs/ARCHITECTURE.md).\n")?;
+        let head: Vec<&str> = scenarios.iter().map(|s| s.name.as_str()).collect();
+        writeln!(md, "| key type | {} |", head.join(" | "))?;
+        writeln!(md, "|---|{}", "---:|".repeat(scenarios.len()))?;
+        let per_call = |s: &ScenarioResult, bytes: u64| bytes as f64 / s.tenant_calls.max(1) as f64;
+        for kind in &kinds {
+            let cells: Vec<String> = scenarios
+                .iter()
+                .map(|s| match s.key_costs.iter().find(|c| c.kind == *kind) {
+                    Some(c) => format!("{:.1} B ({} keys)", per_call(s, c.bytes), c.keys),
+                    None => "-".into(),
+                })
+                .collect();
+            let label = kinds_label(*kind);
+            writeln!(md, "| {label} | {} |", cells.join(" | "))?;
+        }
+        let sums: Vec<String> = scenarios
+            .iter()
+            .map(|s| format!("{:.1} B", per_call(s, s.key_costs.iter().map(|c| c.bytes).sum())))
+            .collect();
+        writeln!(md, "| **all keys** | {} |", sums.join(" | "))?;
+        let used: Vec<String> = scenarios.iter().map(|s| format!("{} B", s.redis_bytes_per_call)).collect();
+        writeln!(md, "| `used_memory` after the warm minus before | {} |", used.join(" | "))?;
+        writeln!(md, "\nThe keys' sum leaves out what `used_memory` also counts: Redis's own entry per key in its keyspace and the allocator's slack; it also counts keys that were there before the warm (the users, the statuses).\n")?;
+        Ok(())
+    }
+
     fn svg(&self) -> String {
         let kind = "limit 20 enriched";
         let (w, h, pad) = (900.0, 360.0, 60.0);
@@ -395,4 +441,11 @@ fn criterion_estimates(root: &Path) -> Vec<(String, f64)> {
     walk(root, &mut out);
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+fn kinds_label(kind: Option<callboard_readmodel::keys::KeyKind>) -> String {
+    match kind {
+        Some(k) => format!("`{}`", k.pattern()),
+        None => "other (outside the schema)".into(),
+    }
 }

@@ -15,6 +15,7 @@ use bson::{doc, DateTime, Document};
 use callboard_testkit::{free_port, Guarded, Services, TestRedis};
 use futures::StreamExt;
 
+use crate::memory::{key_costs, KeyCost};
 use crate::report::Load;
 use crate::{node_urls, used_memory, wait_healthy, wrk, Args, KINDS, SECRET};
 
@@ -133,7 +134,12 @@ async fn hits(args: &Args, cluster: bool, secs: u64) -> anyhow::Result<Vec<Load>
 
 /// Per master: (port, used_memory bytes, keys), with every tenant of
 /// `calls` calls over `tenants` tenants warm.
-async fn memory_per_master(args: &Args, tenants: u32, calls: u64) -> anyhow::Result<(f64, f64, Vec<(u16, u64, u64)>)> {
+#[allow(clippy::type_complexity)]
+async fn memory_per_master(
+    args: &Args,
+    tenants: u32,
+    calls: u64,
+) -> anyhow::Result<(f64, f64, Vec<(u16, u64, u64)>, Vec<KeyCost>)> {
     let mut d = Deployed::new(args, services(true)?, &[])?;
     let seed_s = d.seed(tenants, calls)?;
     eprintln!("   seeded {calls} calls over {tenants} tenants in {seed_s:.0}s");
@@ -155,7 +161,8 @@ async fn memory_per_master(args: &Args, tenants: u32, calls: u64) -> anyhow::Res
         let keys: u64 = c.cli(port, &["dbsize"])?.trim().parse().unwrap_or(0);
         out.push((port, used.saturating_sub(before), keys));
     }
-    Ok((seed_s, warm_s, out))
+    let costs = key_costs(&node_urls(&d.services.redis), &callboard_readmodel::Keys::new("cb")).await?;
+    Ok((seed_s, warm_s, out, costs))
 }
 
 /// Events applied per second by `processes` processes over four
@@ -382,7 +389,7 @@ pub async fn run(args: &Args, memory_calls: u64, parts: &str) -> anyhow::Result<
     }
     if wanted("memory") {
         eprintln!("== memory per master: {memory_calls} calls over 1,000 tenants, every tenant warm");
-        let (seed_s, warm_s, memory) = memory_per_master(args, 1000, memory_calls).await?;
+        let (seed_s, warm_s, memory, costs) = memory_per_master(args, 1000, memory_calls).await?;
         let mut md = String::new();
         writeln!(md, "### What each master holds\n")?;
         writeln!(md, "{memory_calls} calls over 1,000 tenants, every tenant warm (seeded in {seed_s:.0} s, warmed in {warm_s:.0} s). `used_memory` after the warm minus before it, and keys, per master.\n")?;
@@ -399,7 +406,27 @@ pub async fn run(args: &Args, memory_calls: u64, parts: &str) -> anyhow::Result<
             total as f64 / 1048576.0,
             memory.iter().map(|m| m.2).sum::<u64>()
         )?;
-        writeln!(md, "{:.0} bytes of Redis per call in all.", total as f64 / memory_calls as f64)?;
+        writeln!(md, "{:.0} bytes of Redis per call in all.\n", total as f64 / memory_calls as f64)?;
+        writeln!(md, "What each key type costs over every master (`MEMORY USAGE <key> SAMPLES 0` of every key, by its row in the key schema), per call:\n")?;
+        writeln!(md, "| key type | keys | bytes/call | share |")?;
+        writeln!(md, "|---|---:|---:|---:|")?;
+        let weighed: u64 = costs.iter().map(|c| c.bytes).sum();
+        for c in &costs {
+            writeln!(
+                md,
+                "| `{}` | {} | {:.1} | {:.0}% |",
+                c.label(),
+                c.keys,
+                c.bytes as f64 / memory_calls as f64,
+                100.0 * c.bytes as f64 / weighed.max(1) as f64
+            )?;
+        }
+        writeln!(
+            md,
+            "| **all keys** | {} | {:.1} | |",
+            costs.iter().map(|c| c.keys).sum::<u64>(),
+            weighed as f64 / memory_calls as f64
+        )?;
         write_part(&args.out, "memory", &md)?;
     }
     Ok(())

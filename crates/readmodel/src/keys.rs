@@ -68,6 +68,58 @@ pub fn tag_of(key: &str) -> Option<&str> {
 /// The hash tag of the shared keys.
 pub const GLOBAL_TAG: &str = "g";
 
+/// What a key of the schema above holds (its row in the table), read back
+/// from the key's name by [`Keys::kind_of`]: for reports of what each kind
+/// of key costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KeyKind {
+    StatusCalls,
+    Documents,
+    Windows,
+    TenantStatuses,
+    TenantMeta,
+    TenantVersion,
+    TenantState,
+    TenantStatusStamp,
+    TenantFence,
+    CallLocators,
+    ShardFence,
+    DurabilityMarker,
+    GlobalStatuses,
+    Users,
+    UserLocators,
+    StatusLocators,
+    /// The projectors' own keys: stamps, the tenant index, the epoch, the
+    /// command queue, jobs, format marks, settings, checkpoints, leases,
+    /// watermarks, members, the fence sequence, progress, poison events.
+    ProjectorState,
+}
+
+impl KeyKind {
+    /// The key's row in the schema table.
+    pub fn pattern(self) -> &'static str {
+        match self {
+            Self::StatusCalls => "P:{tN}:z:<status>",
+            Self::Documents => "P:{tN}:doc",
+            Self::Windows => "P:{tN}:dw",
+            Self::TenantStatuses => "P:{tN}:st",
+            Self::TenantMeta => "P:{tN}:meta",
+            Self::TenantVersion => "P:{tN}:ver",
+            Self::TenantState => "P:{tN}:state",
+            Self::TenantStatusStamp => "P:{tN}:stv",
+            Self::TenantFence => "P:{tN}:fence",
+            Self::CallLocators => "P:{lK}:cl:<p>:<bucket>",
+            Self::ShardFence => "P:{lK}:fence:<p>, P:{mI}:fence:<p>",
+            Self::DurabilityMarker => "P:{mI}:seq:<p>",
+            Self::GlobalStatuses => "P:{g}:st",
+            Self::Users => "P:{g}:users",
+            Self::UserLocators => "P:{g}:uloc",
+            Self::StatusLocators => "P:{g}:sloc:<p>",
+            Self::ProjectorState => "P:{g}:* (the projectors' own)",
+        }
+    }
+}
+
 /// How tenants are spread over projector partitions: by a stable hash of
 /// the tenant id (FNV-1a of its decimal form), so every process agrees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -291,6 +343,58 @@ impl Keys {
     pub fn everything_pattern(&self) -> String {
         format!("{}:*", self.prefix)
     }
+
+    /// The kind of a key named by these [`Keys`] (any partition's), or
+    /// `None` for a key outside the schema.
+    pub fn kind_of(&self, key: &str) -> Option<KeyKind> {
+        let rest = key.strip_prefix(self.prefix.as_str())?.strip_prefix(':')?;
+        let tag = tag_of(rest).filter(|_| rest.starts_with('{'))?;
+        let suffix = rest[tag.len() + 2..].strip_prefix(':')?;
+        let (head, tail) = match suffix.split_once(':') {
+            Some((head, tail)) => (head, Some(tail)),
+            None => (suffix, None),
+        };
+        let numbered = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let (class, number) = tag.split_at(1);
+        let kind = match (class, numbered(number) || tag == GLOBAL_TAG) {
+            ("t", true) => match (head, tail) {
+                ("z", Some(status)) => status.parse::<i64>().ok().map(|_| KeyKind::StatusCalls)?,
+                ("doc", None) => KeyKind::Documents,
+                ("dw", None) => KeyKind::Windows,
+                ("st", None) => KeyKind::TenantStatuses,
+                ("meta", None) => KeyKind::TenantMeta,
+                ("ver", None) => KeyKind::TenantVersion,
+                ("state", None) => KeyKind::TenantState,
+                ("stv", None) => KeyKind::TenantStatusStamp,
+                ("fence", None) => KeyKind::TenantFence,
+                _ => return None,
+            },
+            ("l", true) => match (head, tail) {
+                ("cl", Some(_)) => KeyKind::CallLocators,
+                ("fence", Some(_)) => KeyKind::ShardFence,
+                _ => return None,
+            },
+            ("m", true) => match (head, tail) {
+                ("seq", Some(_)) => KeyKind::DurabilityMarker,
+                ("fence", Some(_)) => KeyKind::ShardFence,
+                _ => return None,
+            },
+            ("g", true) => match (head, tail) {
+                ("st", None) => KeyKind::GlobalStatuses,
+                ("users", None) => KeyKind::Users,
+                ("uloc", None) => KeyKind::UserLocators,
+                ("sloc", Some(_)) => KeyKind::StatusLocators,
+                (
+                    "stv" | "uv" | "tenants" | "epoch" | "cmdq" | "members" | "fence_seq" | "progress" | "poison",
+                    None,
+                )
+                | ("job" | "settings" | "schema" | "ckpt" | "lease" | "asof", Some(_)) => KeyKind::ProjectorState,
+                _ => return None,
+            },
+            _ => return None,
+        };
+        Some(kind)
+    }
 }
 
 #[cfg(test)]
@@ -331,6 +435,73 @@ mod tests {
         assert_eq!(k.fence_of_tag("t6"), k.fence(t));
         assert_eq!(tag_of("no tag"), None);
         assert_eq!(tag_of("a{}b"), None);
+    }
+
+    #[test]
+    fn every_key_of_the_schema_is_told_by_its_kind() {
+        let k = Keys::new("cb").in_partition(2);
+        let t = TenantId::new(6).unwrap();
+        let d = DocKey::from_stored("65f0a0a0a0a0a0a0a0a0a0a0".into());
+        let cases = [
+            (k.zset(t, StatusKey::new(-2)), KeyKind::StatusCalls),
+            (k.docs(t), KeyKind::Documents),
+            (k.windows(t), KeyKind::Windows),
+            (k.statuses(t), KeyKind::TenantStatuses),
+            (k.meta(t), KeyKind::TenantMeta),
+            (k.version(t), KeyKind::TenantVersion),
+            (k.state(t), KeyKind::TenantState),
+            (k.status_stamp(t), KeyKind::TenantStatusStamp),
+            (k.fence(t), KeyKind::TenantFence),
+            (k.call_loc(&d), KeyKind::CallLocators),
+            (k.fence_of_tag("l17"), KeyKind::ShardFence),
+            (k.fence_of_tag("m3"), KeyKind::ShardFence),
+            (k.marker("m3"), KeyKind::DurabilityMarker),
+            (k.global_statuses(), KeyKind::GlobalStatuses),
+            (k.users(), KeyKind::Users),
+            (k.user_loc(), KeyKind::UserLocators),
+            (k.status_loc(), KeyKind::StatusLocators),
+        ];
+        for (key, kind) in &cases {
+            assert_eq!(k.kind_of(key), Some(*kind), "{key}");
+            assert_eq!(Keys::new("cb").kind_of(key), Some(*kind), "{key} from another partition's keys");
+        }
+        let own = [
+            k.fence_seq(),
+            k.global_status_stamp(),
+            k.users_stamp(),
+            k.tenants(),
+            k.epoch(),
+            k.commands(),
+            k.job("j1"),
+            k.schema(),
+            k.fingerprint(),
+            k.checkpoint(),
+            k.lease(),
+            k.as_of(),
+            k.members(),
+            k.poison(),
+            k.progress(),
+        ];
+        for key in &own {
+            assert_eq!(k.kind_of(key), Some(KeyKind::ProjectorState), "{key}");
+        }
+        let kinds: std::collections::BTreeSet<_> = cases.iter().map(|c| c.1.pattern()).collect();
+        assert_eq!(kinds.len(), cases.len() - 1, "one pattern per kind");
+        for foreign in [
+            "other:{t6}:doc",
+            "cb:{t6}:docs",
+            "cb:{t6}:z:one",
+            "cb:{tx}:doc",
+            "cb:{t}:doc",
+            "cb:t6:doc",
+            "cb:{g}:nope",
+            "cb:{l3}:cl",
+            "cb:{q1}:seq:0",
+            "cbx:{g}:users",
+            "cb:{g}",
+        ] {
+            assert_eq!(k.kind_of(foreign), None, "{foreign}");
+        }
     }
 
     #[test]
