@@ -31,7 +31,10 @@ const PIPELINE: usize = 500;
 pub async fn key_costs(nodes: &[String], keys: &Keys) -> anyhow::Result<Vec<KeyCost>> {
     let mut by_kind: BTreeMap<Option<KeyKind>, (u64, u64)> = BTreeMap::new();
     for url in nodes {
-        let mut c = redis::Client::open(url.as_str())?.get_multiplexed_async_connection().await?;
+        // No response timeout: weighing every element of a 200K-member
+        // ZSET takes tens of ms, a pipeline of 500 keys may hold several.
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let mut c = redis::Client::open(url.as_str())?.get_multiplexed_async_connection_with_config(&config).await?;
         let mut names: Vec<String> = Vec::new();
         let mut cursor = 0_u64;
         loop {

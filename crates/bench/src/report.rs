@@ -302,15 +302,13 @@ impl Report {
         Ok(())
     }
 
-    /// Two panels, log scale: req/s @64 and p99 @1 for "limit 20 enriched",
-    /// hit vs live, by dataset.
-    /// Bytes per call of tenant 1 by key type, per dataset.
+    /// Redis's bytes by key type over tenant 1's calls, per dataset.
     fn key_cost_table(&self, md: &mut String) -> anyhow::Result<()> {
         let scenarios: Vec<&ScenarioResult> = self.scenarios.iter().filter(|s| !s.key_costs.is_empty()).collect();
         if scenarios.is_empty() {
             return Ok(());
         }
-        // Rows in the order of the largest dataset's weights.
+        // Rows in the order of the last dataset's weights, then the others' kinds.
         let mut kinds: Vec<Option<callboard_readmodel::keys::KeyKind>> = Vec::new();
         for s in scenarios.iter().rev() {
             for c in &s.key_costs {
@@ -320,7 +318,7 @@ impl Report {
             }
         }
         writeln!(md, "### What each key type costs\n")?;
-        writeln!(md, "Bytes per call of tenant 1, and keys, right after its warm: every key under the prefix weighed with `MEMORY USAGE <key> SAMPLES 0` (every element counted), by its row in the key schema (docs/ARCHITECTURE.md).\n")?;
+        writeln!(md, "Every key in Redis right after tenant 1's warm, weighed with `MEMORY USAGE <key> SAMPLES 0` (every element counted), by its row in the key schema (docs/ARCHITECTURE.md), over tenant 1's calls; and the keys of each type. Only tenant 1 is warm, but the shared keys (users, global statuses, the projectors' own) and every tenant's statuses count too: next to 1M calls they weigh nothing, next to the 947 calls of one tenant among 1,000 they show.\n")?;
         let head: Vec<&str> = scenarios.iter().map(|s| s.name.as_str()).collect();
         writeln!(md, "| key type | {} |", head.join(" | "))?;
         writeln!(md, "|---|{}", "---:|".repeat(scenarios.len()))?;
@@ -343,10 +341,12 @@ impl Report {
         writeln!(md, "| **all keys** | {} |", sums.join(" | "))?;
         let used: Vec<String> = scenarios.iter().map(|s| format!("{} B", s.redis_bytes_per_call)).collect();
         writeln!(md, "| `used_memory` after the warm minus before | {} |", used.join(" | "))?;
-        writeln!(md, "\nThe keys' sum leaves out what `used_memory` also counts: Redis's own entry per key in its keyspace and the allocator's slack; it also counts keys that were there before the warm (the users, the statuses).\n")?;
+        writeln!(md, "\n`MEMORY USAGE` counts a key's name, its keyspace entry and its value; `used_memory` also counts the keyspace's bucket arrays, its growth (a rehash doubles them) and the allocator's slack, and it is a difference over the warm, so it leaves out the keys there before it (the users, the statuses).\n")?;
         Ok(())
     }
 
+    /// Two panels, log scale: req/s @64 and p99 @1 for "limit 20 enriched",
+    /// hit vs live, by dataset.
     fn svg(&self) -> String {
         let kind = "limit 20 enriched";
         let (w, h, pad) = (900.0, 360.0, 60.0);

@@ -355,8 +355,9 @@ impl Keys {
             None => (suffix, None),
         };
         let numbered = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-        let (class, number) = tag.split_at(1);
-        let kind = match (class, numbered(number) || tag == GLOBAL_TAG) {
+        // A tag's class, then its number (`{g}` alone has none).
+        let (class, number) = tag.split_at_checked(1)?;
+        let kind = match (class, if tag == GLOBAL_TAG { true } else { numbered(number) }) {
             ("t", true) => match (head, tail) {
                 ("z", Some(status)) => status.parse::<i64>().ok().map(|_| KeyKind::StatusCalls)?,
                 ("doc", None) => KeyKind::Documents,
@@ -379,7 +380,7 @@ impl Keys {
                 ("fence", Some(_)) => KeyKind::ShardFence,
                 _ => return None,
             },
-            ("g", true) => match (head, tail) {
+            ("g", true) if number.is_empty() => match (head, tail) {
                 ("st", None) => KeyKind::GlobalStatuses,
                 ("users", None) => KeyKind::Users,
                 ("uloc", None) => KeyKind::UserLocators,
@@ -499,6 +500,9 @@ mod tests {
             "cb:{q1}:seq:0",
             "cbx:{g}:users",
             "cb:{g}",
+            "cb:{g5}:users",
+            "cb:{é}:doc",
+            "cb:{té}:doc",
         ] {
             assert_eq!(k.kind_of(foreign), None, "{foreign}");
         }

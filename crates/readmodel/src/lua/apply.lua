@@ -44,8 +44,8 @@ local function cput(z, status, score, member, stored)
 end
 -- CPUTs of one ZSET in a row, as one ZADD: the same end state as removing
 -- the members already there (a replay, a re-warm) and then putting the
--- group one by one (a window can end one longer than with each put
--- after its own removal; never shorter, never past W). The first member
+-- group one by one (a window can end longer than with each put after
+-- its own removal; never shorter, never past W). The first member
 -- without a document, b, stays the first one:
 -- each new member ranked above b joins the window, the rest do not, and
 -- the window is cut to W (the members past W lose their documents).
