@@ -110,6 +110,20 @@ async fn main() -> anyhow::Result<()> {
                 p.refills
             );
         }
+        println!("\nWhere each kind's time went (s): decoding the events, reading locators, planning, applying:");
+        for p in &run.results {
+            if let Some(s) = p.stages {
+                println!(
+                    "{:<32} decode {:.3}  load_locators {:.3}  plan {:.3}  apply {:.3} ({:.0}%)",
+                    p.kind,
+                    s.decode,
+                    s.load,
+                    s.plan,
+                    s.apply,
+                    100.0 * s.apply / p.secs.max(1e-9)
+                );
+            }
+        }
         println!("\nRedis after the warm ({} calls in one tenant), by key type (MEMORY USAGE):", run.warm_calls);
         for c in &run.warm_costs {
             println!(

@@ -36,6 +36,21 @@ pub struct PipelineResult {
     /// Distinct statuses whose document window an apply left short (a
     /// refill from MongoDB would follow, not run here).
     pub refills: u64,
+    /// Where the time went, for the kinds run as change events.
+    pub stages: Option<Stages>,
+}
+
+/// Seconds in each stage of a batch, summed over a kind's batches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stages {
+    /// `change_of` and `needs`: decoding the events.
+    pub decode: f64,
+    /// `load_locators`: one round trip of locator reads.
+    pub load: f64,
+    /// `plan`.
+    pub plan: f64,
+    /// `apply`: the scripts built and run (intents, tenants, then the rest).
+    pub apply: f64,
 }
 
 impl PipelineResult {
@@ -89,15 +104,30 @@ async fn project(
     let fields = UserFields::default();
     let started = Instant::now();
     let mut short = std::collections::HashSet::new();
+    let mut stages = Stages::default();
     for batch in events.chunks(BATCH) {
+        let at = Instant::now();
         let changes: Vec<Change> = batch.iter().filter_map(|e| transform::change_of(e, &fields)).collect();
         let needs = transform::needs(&changes);
+        let decoded = Instant::now();
         let view = writer.load_locators(&needs.calls, &needs.users, &needs.statuses, &needs.tenants).await?;
+        let loaded = Instant::now();
         let plan = transform::plan(&changes, &view, 0);
+        let planned = Instant::now();
         short.extend(writer.apply(&plan).await?);
+        stages.decode += (decoded - at).as_secs_f64();
+        stages.load += (loaded - decoded).as_secs_f64();
+        stages.plan += (planned - loaded).as_secs_f64();
+        stages.apply += planned.elapsed().as_secs_f64();
     }
     let secs = started.elapsed().as_secs_f64();
-    Ok(PipelineResult { kind: kind.to_string(), events: events.len() as u64, secs, refills: short.len() as u64 })
+    Ok(PipelineResult {
+        kind: kind.to_string(),
+        events: events.len() as u64,
+        secs,
+        refills: short.len() as u64,
+        stages: Some(stages),
+    })
 }
 
 /// One run's figures.
@@ -136,6 +166,7 @@ pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<PipelineRun> {
         events: docs.len() as u64,
         secs: started.elapsed().as_secs_f64(),
         refills: short.len() as u64,
+        stages: None,
     });
     let warm_costs = crate::memory::key_costs(&[server.url()], &keys).await?;
 

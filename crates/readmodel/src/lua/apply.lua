@@ -42,6 +42,38 @@ local function cput(z, status, score, member, stored)
     redis.call('HSET', DW, status, d)
   end
 end
+-- CREMs of one ZSET in a row, as one ZREM: the same end state as
+-- removing the members one by one. A member is in the window when its
+-- rank is below d; removing a member ranked before another lowers both
+-- that one's rank and d by one, so whether each member is in the window
+-- can be read before any removal. Scored above the window's last member:
+-- in it; scored the same: its rank says.
+local function crems(z, status, members)
+  local present = redis.call('ZMSCORE', z, unpack(members))
+  local d = window(status)
+  -- No member at rank d - 1 (a window past the ZSET's end): every rank is below d.
+  local last, all = nil, false
+  if d > 0 then
+    last = tonumber(redis.call('ZREVRANGE', z, d - 1, d - 1, 'WITHSCORES')[2])
+    all = last == nil
+  end
+  local gone, seen, inside = {}, {}, 0
+  for j, m in ipairs(members) do
+    if present[j] and not seen[m] then
+      seen[m] = true
+      gone[#gone + 1] = m
+      local s = tonumber(present[j])
+      if all or (last and (s > last or (s == last and redis.call('ZREVRANK', z, m) < d))) then
+        inside = inside + 1
+      end
+    end
+  end
+  if #gone > 0 then
+    redis.call('ZREM', z, unpack(gone))
+    redis.call('HDEL', DOCS, unpack(gone))
+    if inside > 0 then redis.call('HSET', DW, status, d - inside) end
+  end
+end
 -- CPUTs of one ZSET in a row, as one ZADD: the same end state as removing
 -- the members already there (a replay, a re-warm) and then putting the
 -- group one by one (a window can end longer than with each put after
@@ -81,7 +113,8 @@ local function cputs(z, status, items)
   end
   if nd ~= d then redis.call('HSET', DW, status, nd) end
 end
--- At most this many CPUTs in one ZADD (Lua's unpack has a limit).
+-- At most this many CPUTs in one ZADD, CREMs in one ZREM (Lua's unpack
+-- has a limit).
 local GROUP = 500
 local i = 6
 while i <= #ARGV do
@@ -101,8 +134,15 @@ while i <= #ARGV do
     if #items == 1 then cput(k, status, items[1][1], items[1][2], items[1][3]) else cputs(k, status, items) end
     touched[k] = status
   elseif op == 'CREM' then
-    crem(k, ARGV[i + 2], ARGV[i + 3])
-    touched[k] = ARGV[i + 2]
+    -- This CREM and the CREMs of the same ZSET right after it.
+    local zarg, status = ARGV[i + 1], ARGV[i + 2]
+    local members = {ARGV[i + 3]}
+    while #members < GROUP and ARGV[i + 1 + n] == 'CREM' and ARGV[i + 2 + n] == zarg and i + 1 + 2 * n <= #ARGV do
+      i = i + 1 + n
+      members[#members + 1] = ARGV[i + 3]
+    end
+    if #members == 1 then crem(k, status, members[1]) else crems(k, status, members) end
+    touched[k] = status
   elseif op == 'HSET' then
     redis.call('HSET', k, ARGV[i + 2], ARGV[i + 3])
   elseif op == 'HDEL' then

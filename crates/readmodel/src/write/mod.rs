@@ -269,8 +269,9 @@ impl Writer {
     }
 
     /// Adds a tenant's operations in the order its script runs them:
-    /// removals, then puts by status (`apply.lua` runs a status's puts in a
-    /// row as one `ZADD`), then the rest. They commute: a plan names each
+    /// removals by status, then puts by status (`apply.lua` runs a status's
+    /// removals in a row as one `ZREM`, its puts as one `ZADD`), then the
+    /// rest. They commute: a plan names each
     /// call once, a call's removals are of places other than its put's,
     /// and statuses and the tenant's meta are keys of their own. Only the
     /// document windows' lengths can end up otherwise, and either way each
@@ -278,7 +279,7 @@ impl Writer {
     fn tenant_ops<'a>(&self, batch: &mut Batch, t: TenantId, ops: impl IntoIterator<Item = &'a TenantOp>) {
         let mut ops: Vec<&TenantOp> = ops.into_iter().collect();
         ops.sort_by_key(|op| match op {
-            TenantOp::Remove { .. } => (0, 0),
+            TenantOp::Remove { place, .. } => (0, place.status.get()),
             TenantOp::Put(e) => (1, e.place.status.get()),
             _ => (2, 0),
         });
