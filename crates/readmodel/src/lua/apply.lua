@@ -44,10 +44,12 @@ local function cput(z, status, score, member, stored)
 end
 -- CREMs of one ZSET in a row, as one ZREM: the same end state as
 -- removing the members one by one. A member is in the window when its
--- rank is below d; removing a member ranked before another lowers both
--- that one's rank and d by one, so whether each member is in the window
--- can be read before any removal. Scored above the window's last member:
--- in it; scored the same: its rank says.
+-- rank is below d, and that does not change as others are removed:
+-- removing a member of the window lowers d and the rank of every member
+-- after it by one; removing one past the window lowers only the ranks
+-- after it, all past the window already. So it can be read before any
+-- removal. Scored above the window's last member: in it; scored the
+-- same: its rank says.
 local function crems(z, status, members)
   local present = redis.call('ZMSCORE', z, unpack(members))
   local d = window(status)
