@@ -330,20 +330,14 @@ impl RedisCluster {
     }
 
     /// Polls every running node until it reports `cluster_state:ok` and
-    /// agrees on the slot map, and every running replica is in sync.
+    /// agrees on the slot map, every running replica is in sync, and every
+    /// running node's `CLUSTER NODES` shows each running replica with its
+    /// master (gossip can lag the replica's own view: a test that asks
+    /// [`RedisCluster::owners_of`] for a master's replicas must find them).
     pub fn wait_until_ok(&self) -> Result<(), TestkitError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
-                let (Ok(info), Ok(replication)) =
-                    (self.cli(n.port, &["cluster", "info"]), self.cli(n.port, &["info", "replication"]))
-                else {
-                    return false;
-                };
-                info.contains("cluster_state:ok")
-                    && info.contains("cluster_slots_ok:16384")
-                    && (replication.contains("role:master") || replication.contains("master_link_status:up"))
-            });
+            let ok = self.nodes_ok() && self.replicas_known();
             if ok {
                 return Ok(());
             }
@@ -357,6 +351,37 @@ impl RedisCluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Every running replica (`role:slave`) is listed with a master by
+    /// every running node.
+    fn replicas_known(&self) -> bool {
+        let running: Vec<u16> = self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.port).collect();
+        let replicas: Vec<u16> = running
+            .iter()
+            .copied()
+            .filter(|p| self.cli(*p, &["info", "replication"]).is_ok_and(|r| r.contains("role:slave")))
+            .collect();
+        running.iter().all(|p| {
+            let Ok(text) = self.cli(*p, &["cluster", "nodes"]) else { return false };
+            let seen: Vec<ClusterNodeInfo> = text.lines().filter_map(ClusterNodeInfo::parse).collect();
+            replicas.iter().all(|r| seen.iter().any(|n| n.port == *r && !n.master && n.master_id.is_some()))
+        })
+    }
+
+    /// Every running node is `cluster_state:ok` on all slots, and in sync
+    /// with its master if it is a replica.
+    fn nodes_ok(&self) -> bool {
+        self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+            let (Ok(info), Ok(replication)) =
+                (self.cli(n.port, &["cluster", "info"]), self.cli(n.port, &["info", "replication"]))
+            else {
+                return false;
+            };
+            info.contains("cluster_state:ok")
+                && info.contains("cluster_slots_ok:16384")
+                && (replication.contains("role:master") || replication.contains("master_link_status:up"))
+        })
     }
 
     /// The seed nodes, as `CALLBOARD_REDIS_CLUSTER_NODES` takes them.
