@@ -105,7 +105,7 @@ bench-stream: deps ## The board stream's figures: write-to-event latency at 1 an
 	target/release/callboard-bench --stream --out BENCHMARKS.md
 
 .PHONY: bench-pipeline
-bench-pipeline: ## The projector's own throughput without MongoDB, and what each key type costs after its warm, printed (make bench reports it too; under a minute)
+bench-pipeline: ## The projector's own throughput without MongoDB, and where each kind's time goes and what each key type costs after its warm, printed (make bench reports it too; under a minute)
 	$(CARGO) build --release -p callboard && $(CARGO) build --release -p callboard-bench
 	target/release/callboard-bench --pipeline
 

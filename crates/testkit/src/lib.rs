@@ -337,8 +337,7 @@ impl RedisCluster {
     pub fn wait_until_ok(&self) -> Result<(), TestkitError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let ok = self.nodes_ok() && self.replicas_known();
-            if ok {
+            if self.ready() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -353,34 +352,30 @@ impl RedisCluster {
         }
     }
 
-    /// Every running replica (`role:slave`) is listed with a master by
-    /// every running node.
-    fn replicas_known(&self) -> bool {
-        let running: Vec<u16> = self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.port).collect();
-        let replicas: Vec<u16> = running
-            .iter()
-            .copied()
-            .filter(|p| self.cli(*p, &["info", "replication"]).is_ok_and(|r| r.contains("role:slave")))
-            .collect();
-        running.iter().all(|p| {
-            let Ok(text) = self.cli(*p, &["cluster", "nodes"]) else { return false };
-            let seen: Vec<ClusterNodeInfo> = text.lines().filter_map(ClusterNodeInfo::parse).collect();
-            replicas.iter().all(|r| seen.iter().any(|n| n.port == *r && !n.master && n.master_id.is_some()))
-        })
-    }
-
-    /// Every running node is `cluster_state:ok` on all slots, and in sync
-    /// with its master if it is a replica.
-    fn nodes_ok(&self) -> bool {
-        self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
-            let (Ok(info), Ok(replication)) =
-                (self.cli(n.port, &["cluster", "info"]), self.cli(n.port, &["info", "replication"]))
-            else {
+    /// One poll of [`RedisCluster::wait_until_ok`]: each running node read
+    /// once (`CLUSTER INFO`, `INFO replication`, `CLUSTER NODES`).
+    fn ready(&self) -> bool {
+        let mut views = Vec::new();
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let (Ok(info), Ok(replication), Ok(nodes)) = (
+                self.cli(n.port, &["cluster", "info"]),
+                self.cli(n.port, &["info", "replication"]),
+                self.cli(n.port, &["cluster", "nodes"]),
+            ) else {
                 return false;
             };
-            info.contains("cluster_state:ok")
+            let ok = info.contains("cluster_state:ok")
                 && info.contains("cluster_slots_ok:16384")
-                && (replication.contains("role:master") || replication.contains("master_link_status:up"))
+                && (replication.contains("role:master") || replication.contains("master_link_status:up"));
+            if !ok {
+                return false;
+            }
+            let seen: Vec<ClusterNodeInfo> = nodes.lines().filter_map(ClusterNodeInfo::parse).collect();
+            views.push((n.port, replication.contains("role:slave"), seen));
+        }
+        // Every running replica is listed with a master by every running node.
+        views.iter().filter(|(_, replica, _)| *replica).all(|(port, _, _)| {
+            views.iter().all(|(_, _, seen)| seen.iter().any(|n| n.port == *port && !n.master && n.master_id.is_some()))
         })
     }
 

@@ -53,19 +53,17 @@ end
 local function crems(z, status, members)
   local present = redis.call('ZMSCORE', z, unpack(members))
   local d = window(status)
-  -- No member at rank d - 1 (a window past the ZSET's end): every rank is below d.
-  local last, all = nil, false
-  if d > 0 then
-    last = tonumber(redis.call('ZREVRANGE', z, d - 1, d - 1, 'WITHSCORES')[2])
-    all = last == nil
-  end
+  -- The score at rank d - 1; none with d > 0: the window would reach past
+  -- the ZSET's end, and every rank is below d.
+  local last
+  if d > 0 then last = tonumber(redis.call('ZREVRANGE', z, d - 1, d - 1, 'WITHSCORES')[2]) end
   local gone, seen, inside = {}, {}, 0
   for j, m in ipairs(members) do
     if present[j] and not seen[m] then
       seen[m] = true
       gone[#gone + 1] = m
       local s = tonumber(present[j])
-      if all or (last and (s > last or (s == last and redis.call('ZREVRANK', z, m) < d))) then
+      if d > 0 and (not last or s > last or (s == last and redis.call('ZREVRANK', z, m) < d)) then
         inside = inside + 1
       end
     end
@@ -86,10 +84,7 @@ end
 local function cputs(z, status, items)
   local members = {}
   for j, it in ipairs(items) do members[j] = it[2] end
-  local present = redis.call('ZMSCORE', z, unpack(members))
-  for j, it in ipairs(items) do
-    if present[j] then crem(z, status, it[2]) end
-  end
+  crems(z, status, members)
   local d = window(status)
   local b = redis.call('ZREVRANGE', z, d, d)[1]
   local scored = {}
@@ -118,6 +113,17 @@ end
 -- At most this many CPUTs in one ZADD, CREMs in one ZREM (Lua's unpack
 -- has a limit).
 local GROUP = 500
+-- Where the operation at i and the same operations on the same key right
+-- after it (at most GROUP in all) start.
+local function run_of(i, n)
+  local starts = {i}
+  local j = i + 1 + n
+  while #starts < GROUP and ARGV[j] == ARGV[i] and ARGV[j + 1] == ARGV[i + 1] and j + n <= #ARGV do
+    starts[#starts + 1] = j
+    j = j + 1 + n
+  end
+  return starts
+end
 local i = 6
 while i <= #ARGV do
   local op = ARGV[i]
@@ -126,22 +132,18 @@ while i <= #ARGV do
   local k = KEYS[tonumber(ARGV[i + 1])]
   if (op == 'CPUT' or op == 'CREM') and not tenant then return redis.error_reply('BADOP ' .. op .. ' outside a tenant') end
   if op == 'CPUT' then
-    -- This CPUT and the CPUTs of the same ZSET right after it.
-    local zarg, status = ARGV[i + 1], ARGV[i + 2]
-    local items = {{ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]}}
-    while #items < GROUP and ARGV[i + 1 + n] == 'CPUT' and ARGV[i + 2 + n] == zarg and i + 1 + 2 * n <= #ARGV do
-      i = i + 1 + n
-      items[#items + 1] = {ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]}
+    local status, items = ARGV[i + 2], {}
+    for _, j in ipairs(run_of(i, n)) do
+      items[#items + 1] = {ARGV[j + 3], ARGV[j + 4], ARGV[j + 5]}
+      i = j
     end
     if #items == 1 then cput(k, status, items[1][1], items[1][2], items[1][3]) else cputs(k, status, items) end
     touched[k] = status
   elseif op == 'CREM' then
-    -- This CREM and the CREMs of the same ZSET right after it.
-    local zarg, status = ARGV[i + 1], ARGV[i + 2]
-    local members = {ARGV[i + 3]}
-    while #members < GROUP and ARGV[i + 1 + n] == 'CREM' and ARGV[i + 2 + n] == zarg and i + 1 + 2 * n <= #ARGV do
-      i = i + 1 + n
-      members[#members + 1] = ARGV[i + 3]
+    local status, members = ARGV[i + 2], {}
+    for _, j in ipairs(run_of(i, n)) do
+      members[#members + 1] = ARGV[j + 3]
+      i = j
     end
     if #members == 1 then crem(k, status, members[1]) else crems(k, status, members) end
     touched[k] = status
