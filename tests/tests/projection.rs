@@ -610,14 +610,29 @@ async fn a_redis_restart_degrades_to_live_answers_then_recovers() {
 /// it (most hits are reuses: the label check).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_racing_writes_see_one_moment() {
-    for response_cache_mb in [0, 64] {
+    // No cache; reuse after a label read; and with tracking too (the
+    // default), where most reuses take no round trip.
+    for (response_cache_mb, track_ms) in [(0, 0), (64, 0), (64, 10)] {
         let services = callboard_testkit::Services::start().expect("start Redis and MongoDB");
-        let mut app =
-            callboard_tests::spawn_app_configured(services, |s| s.query.response_cache_mb = response_cache_mb).await;
+        let mut app = callboard_tests::spawn_app_configured(services, |s| {
+            s.query.response_cache_mb = response_cache_mb;
+            s.query.response_cache_track_ms = track_ms;
+        })
+        .await;
+        let tracked_before = app.counter(TRACKED_REUSES).await;
         race_reads_against_writes(&mut app, response_cache_mb).await;
+        let tracked = app.counter(TRACKED_REUSES).await - tracked_before;
+        eprintln!("tracking {track_ms} ms: {tracked} reuses with no round trip");
+        // Tracking is for a single node; a cluster reads the label.
+        let tracking = track_ms > 0 && !app.settings.redis.is_cluster();
+        assert_eq!(tracked > 0, tracking, "reuses with no round trip: {tracked}");
         app.stop().await;
     }
 }
+
+/// Kept answers reused with no round trip (Redis's tracking vouched for
+/// them).
+const TRACKED_REUSES: &str = "callboard_response_cache_reuses_total{check=\"tracking\"}";
 
 async fn race_reads_against_writes(app: &mut TestApp, response_cache_mb: u64) {
     app.insert(CALL_STATUS, &[doc! {"id": 1, "name": "Open"}, doc! {"id": 2, "name": "Done"}]).await;
@@ -770,6 +785,117 @@ async fn kept_answers_are_reused_until_what_they_show_changes() {
         assert!(app.counter(stale).await > stale_before, "{change}: the kept answer was not found stale");
     }
     app.stop().await;
+}
+
+/// With tracking, a kept answer is reused with no round trip until Redis
+/// pushes an invalidation of a key of its label, or the tracking
+/// connection is lost (whatever changed meanwhile was never pushed). The
+/// keys here are written straight to Redis with the projector stopped, so
+/// its watermark does not move, and only the invalidation (or the loss)
+/// can end the reuse. Each change must be found stale, and the
+/// answer must still be the live one. Fails if invalidations are ignored
+/// or if a lost connection's confirmations outlive it.
+#[tokio::test]
+async fn tracked_reuses_end_with_an_invalidation_or_the_connection() {
+    // The widest bound (a heartbeat every 500 ms), so that a late one
+    // (a slow machine) does not have a request read the label anyway.
+    let services = callboard_testkit::Services::start().expect("start Redis and MongoDB");
+    let mut app = callboard_tests::spawn_app_configured(services, |s| s.query.response_cache_track_ms = 1_000).await;
+    if app.settings.redis.is_cluster() {
+        eprintln!("tracking is for a single node: on a cluster every reuse reads its label");
+        return app.stop().await;
+    }
+    app.insert(CALL_STATUS, &[doc! {"id": 1, "name": "Open"}, doc! {"id": 2, "name": "Done"}]).await;
+    app.insert(USERS, &[doc! {"id": 1, "name": "User 1"}]).await;
+    let calls: Vec<Document> = (1..=6_i64)
+        .map(|i| {
+            doc! {"id": i, "tenant_id": 1 + i % 2, "status_id": 1 + i % 2, "owner_id": 1,
+            "start_time": DateTime::from_millis(1_700_000_000_000 + i)}
+        })
+        .collect();
+    app.insert(CALLS, &calls).await;
+    app.start_projector();
+    let fields = [("limit", "20")];
+    warm_up(&app, 1, &fields).await;
+    warm_up(&app, 2, &fields).await;
+    let token = app.token(1);
+    let live = app.live(1, &fields).await;
+    // Its watermarks (which it publishes while idle too) stop: a new one
+    // would have the next request read the label anyway.
+    app.stop_projector().await;
+    let keys = callboard_readmodel::Keys::new(&app.settings.redis.key_prefix);
+    let (one, two) = (callboard_domain::TenantId::new(1).unwrap(), callboard_domain::TenantId::new(2).unwrap());
+    let mut conn = redis(&app).await;
+    let mut stamp = 0;
+    let mut touch = |key: String| {
+        stamp += 1;
+        redis::cmd("SET").arg(key).arg(format!("test-{stamp}")).to_owned()
+    };
+
+    tracked_reuse(&app, &token, &fields, &live).await;
+    // Another tenant's key leaves tenant 1's reuse as it was.
+    let _: () = touch(keys.status_stamp(two)).query_async(&mut conn).await.unwrap();
+    tracked_reuse(&app, &token, &fields, &live).await;
+    for (change, key) in
+        [("the tenant's status stamp", keys.status_stamp(one)), ("the users' stamp", keys.users_stamp())]
+    {
+        let _: () = touch(key).query_async(&mut conn).await.unwrap();
+        found_stale(&app, &token, &fields, &live, change).await;
+        tracked_reuse(&app, &token, &fields, &live).await;
+    }
+
+    // The connection lost: the next one has read none of the keys, so
+    // nothing confirmed on the old one may be trusted on it.
+    let old = tracking_connections(&mut conn).await;
+    assert_eq!(old.len(), 1, "one tracking connection");
+    let killed: u64 = redis::cmd("CLIENT").arg("KILL").arg("ID").arg(&old[0]).query_async(&mut conn).await.unwrap();
+    assert_eq!(killed, 1);
+    let deadline = std::time::Instant::now() + WAIT;
+    while tracking_connections(&mut conn).await.iter().all(|id| *id == old[0]) {
+        assert!(std::time::Instant::now() < deadline, "no new tracking connection");
+        tokio::task::yield_now().await;
+    }
+    tracked_reuse(&app, &token, &fields, &live).await;
+    let _: () = touch(keys.users_stamp()).query_async(&mut conn).await.unwrap();
+    found_stale(&app, &token, &fields, &live, "the users' stamp, after a new connection").await;
+    tracked_reuse(&app, &token, &fields, &live).await;
+    app.stop().await;
+}
+
+/// The ids of the response cache's tracking connections (`CLIENT LIST`).
+async fn tracking_connections(conn: &mut callboard_readmodel::Conn) -> Vec<String> {
+    let clients: String = redis::cmd("CLIENT").arg("LIST").query_async(conn).await.unwrap();
+    let name = format!("name={}", callboard_readmodel::tracking::CLIENT_NAME);
+    clients
+        .lines()
+        .filter(|l| l.split(' ').any(|f| f == name))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")).map(str::to_string))
+        .collect()
+}
+
+/// Requests until one is a reuse with no round trip; each must be `live`.
+async fn tracked_reuse(app: &TestApp, token: &str, fields: &[(&str, &str)], live: &Value) {
+    let before = app.counter(TRACKED_REUSES).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while app.counter(TRACKED_REUSES).await == before {
+        assert!(std::time::Instant::now() < deadline, "no reuse without a round trip");
+        let (cache, body) = app.grouped_as(token, fields, false).await;
+        assert_eq!(cache, "hit");
+        callboard_tests::reference::assert_same(&body, live, "a reuse");
+    }
+}
+
+/// Requests until the kept answer is found stale (its label read again
+/// and changed); each must be `live`.
+async fn found_stale(app: &TestApp, token: &str, fields: &[(&str, &str)], live: &Value, change: &str) {
+    let stale = "callboard_response_cache_lookups_total{result=\"stale\"}";
+    let before = app.counter(stale).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while app.counter(stale).await == before {
+        assert!(std::time::Instant::now() < deadline, "{change}: the kept answer was never found stale");
+        let (_, body) = app.grouped_as(token, fields, false).await;
+        callboard_tests::reference::assert_same(&body, live, change);
+    }
 }
 
 /// Redis going back in time (every key but the leases restored from a

@@ -24,6 +24,14 @@ pub const IDLE_POLL: Duration = Duration::from_millis(100);
 /// ...and while one does.
 pub const BUSY_POLL: Duration = Duration::from_millis(5);
 
+/// The watermarks as read, and the instant the read that first returned
+/// them ended: every write they stand for landed in Redis before it.
+#[derive(Debug, Clone, PartialEq)]
+struct Copy {
+    marks: Vec<Watermark>,
+    read: Instant,
+}
+
 /// The partitions' watermarks, kept fresh. Cheap to clone.
 #[derive(Clone)]
 pub struct Watermarks {
@@ -32,7 +40,9 @@ pub struct Watermarks {
 
 struct Inner {
     partitioning: Partitioning,
-    latest: watch::Receiver<Vec<Watermark>>,
+    /// The copy, and when it was first read back (a read that began
+    /// before it and ended after the projector published it).
+    latest: watch::Receiver<Copy>,
     /// Requests waiting for a watermark: the poll quickens while any do.
     waiting: AtomicUsize,
     wake: Notify,
@@ -41,7 +51,8 @@ struct Inner {
 impl Watermarks {
     /// Starts the refresher; it stops when the last clone is dropped.
     pub fn spawn(cache: ReadModel, partitioning: Partitioning) -> Self {
-        let (tx, latest) = watch::channel(vec![Watermark::default(); partitioning.count() as usize]);
+        let zero = vec![Watermark::default(); partitioning.count() as usize];
+        let (tx, latest) = watch::channel(Copy { marks: zero, read: Instant::now() });
         let inner = Arc::new(Inner { partitioning, latest, waiting: AtomicUsize::new(0), wake: Notify::new() });
         tokio::spawn(refresh(cache, partitioning, Arc::downgrade(&inner), tx));
         Self { inner }
@@ -50,7 +61,14 @@ impl Watermarks {
     /// What `tenant`'s answers can claim, as last read (the zero
     /// watermark, which vouches for nothing, before the first read).
     pub fn of(&self, tenant: TenantId) -> Watermark {
-        self.inner.partitioning.claim(tenant, &self.inner.latest.borrow())
+        self.inner.partitioning.claim(tenant, &self.inner.latest.borrow().marks)
+    }
+
+    /// [`Self::of`], and the instant its copy was read by: data read
+    /// from Redis at a later moment reflects every write it stands for.
+    pub fn read_of(&self, tenant: TenantId) -> (Watermark, std::time::Instant) {
+        let copy = self.inner.latest.borrow();
+        (self.inner.partitioning.claim(tenant, &copy.marks), copy.read.into_std())
     }
 
     /// Waits until `tenant`'s partition covers `min`, until `deadline` at
@@ -59,7 +77,7 @@ impl Watermarks {
         let mut latest = self.inner.latest.clone();
         let _waiting = Waiting::new(&self.inner);
         loop {
-            let w = self.inner.partitioning.claim(tenant, &latest.borrow_and_update());
+            let w = self.inner.partitioning.claim(tenant, &latest.borrow_and_update().marks);
             if w.covers(min) {
                 return Some(w);
             }
@@ -89,15 +107,20 @@ impl Drop for Waiting<'_> {
     }
 }
 
-async fn refresh(cache: ReadModel, partitioning: Partitioning, inner: Weak<Inner>, tx: watch::Sender<Vec<Watermark>>) {
+async fn refresh(cache: ReadModel, partitioning: Partitioning, inner: Weak<Inner>, tx: watch::Sender<Copy>) {
     let mut failing = false;
     loop {
         match cache.watermarks(partitioning.count()).await {
             Ok(marks) => {
                 failing = false;
+                let read = Instant::now();
                 tx.send_if_modified(|current| {
-                    let changed = *current != marks;
-                    *current = marks;
+                    // The first read of a copy keeps its instant: the
+                    // earliest that vouches for it.
+                    let changed = current.marks != marks;
+                    if changed {
+                        *current = Copy { marks, read };
+                    }
                     changed
                 });
             }

@@ -76,7 +76,11 @@ impl AppParts {
             .with_user_fields(settings.query.user_fields()?)
             .with_answer_cache(settings.query.response_cache_mb << 20, Some(metrics.answer_lookup_observer()));
         if !settings.redis.is_cluster() {
-            cache = cache.with_hot_client(settings.redis.client()?);
+            let client = settings.redis.client()?;
+            cache = cache
+                .with_tracking(&client, Duration::from_millis(settings.query.response_cache_track_ms))
+                .map_err(ApplicationError::Redis)?
+                .with_hot_client(client);
         }
         let limits = LiveLimits {
             max_concurrency: settings.query.max_live_concurrency,

@@ -38,6 +38,7 @@ pub mod names {
     pub const RESPONSE_CACHE_LOOKUPS: &str = "callboard_response_cache_lookups_total";
     pub const RESPONSE_CACHE_BYTES: &str = "callboard_response_cache_bytes";
     pub const RESPONSE_CACHE_ENTRIES: &str = "callboard_response_cache_entries";
+    pub const RESPONSE_CACHE_REUSES: &str = "callboard_response_cache_reuses_total";
 }
 
 /// How often an API process recounts its tenants by state.
@@ -69,6 +70,7 @@ pub struct Metrics {
     stream_connections: IntGauge,
     stream_events: IntCounter,
     answer_lookups: IntCounterVec,
+    answer_reuses: IntCounterVec,
     answer_bytes: IntGauge,
     answer_entries: IntGauge,
 }
@@ -196,12 +198,21 @@ impl Metrics {
             &["result"],
         )
         .expect("valid counter");
+        let answer_reuses = IntCounterVec::new(
+            Opts::new(
+                names::RESPONSE_CACHE_REUSES,
+                "kept answers reused (the hits of callboard_response_cache_lookups_total), by how they were found current: tracking (with no round trip: Redis's tracking vouched for them, query.response_cache_track_ms), label_read (after one read of their label)",
+            ),
+            &["check"],
+        )
+        .expect("valid counter");
         let answer_bytes = gauge(
             names::RESPONSE_CACHE_BYTES,
             "bytes of rendered answers this process keeps (query.response_cache_mb)",
         );
         let answer_entries = gauge(names::RESPONSE_CACHE_ENTRIES, "rendered answers this process keeps");
         registry.register(Box::new(answer_lookups.clone())).expect("unique metric");
+        registry.register(Box::new(answer_reuses.clone())).expect("unique metric");
         registry.register(Box::new(answer_bytes.clone())).expect("unique metric");
         registry.register(Box::new(answer_entries.clone())).expect("unique metric");
         Self {
@@ -229,6 +240,7 @@ impl Metrics {
             stream_connections,
             stream_events,
             answer_lookups,
+            answer_reuses,
             answer_bytes,
             answer_entries,
         }
@@ -236,15 +248,21 @@ impl Metrics {
 
     /// Counts one lookup of the response cache (its observer).
     pub fn answer_lookup_observer(&self) -> callboard_readmodel::LookupObserver {
-        let lookups = self.answer_lookups.clone();
-        let by_result: Vec<(Lookup, IntCounter)> = [Lookup::Hit, Lookup::Stale, Lookup::Absent]
-            .into_iter()
-            .map(|l| (l, lookups.with_label_values(&[l.as_str()])))
-            .collect();
-        std::sync::Arc::new(move |lookup| {
-            if let Some((_, c)) = by_result.iter().find(|(l, _)| *l == lookup) {
-                c.inc();
+        let result = |l: Lookup| self.answer_lookups.with_label_values(&[l.as_str()]);
+        let check = |c: &str| self.answer_reuses.with_label_values(&[c]);
+        let (hit, stale, absent) = (result(Lookup::Hit), result(Lookup::Stale), result(Lookup::Absent));
+        let (tracking, label_read) = (check("tracking"), check("label_read"));
+        std::sync::Arc::new(move |lookup| match lookup {
+            Lookup::Tracked => {
+                hit.inc();
+                tracking.inc();
             }
+            Lookup::Hit => {
+                hit.inc();
+                label_read.inc();
+            }
+            Lookup::Stale => stale.inc(),
+            Lookup::Absent => absent.inc(),
         })
     }
 

@@ -62,20 +62,34 @@ impl CacheOutcome {
     }
 }
 
+/// Where a grouped answer may come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serve {
+    /// The cache when it is fresh enough (an answer Redis's tracking
+    /// vouches for with no round trip), else live.
+    Cached,
+    /// The cache as Redis is after this call began, else live: for a
+    /// board that has just seen its version move, whose answer must show
+    /// that version's data at least.
+    CachedNow,
+    /// Live, always (`Cache-Control: no-cache` from an operator).
+    Live,
+}
+
 impl AppState {
     /// The grouped response: from Redis when the tenant is warm and the
     /// cache is as fresh as `freshness` asks; otherwise live from MongoDB,
     /// after queueing a warm of a cold tenant (once, however many requests
-    /// see it cold). `bypass_cache` forces the live answer. A Redis failure
+    /// see it cold). `serve` says whether the cache may answer. A Redis failure
     /// degrades to the live answer rather than an error.
     pub async fn grouped(
         &self,
         tenant: TenantId,
         request: &GroupedRequest,
         freshness: &Freshness,
-        bypass_cache: bool,
+        serve: Serve,
     ) -> Result<Answer, ApiError> {
-        let answer = self.answer(tenant, request, freshness, bypass_cache).await?;
+        let answer = self.answer(tenant, request, freshness, serve).await?;
         if answer.body.calls() > self.max_response_calls {
             return Err(ApiError::new(
                 ErrorCode::ResponseTooLarge,
@@ -95,7 +109,7 @@ impl AppState {
         tenant: TenantId,
         request: &GroupedRequest,
         freshness: &Freshness,
-        bypass_cache: bool,
+        serve: Serve,
     ) -> Result<Answer, ApiError> {
         let started = Instant::now();
         let arrived_ms = now_ms();
@@ -112,14 +126,19 @@ impl AppState {
                 ));
             }
         }
-        let reason = if bypass_cache {
+        let reason = if serve == Serve::Live {
             "bypass"
         } else if !self.noeviction.load(Ordering::Relaxed) {
             "redis_may_evict"
         } else {
-            // Read before the data: a lower bound of what the data reflects.
-            let mark = self.watermarks.of(tenant);
-            match self.cache.grouped(tenant, request).await {
+            // Read before the data: a lower bound of what the data reflects
+            // (an answer reused with no round trip reflects Redis at a
+            // moment after the copy was read: `grouped_not_before`). A
+            // `min_as_of` request reads the label, so that it sees every
+            // write acknowledged before it arrived.
+            let (mark, read) = self.watermarks.read_of(tenant);
+            let not_before = (freshness.min_as_of.is_none() && serve == Serve::Cached).then_some(read);
+            match self.cache.grouped_not_before(tenant, request, not_before).await {
                 Ok(Read::Hit(body)) => match self.fresh_hit(tenant, request, freshness, mark, body, started).await {
                     Ok(answer) => {
                         self.metrics.observe_grouped(CacheOutcome::Hit, started.elapsed());

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::{ApiError, ErrorCode};
-use crate::state::{AppState, CacheOutcome};
+use crate::state::{AppState, CacheOutcome, Serve};
 
 pub const STREAM_PATH: &str = "/crm/calls/stream";
 /// The query parameter that carries a token where a header cannot
@@ -513,7 +513,8 @@ impl Connection {
             }
         }
         let at = Instant::now();
-        let answer = match self.state.grouped(self.tenant, &self.request, &Freshness::default(), false).await {
+        let answer = match self.state.grouped(self.tenant, &self.request, &Freshness::default(), Serve::CachedNow).await
+        {
             Ok(answer) => answer,
             Err(e) => {
                 slot.failed = Some((at, e.code, e.message.clone()));

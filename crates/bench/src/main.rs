@@ -301,30 +301,38 @@ async fn run_scenario(args: &Args, s: &Scenario, with_lag: bool) -> anyhow::Resu
     ))
 }
 
-/// The serve process's response-cache lookups so far, by result.
+/// The serve process's response-cache lookups so far, by result, and its
+/// reuses with no round trip.
 #[derive(Debug, Default)]
 struct Lookups {
     hit: f64,
     other: f64,
+    tracked: f64,
 }
 
 impl Lookups {
-    /// The share of lookups since `before` that reused a kept answer.
-    fn reuse_since(&self, before: &Lookups) -> Option<f64> {
+    /// The share of lookups since `before` that reused a kept answer, and
+    /// the share of those reuses that took no round trip.
+    fn reuse_since(&self, before: &Lookups) -> Option<(f64, f64)> {
         let (hit, other) = (self.hit - before.hit, self.other - before.other);
-        (hit + other > 0.0).then(|| hit / (hit + other))
+        let tracked = self.tracked - before.tracked;
+        (hit + other > 0.0).then(|| (hit / (hit + other), if hit > 0.0 { tracked / hit } else { 0.0 }))
     }
 }
 
 async fn answer_lookups(client: &reqwest::Client, base: &str) -> anyhow::Result<Lookups> {
     let text = client.get(format!("{base}/metrics")).send().await?.text().await?;
     let mut lookups = Lookups::default();
-    for line in text.lines().filter(|l| l.starts_with("callboard_response_cache_lookups_total{")) {
-        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        if line.contains("result=\"hit\"") {
-            lookups.hit += value;
-        } else {
-            lookups.other += value;
+    let value = |line: &str| -> f64 { line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0) };
+    for line in text.lines() {
+        if line.starts_with("callboard_response_cache_lookups_total{") {
+            if line.contains("result=\"hit\"") {
+                lookups.hit += value(line);
+            } else {
+                lookups.other += value(line);
+            }
+        } else if line.starts_with("callboard_response_cache_reuses_total{check=\"tracking\"}") {
+            lookups.tracked += value(line);
         }
     }
     Ok(lookups)

@@ -36,8 +36,9 @@ pub struct ScenarioResult {
     pub rss_serve_kb: u64,
     pub rss_project_kb: u64,
     /// The share of warm reads during the hit loads that reused a kept
-    /// answer (`None`: no response cache, or no lookups).
-    pub answer_reuse: Option<f64>,
+    /// answer, and the share of those reuses that took no round trip
+    /// (`None`: no response cache, or no lookups).
+    pub answer_reuse: Option<(f64, f64)>,
     /// What Redis held right after the warm, by key type.
     pub key_costs: Vec<crate::memory::KeyCost>,
     pub loads: Vec<Load>,
@@ -157,11 +158,12 @@ impl Report {
         writeln!(md)?;
         for s in &self.scenarios {
             match s.answer_reuse {
-                Some(share) => writeln!(
+                Some((share, tracked)) => writeln!(
                     md,
-                    "- {}: {:.2}% of the hits above reused an answer kept by the process (`callboard_response_cache_lookups_total`; `query.response_cache_mb`).",
+                    "- {}: {:.2}% of the hits above reused an answer kept by the process (`callboard_response_cache_lookups_total`; `query.response_cache_mb`), {:.2}% of those with no round trip (`callboard_response_cache_reuses_total{{check=\"tracking\"}}`; `query.response_cache_track_ms`).",
                     s.name,
-                    share * 100.0
+                    share * 100.0,
+                    tracked * 100.0
                 )?,
                 None => writeln!(md, "- {}: no answer was reused (the response cache is off).", s.name)?,
             }

@@ -95,6 +95,19 @@ impl TenantLabel {
     }
 }
 
+impl Label {
+    /// From the values of [`SharedLabel::keys`] then [`TenantLabel::keys`],
+    /// in order (an `MGET` of them).
+    pub(crate) fn from_values(values: Vec<Option<String>>) -> Self {
+        let mut values = values.into_iter();
+        let mut next = || values.next().flatten();
+        Label {
+            shared: SharedLabel::from_values([next(), next(), next()]),
+            tenant: TenantLabel::from_values([next(), next(), next()]),
+        }
+    }
+}
+
 /// A kept answer and the label it was read at.
 #[derive(Debug)]
 pub(crate) struct Kept {
@@ -105,8 +118,11 @@ pub(crate) struct Kept {
 /// What a lookup found, for the hit rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {
-    /// An answer kept at the current label: reused.
+    /// An answer kept at the current label: reused after reading the label.
     Hit,
+    /// An answer kept at the label Redis's tracking vouches for: reused
+    /// with no round trip ([`crate::tracking`]).
+    Tracked,
     /// An answer kept at an older label: read and rendered again.
     Stale,
     /// None kept (never read here, or pushed out by newer ones).
@@ -117,6 +133,7 @@ impl Lookup {
     pub fn as_str(self) -> &'static str {
         match self {
             Lookup::Hit => "hit",
+            Lookup::Tracked => "tracked",
             Lookup::Stale => "stale",
             Lookup::Absent => "absent",
         }

@@ -195,6 +195,17 @@ impl Keys {
         format!("t{}", t.get())
     }
 
+    /// The tenant whose slot `key` (one of this schema's, `{t<id>}`) is
+    /// in; `None` for any other key.
+    pub fn tenant_of(&self, key: &str) -> Option<TenantId> {
+        let rest = key.strip_prefix(self.prefix.as_str())?.strip_prefix(":{t")?;
+        let (id, _) = rest.split_once('}')?;
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        TenantId::new(id.parse().ok()?).ok()
+    }
+
     fn tenant(&self, t: TenantId, suffix: &str) -> String {
         format!("{}:{{{}}}:{suffix}", self.prefix, self.tenant_tag(t))
     }
@@ -505,6 +516,22 @@ mod tests {
             "cb:{té}:doc",
         ] {
             assert_eq!(k.kind_of(foreign), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn a_tenants_keys_name_their_tenant() {
+        let k = Keys::new("cb");
+        let t = TenantId::new(61).unwrap();
+        for key in [k.state(t), k.status_stamp(t), k.version(t), k.zset(t, StatusKey::new(3)), k.docs(t)] {
+            assert_eq!(k.tenant_of(&key), Some(t), "{key}");
+        }
+        for key in [k.users_stamp(), k.global_status_stamp(), k.schema(), k.fence_of_tag("l3")] {
+            assert_eq!(k.tenant_of(&key), None, "{key}");
+        }
+        assert_eq!(Keys::new("other").tenant_of(&k.state(t)), None, "another prefix");
+        for key in ["cb:{t}:state", "cb:{t-1}:state", "cb:{t6x}:state", "cb:{t99999999999999999999}:ver", "cb:{t6"] {
+            assert_eq!(k.tenant_of(key), None, "{key}");
         }
     }
 

@@ -16,6 +16,7 @@ pub mod keys;
 mod local;
 mod read;
 pub mod state;
+pub mod tracking;
 pub mod write;
 
 pub use answers::{Lookup, LookupObserver};

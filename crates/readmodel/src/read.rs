@@ -1,5 +1,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use callboard_domain::render::{self, GroupCalls, UserFields};
 use callboard_domain::{ClusterTime, GroupedBody, GroupedRequest, Status, StatusRecord, TenantId, UserId, Watermark};
@@ -10,6 +11,7 @@ use crate::codec::{member_call_id, split_stored, user_json_for};
 use crate::conn::{transaction, Conn, Redis};
 use crate::local::{LocalCopies, Stamps, TenantStatuses};
 use crate::state::{as_of, is_job_id, job, progress, Command};
+use crate::tracking::Tracking;
 use crate::write::script::{script, REQUEST_WARM};
 use crate::{Keys, ReadModelError, TenantState};
 
@@ -84,6 +86,8 @@ pub struct ReadModel {
     user_fields: UserFields,
     /// Rendered answers kept for reuse (`query.response_cache_mb`).
     answers: Option<Answers>,
+    /// Reuse with no round trip (`query.response_cache_track_ms`).
+    tracking: Option<Tracking>,
 }
 
 /// The grouped read's connections: one multiplexed, self-reconnecting
@@ -127,6 +131,7 @@ impl ReadModel {
             hot: None,
             user_fields: UserFields::default(),
             answers: None,
+            tracking: None,
         }
     }
 
@@ -136,6 +141,18 @@ impl ReadModel {
     pub fn with_answer_cache(mut self, max_bytes: u64, observe: Option<LookupObserver>) -> Self {
         self.answers = (max_bytes > 0).then(|| Answers::new(max_bytes, observe));
         self
+    }
+
+    /// Reuses kept answers with no round trip while Redis's tracking
+    /// (RESP3 `CLIENT TRACKING`, over a connection of its own to `client`)
+    /// vouches for them, at most `bound` behind (see [`crate::tracking`]).
+    /// Single node only, with an answer cache; a cluster, or no cache,
+    /// leaves this off. Starts the connection on the current runtime.
+    pub fn with_tracking(mut self, client: &redis::Client, bound: Duration) -> Result<Self, ReadModelError> {
+        if self.answers.is_some() && !self.redis.is_cluster() && !bound.is_zero() {
+            self.tracking = Some(Tracking::spawn(client, self.keys.clone(), bound)?);
+        }
+        Ok(self)
     }
 
     /// (bytes, entries) of rendered answers kept now; `None` without a
@@ -169,7 +186,7 @@ impl ReadModel {
     /// must see what Redis holds (a copy would hide a hash lost under an
     /// unchanged stamp).
     pub fn without_local_copies(&self) -> Self {
-        Self { local: LocalCopies::default(), answers: None, ..self.clone() }
+        Self { local: LocalCopies::default(), answers: None, tracking: None, ..self.clone() }
     }
 
     pub async fn ping(&self) -> Result<(), ReadModelError> {
@@ -319,12 +336,32 @@ impl ReadModel {
     /// shared by the requests for the tenant that arrived before it
     /// started ([`Self::current_label`]).
     pub async fn grouped(&self, tenant: TenantId, request: &GroupedRequest) -> Result<Read, ReadModelError> {
+        self.grouped_not_before(tenant, request, None).await
+    }
+
+    /// [`Self::grouped`], where an answer that reflects Redis at a moment
+    /// no older than `not_before` will do: with tracking
+    /// ([`Self::with_tracking`]), a kept answer it vouches for since then
+    /// is reused with no round trip. `None`: a moment after this call
+    /// began, as [`Self::grouped`].
+    pub async fn grouped_not_before(
+        &self,
+        tenant: TenantId,
+        request: &GroupedRequest,
+        not_before: Option<Instant>,
+    ) -> Result<Read, ReadModelError> {
         let Some(answers) = &self.answers else {
             return Ok(self.read_grouped(tenant, request).await?.0);
         };
         let key = AnswerKey::of(tenant, request);
         let kept = answers.get(&key);
         if let Some(kept) = &kept {
+            if let (Some(tracking), Some(since)) = (&self.tracking, not_before) {
+                if tracking.vouches(tenant, &kept.label, since) {
+                    answers.observe(Lookup::Tracked);
+                    return Ok(Read::Hit(kept.body.clone()));
+                }
+            }
             if self.current_label(answers, tenant).await? == kept.label {
                 answers.observe(Lookup::Hit);
                 return Ok(Read::Hit(kept.body.clone()));
@@ -394,6 +431,14 @@ impl ReadModel {
     async fn read_label(&self, tenant: TenantId) -> Result<Label, ReadModelError> {
         let shared = SharedLabel::keys(&self.keys);
         let own = TenantLabel::keys(&self.keys, tenant);
+        if let Some((mut conn, stamp)) = self.tracking.as_ref().and_then(|t| t.begin(tenant)) {
+            let values: Vec<Option<String>> = redis::cmd("MGET").arg(&shared).arg(&own).query_async(&mut conn).await?;
+            let label = Label::from_values(values);
+            if let Some(tracking) = &self.tracking {
+                tracking.confirm(tenant, stamp, &label);
+            }
+            return Ok(label);
+        }
         let values: Vec<Option<String>> = match &self.hot {
             Some(hot) if !self.redis.is_cluster() => {
                 redis::cmd("MGET").arg(&shared).arg(&own).query_async(&mut hot.get().await?).await?
@@ -410,12 +455,7 @@ impl ReadModel {
                 g_values
             }
         };
-        let mut values = values.into_iter();
-        let mut next = || values.next().flatten();
-        Ok(Label {
-            shared: SharedLabel::from_values([next(), next(), next()]),
-            tenant: TenantLabel::from_values([next(), next(), next()]),
-        })
+        Ok(Label::from_values(values))
     }
 
     async fn grouped_on<C: redis::aio::ConnectionLike + Send>(
@@ -750,6 +790,9 @@ impl ReadModel {
     pub async fn invalidate(&self, tenant: TenantId) -> Result<(), ReadModelError> {
         let mut c = self.conn().await?;
         let _: () = c.del(self.keys.state(tenant)).await?;
+        if let Some(tracking) = &self.tracking {
+            tracking.void(tenant);
+        }
         let _: () = c.rpush(self.keys.commands(), Command::Purge { tenant }.encode()).await?;
         Ok(())
     }

@@ -34,6 +34,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("CALLBOARD_PROJECTOR_WATERMARK_COLLECTION", "projector.watermark_collection"),
     ("CALLBOARD_QUERY_MAX_STALENESS_MS", "query.max_staleness_ms"),
     ("CALLBOARD_QUERY_RESPONSE_CACHE_MB", "query.response_cache_mb"),
+    ("CALLBOARD_QUERY_RESPONSE_CACHE_TRACK_MS", "query.response_cache_track_ms"),
     ("CALLBOARD_RECONCILE_INTERVAL_S", "reconcile.interval_s"),
     ("CALLBOARD_RECONCILE_MAX_QUERIES_PER_S", "reconcile.max_queries_per_s"),
     ("CALLBOARD_STREAM_MAX_EVENTS_PER_S", "stream.max_events_per_s"),
@@ -48,6 +49,7 @@ const INT_KEYS: &[&str] = &[
     "projector.partitions",
     "query.max_staleness_ms",
     "query.response_cache_mb",
+    "query.response_cache_track_ms",
     "reconcile.interval_s",
     "reconcile.max_queries_per_s",
     "stream.max_events_per_s",
@@ -247,6 +249,10 @@ pub struct QuerySettings {
     pub max_staleness_ms: Option<u64>,
     /// MiB of rendered answers each API process keeps for reuse; 0: none.
     pub response_cache_mb: u64,
+    /// On a single node, a kept answer is reused with no round trip while
+    /// Redis's tracking vouches for it at most this many ms behind; 0:
+    /// every reuse reads its label (one `MGET`).
+    pub response_cache_track_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -401,6 +407,9 @@ impl Settings {
         }
         if self.query.response_cache_mb > 1 << 20 {
             return Err(invalid("query.response_cache_mb", "must be at most 1048576 (1 TiB)"));
+        }
+        if self.query.response_cache_track_ms > 1_000 {
+            return Err(invalid("query.response_cache_track_ms", "must be at most 1000"));
         }
         let coll = &self.projector.watermark_collection;
         if coll.starts_with("system.") || coll.contains(['$', '\0']) || coll.len() > 120 {

@@ -8,7 +8,7 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::freshness::now_ms;
 use crate::params::GroupedParams;
-use crate::state::AppState;
+use crate::state::{AppState, Serve};
 
 /// Every change committed in MongoDB before this instant is in the answer.
 pub const AS_OF_HEADER: &str = "X-Callboard-As-Of";
@@ -67,7 +67,8 @@ pub async fn get_grouped_by_status(
     span.record("tenant", caller.tenant.get());
     // Only an operator may bypass the cache (verification, benchmarks).
     let bypass = caller.is_admin() && wants_no_cache(&http);
-    let answer = state.grouped(caller.tenant, &request, &freshness, bypass).await?;
+    let serve = if bypass { Serve::Live } else { Serve::Cached };
+    let answer = state.grouped(caller.tenant, &request, &freshness, serve).await?;
     span.record("cache", answer.outcome.as_str());
     let lag_ms = now_ms().saturating_sub(answer.as_of_ms);
     Ok(HttpResponse::Ok()
