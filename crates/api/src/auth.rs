@@ -2,6 +2,7 @@
 //! `role: "admin"`. The tenant of a request comes from here and nowhere else.
 
 use std::future::{ready, Ready};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_web::dev::Payload;
@@ -78,7 +79,36 @@ pub struct JwtKeys {
     admin: Option<Key>,
     validation: Validation,
     rules: TokenRules,
+    verified: Arc<Verified>,
 }
+
+/// Tokens verified already, by their exact text, with what they proved:
+/// a dashboard polling with one token has its signature checked once
+/// (HMAC-SHA256, base64 and JSON: about a tenth of a cached hit's CPU)
+/// and its times on every request. Only tokens that passed are kept, so a
+/// bad token costs what it always did; bounded in bytes, least recently
+/// useful first.
+type Verified = quick_cache::sync::Cache<Box<str>, Passed, TokenBytes>;
+
+/// What a verified token proved, and the times it holds between.
+#[derive(Debug, Clone, Copy)]
+struct Passed {
+    caller: Caller,
+    nbf: Option<u64>,
+}
+
+#[derive(Clone)]
+struct TokenBytes;
+
+impl quick_cache::Weighter<Box<str>, Passed> for TokenBytes {
+    fn weight(&self, token: &Box<str>, _: &Passed) -> u64 {
+        // The text, the entry and the map's slot (an estimate).
+        token.len() as u64 + 96
+    }
+}
+
+/// The verified tokens kept per process, in bytes.
+const VERIFIED_BYTES: u64 = 4 << 20;
 
 impl JwtKeys {
     /// One secret for every token, with the default rules (any `aud` and
@@ -108,7 +138,8 @@ impl JwtKeys {
             required.push("iss");
         }
         validation.set_required_spec_claims(&required);
-        Self { tenant: Key::new(secret), admin: admin_secret.map(Key::new), validation, rules: rules.clone() }
+        let verified = Arc::new(Verified::with_weighter(16_384, VERIFIED_BYTES, TokenBytes));
+        Self { tenant: Key::new(secret), admin: admin_secret.map(Key::new), validation, rules: rules.clone(), verified }
     }
 
     /// A token for `tenant`, valid for `ttl`; an admin one is signed with
@@ -129,6 +160,30 @@ impl JwtKeys {
     }
 
     pub fn verify(&self, token: &str) -> Result<Caller, ApiError> {
+        self.verify_at(token, SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs())
+    }
+
+    /// [`Self::verify`] at `now` (Unix seconds). A token verified before
+    /// is checked again only against the times, as jsonwebtoken checks
+    /// them: `exp` no earlier than `now` less the leeway, `nbf` (if any) no
+    /// later than `now` plus it.
+    fn verify_at(&self, token: &str, now: u64) -> Result<Caller, ApiError> {
+        if let Some(passed) = self.verified.get(token) {
+            if now > passed.caller.expires_at_s {
+                self.verified.remove(token);
+                return Err(reject(ErrorKind::ExpiredSignature.into()));
+            }
+            if passed.nbf.is_none_or(|nbf| nbf <= now.saturating_add(self.validation.leeway)) {
+                return Ok(passed.caller);
+            }
+        }
+        let (caller, nbf) = self.check(token)?;
+        self.verified.insert(token.into(), Passed { caller, nbf });
+        Ok(caller)
+    }
+
+    /// The whole check: signature, claims and times.
+    fn check(&self, token: &str) -> Result<(Caller, Option<u64>), ApiError> {
         let decode = |key: &Key| jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation);
         // With an operator secret, a tenant-secret token is a member
         // whatever its `role` says; only the operator secret makes admins.
@@ -140,7 +195,8 @@ impl JwtKeys {
         let tenant = TenantId::new(data.claims.tenant_id)
             .map_err(|_| ApiError::new(ErrorCode::InvalidToken, "the token's tenant_id is not valid"))?;
         let role = if may_admin && data.claims.role.as_deref() == Some("admin") { Role::Admin } else { Role::Member };
-        Ok(Caller { tenant, role, expires_at_s: data.claims.exp.saturating_add(self.validation.leeway) })
+        let caller = Caller { tenant, role, expires_at_s: data.claims.exp.saturating_add(self.validation.leeway) };
+        Ok((caller, data.claims.nbf))
     }
 }
 
@@ -259,6 +315,31 @@ mod tests {
         for (claims, expected) in cases {
             assert_eq!(outcome(&strict, SECRET, claims.clone()), expected, "{claims}");
         }
+    }
+
+    /// A token verified once is accepted again on its times alone, for
+    /// exactly as long as jsonwebtoken would accept it; a token that
+    /// differs in one byte, or failed, is checked in full.
+    #[test]
+    fn a_verified_token_is_reused_only_while_its_times_hold() {
+        let keys = JwtKeys::with_rules(SECRET, None, &rules(None, None, 5));
+        let (t0, exp) = (now() as u64, now() as u64 + 60);
+        let token = sign(SECRET, json!({"tenant_id": 4, "exp": exp, "nbf": t0 - 1}));
+        let code = |r: Result<Caller, ApiError>| r.map(|c| c.tenant.get()).map_err(|e| e.code.meta().1);
+        assert_eq!(code(keys.verify_at(&token, t0)), Ok(4));
+        // Past `exp` by the leeway, only the kept verification can say so:
+        // a full check reads the real clock.
+        assert_eq!(code(keys.verify_at(&token, exp + 5)), Ok(4), "within the leeway");
+        assert_eq!(code(keys.verify_at(&token, exp + 6)), Err("token_expired"));
+        assert_eq!(code(keys.verify_at(&token, t0)), Ok(4), "checked in full again, at the real time");
+        let mut forged = token.clone().into_bytes();
+        let last = forged.len() - 1;
+        forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert_eq!(code(keys.verify_at(&forged, t0)), Err("invalid_token"), "one byte off");
+        assert_eq!(code(keys.verify_at(&forged, t0)), Err("invalid_token"), "a failure is not kept");
+        let other = JwtKeys::with_rules(b"another-secret-0123456789abcdef0123", None, &rules(None, None, 5));
+        assert_eq!(code(other.verify_at(&token, t0)), Err("invalid_token"), "kept per set of keys");
     }
 
     #[test]

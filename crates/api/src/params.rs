@@ -77,7 +77,13 @@ fn too_large(max: usize) -> ApiError {
 pub(crate) async fn read_body(req: &HttpRequest, payload: Payload, max: usize) -> Result<Bytes, ApiError> {
     let timeout =
         req.app_data::<web::Data<ParamLimits>>().map_or(std::time::Duration::from_secs(10), |l| l.body_timeout);
-    tokio::time::timeout(timeout, read_body_within(req, payload, max)).await.unwrap_or_else(|_| {
+    // A body that came with the head (a small form, nearly always) is read
+    // without arming a timer.
+    let mut read = std::pin::pin!(read_body_within(req, payload, max));
+    if let std::task::Poll::Ready(body) = futures::poll!(read.as_mut()) {
+        return body;
+    }
+    tokio::time::timeout(timeout, read).await.unwrap_or_else(|_| {
         Err(ApiError::new(
             ErrorCode::RequestTimeout,
             format!("the request body did not arrive within {} ms", timeout.as_millis()),
