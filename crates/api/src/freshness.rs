@@ -27,7 +27,7 @@ pub const BUSY_POLL: Duration = Duration::from_millis(5);
 /// The watermarks as read, and the instant the read that first returned
 /// them ended: every write they stand for landed in Redis before it.
 #[derive(Debug, Clone, PartialEq)]
-struct Copy {
+struct MarksCopy {
     marks: Vec<Watermark>,
     read: Instant,
 }
@@ -42,7 +42,7 @@ struct Inner {
     partitioning: Partitioning,
     /// The copy, and when it was first read back (a read that began
     /// before it and ended after the projector published it).
-    latest: watch::Receiver<Copy>,
+    latest: watch::Receiver<MarksCopy>,
     /// Requests waiting for a watermark: the poll quickens while any do.
     waiting: AtomicUsize,
     wake: Notify,
@@ -52,7 +52,7 @@ impl Watermarks {
     /// Starts the refresher; it stops when the last clone is dropped.
     pub fn spawn(cache: ReadModel, partitioning: Partitioning) -> Self {
         let zero = vec![Watermark::default(); partitioning.count() as usize];
-        let (tx, latest) = watch::channel(Copy { marks: zero, read: Instant::now() });
+        let (tx, latest) = watch::channel(MarksCopy { marks: zero, read: Instant::now() });
         let inner = Arc::new(Inner { partitioning, latest, waiting: AtomicUsize::new(0), wake: Notify::new() });
         tokio::spawn(refresh(cache, partitioning, Arc::downgrade(&inner), tx));
         Self { inner }
@@ -107,7 +107,7 @@ impl Drop for Waiting<'_> {
     }
 }
 
-async fn refresh(cache: ReadModel, partitioning: Partitioning, inner: Weak<Inner>, tx: watch::Sender<Copy>) {
+async fn refresh(cache: ReadModel, partitioning: Partitioning, inner: Weak<Inner>, tx: watch::Sender<MarksCopy>) {
     let mut failing = false;
     loop {
         match cache.watermarks(partitioning.count()).await {
@@ -119,7 +119,7 @@ async fn refresh(cache: ReadModel, partitioning: Partitioning, inner: Weak<Inner
                     // earliest that vouches for it.
                     let changed = current.marks != marks;
                     if changed {
-                        *current = Copy { marks, read };
+                        *current = MarksCopy { marks, read };
                     }
                     changed
                 });

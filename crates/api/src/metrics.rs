@@ -48,6 +48,7 @@ pub const TENANT_COUNT_EVERY: std::time::Duration = std::time::Duration::from_se
 pub struct Metrics {
     registry: Registry,
     grouped: HistogramVec,
+    grouped_by_outcome: std::sync::OnceLock<(prometheus::Histogram, prometheus::Histogram)>,
     events_applied: IntGauge,
     lag_ms: IntGauge,
     warms: IntGauge,
@@ -218,6 +219,7 @@ impl Metrics {
         Self {
             registry,
             grouped,
+            grouped_by_outcome: std::sync::OnceLock::new(),
             events_applied,
             lag_ms,
             warms,
@@ -312,7 +314,16 @@ impl Metrics {
     }
 
     pub fn observe_grouped(&self, outcome: CacheOutcome, elapsed: Duration) {
-        self.grouped.with_label_values(&[outcome.as_str()]).observe(elapsed.as_secs_f64());
+        // Each outcome's histogram found once, not by its label per request.
+        let (hit, miss) = self.grouped_by_outcome.get_or_init(|| {
+            let of = |o: CacheOutcome| self.grouped.with_label_values(&[o.as_str()]);
+            (of(CacheOutcome::Hit), of(CacheOutcome::Miss))
+        });
+        match outcome {
+            CacheOutcome::Hit => hit,
+            CacheOutcome::Miss => miss,
+        }
+        .observe(elapsed.as_secs_f64());
     }
 
     /// The text exposition, with the projector's figures refreshed (a few

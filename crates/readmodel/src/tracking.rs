@@ -194,6 +194,9 @@ fn on_push(shared: &Shared, epoch: u64, push: PushInfo) {
     }
 }
 
+/// How long to wait before connecting again after a failure.
+const RETRY: Duration = Duration::from_millis(200);
+
 /// Connects (again, after a loss) and sends the heartbeat, until the
 /// tracking is dropped.
 async fn heartbeat(shared: Weak<Shared>) {
@@ -211,16 +214,23 @@ async fn heartbeat(shared: Weak<Shared>) {
                 let reply: Result<Value, _> = redis::cmd("PING").query_async(&mut conn).await;
                 let mut state = strong.state.lock().unwrap_or_else(|p| p.into_inner());
                 match reply {
-                    Ok(_) if state.epoch == epoch => state.vouched = state.vouched.max(Some(sent)),
-                    Ok(_) => {}
+                    Ok(_) => {
+                        if state.epoch == epoch {
+                            state.vouched = state.vouched.max(Some(sent));
+                        }
+                        beat
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "the response cache's tracking connection failed; reconnecting");
+                        if !failing {
+                            tracing::warn!(error = %e, "the response cache's tracking connection failed; reconnecting");
+                        }
+                        failing = true;
                         if state.epoch == epoch {
                             state.new_epoch();
                         }
+                        RETRY
                     }
                 }
-                beat
             }
             None => match connect(&strong).await {
                 Ok(()) => {
@@ -235,7 +245,7 @@ async fn heartbeat(shared: Weak<Shared>) {
                         tracing::warn!(error = %e, "no tracking connection for the response cache; every reuse reads the label");
                     }
                     failing = true;
-                    Duration::from_millis(200)
+                    RETRY
                 }
             },
         };
@@ -260,6 +270,9 @@ async fn connect(shared: &Arc<Shared>) -> Result<(), ReadModelError> {
     let mut conn = shared.client.get_multiplexed_async_connection_with_config(&config).await?;
     let _: Value = redis::cmd("CLIENT").arg("SETNAME").arg(CLIENT_NAME).query_async(&mut conn).await?;
     let _: Value = redis::cmd("CLIENT").arg("TRACKING").arg("ON").query_async(&mut conn).await?;
+    // A Redis still loading its data accepts the above but not a PING:
+    // not up yet.
+    let _: Value = redis::cmd("PING").query_async(&mut conn).await?;
     let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
     if state.epoch == epoch {
         state.conn = Some(conn);
@@ -291,6 +304,22 @@ mod tests {
         label
     }
 
+    /// A heartbeat older than the bound vouches for nothing.
+    #[test]
+    fn only_a_recent_heartbeat_vouches() {
+        let shared = Arc::new(Shared { bound: Duration::from_millis(10), ..shared() });
+        let tracking = Tracking { shared: shared.clone() };
+        let a = TenantId::new(1).unwrap();
+        shared.state.lock().unwrap().new_epoch();
+        let stamp = tracking.state().stamp(a);
+        tracking.confirm(a, stamp, &label("1"));
+        let long_ago = Instant::now().checked_sub(Duration::from_millis(50)).unwrap();
+        shared.state.lock().unwrap().vouched = Some(long_ago);
+        assert!(!tracking.vouches(a, &label("1"), long_ago), "50 ms old, against a 10 ms bound");
+        shared.state.lock().unwrap().vouched = Some(Instant::now());
+        assert!(tracking.vouches(a, &label("1"), long_ago));
+    }
+
     /// What each push voids, and that a confirmation taken before an
     /// invalidation is not kept after it.
     #[test]
@@ -309,7 +338,7 @@ mod tests {
         confirm(b, &label("1"));
         assert!(tracking.vouches(a, &label("1"), now));
         assert!(!tracking.vouches(a, &label("2"), now), "another label");
-        assert!(!tracking.vouches(a, &label("1"), now + Duration::from_millis(1)), "a heartbeat too old");
+        assert!(!tracking.vouches(a, &label("1"), now + Duration::from_millis(1)), "a heartbeat before the watermark");
 
         on_push(&shared, epoch, invalidate(&[shared.keys.version(a)]));
         assert!(!tracking.vouches(a, &label("1"), now), "a's key changed");

@@ -408,8 +408,11 @@ impl Settings {
         if self.query.response_cache_mb > 1 << 20 {
             return Err(invalid("query.response_cache_mb", "must be at most 1048576 (1 TiB)"));
         }
-        if self.query.response_cache_track_ms > 1_000 {
-            return Err(invalid("query.response_cache_track_ms", "must be at most 1000"));
+        if self.query.response_cache_track_ms == 1 || self.query.response_cache_track_ms > 1_000 {
+            return Err(invalid(
+                "query.response_cache_track_ms",
+                "must be 0 (off) or from 2 to 1000 (a heartbeat every half of it)",
+            ));
         }
         let coll = &self.projector.watermark_collection;
         if coll.starts_with("system.") || coll.contains(['$', '\0']) || coll.len() > 120 {
@@ -638,6 +641,9 @@ mod tests {
         assert!(s.redis.is_cluster());
         assert_eq!(s.redis.cluster_nodes, [Secret::new("redis://a:7000"), Secret::new("redis://b:7001")]);
         assert_eq!(load(&[]).unwrap().redis.url(), RedisSettings::DEFAULT_URL);
+        assert_eq!(load(&[]).unwrap().query.response_cache_track_ms, 10);
+        let s = load(&[("CALLBOARD_QUERY_RESPONSE_CACHE_TRACK_MS", "0")]).unwrap();
+        assert_eq!(s.query.response_cache_track_ms, 0);
     }
 
     #[test]
@@ -653,6 +659,8 @@ mod tests {
             ("CALLBOARD_PROJECTOR_PARTITIONS", "0", "projector.partitions (CALLBOARD_PROJECTOR_PARTITIONS)"),
             ("CALLBOARD_MONGO_URI", "mongodb://x", "CALLBOARD_MONGO_URI"),
             ("CALLBOARD_REDIS_CLUSTER_NODES", "localhost:7000", "redis.cluster_nodes (CALLBOARD_REDIS_CLUSTER_NODES)"),
+            ("CALLBOARD_QUERY_RESPONSE_CACHE_TRACK_MS", "1", "query.response_cache_track_ms"),
+            ("CALLBOARD_QUERY_RESPONSE_CACHE_TRACK_MS", "1001", "query.response_cache_track_ms"),
         ];
         for (var, value, expected) in cases {
             let err = load(&[(var, value)]).unwrap_err().to_string();

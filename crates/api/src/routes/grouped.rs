@@ -1,4 +1,4 @@
-use actix_web::http::header;
+use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
 use tracing_actix_web::RootSpan;
 
@@ -11,9 +11,9 @@ use crate::params::GroupedParams;
 use crate::state::{AppState, Serve};
 
 /// Every change committed in MongoDB before this instant is in the answer.
-pub const AS_OF_HEADER: &str = "X-Callboard-As-Of";
+pub const AS_OF_HEADER: &str = "x-callboard-as-of";
 /// How long before the answer was sent that instant was, in ms.
-pub const LAG_HEADER: &str = "X-Callboard-Lag-Ms";
+pub const LAG_HEADER: &str = "x-callboard-lag-ms";
 
 /// `POST /crm/calls/get-grouped-by-status`
 #[utoipa::path(
@@ -71,12 +71,32 @@ pub async fn get_grouped_by_status(
     let answer = state.grouped(caller.tenant, &request, &freshness, serve).await?;
     span.record("cache", answer.outcome.as_str());
     let lag_ms = now_ms().saturating_sub(answer.as_of_ms);
-    Ok(HttpResponse::Ok()
-        .content_type("application/json")
-        .insert_header(("X-Cache", answer.outcome.as_str()))
-        .insert_header((AS_OF_HEADER, rfc3339_ms(answer.as_of_ms)))
-        .insert_header((LAG_HEADER, lag_ms.to_string()))
-        .body(shared_bytes(answer.body.shared())))
+    let mut response = HttpResponse::Ok().body(shared_bytes(answer.body.shared()));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(HeaderName::from_static("x-cache"), HeaderValue::from_static(answer.outcome.as_str()));
+    headers.insert(HeaderName::from_static(AS_OF_HEADER), as_of_value(answer.as_of_ms));
+    headers.insert(HeaderName::from_static(LAG_HEADER), HeaderValue::from(lag_ms));
+    Ok(response)
+}
+
+/// `as_of_ms` in RFC 3339, formatted once per watermark and thread: every
+/// hit between two watermarks carries the same one.
+fn as_of_value(as_of_ms: u64) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u64, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((ms, value)) if *ms == as_of_ms => value.clone(),
+            _ => {
+                let value = HeaderValue::from_str(&rfc3339_ms(as_of_ms)).expect("RFC 3339 is header-safe");
+                *last = Some((as_of_ms, value.clone()));
+                value
+            }
+        }
+    })
 }
 
 /// The body as actix's bytes without copying it: a reused answer is
@@ -97,4 +117,16 @@ fn wants_no_cache(http: &HttpRequest) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn as_of_is_formatted_for_each_watermark() {
+        assert_eq!(as_of_value(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(as_of_value(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(as_of_value(1_700_000_000_124), "2023-11-14T22:13:20.124Z");
+    }
 }
