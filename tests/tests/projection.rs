@@ -53,6 +53,15 @@ async fn warm_up(app: &TestApp, tenant: i64, fields: &[(&str, &str)]) {
     assert!(hit, "tenant {tenant} never became a cache hit");
 }
 
+/// Inserts `calls`, starts the projector and warms each of `tenants`.
+async fn project_and_warm(app: &mut TestApp, calls: &[Document], fields: &[(&str, &str)], tenants: &[i64]) {
+    app.insert(CALLS, calls).await;
+    app.start_projector();
+    for t in tenants {
+        warm_up(app, *t, fields).await;
+    }
+}
+
 async fn redis(app: &TestApp) -> callboard_readmodel::Conn {
     app.redis().await
 }
@@ -729,11 +738,8 @@ async fn kept_answers_are_reused_until_what_they_show_changes() {
             "owner_id": 1 + i % 3, "start_time": DateTime::from_millis(1_700_000_000_000 + i)}
         })
         .collect();
-    app.insert(CALLS, &calls).await;
-    app.start_projector();
     let fields = [("limit", "20")];
-    warm_up(&app, 1, &fields).await;
-    warm_up(&app, 2, &fields).await;
+    project_and_warm(&mut app, &calls, &fields, &[1, 2]).await;
     let hits = "callboard_response_cache_lookups_total{result=\"hit\"}";
     let stale = "callboard_response_cache_lookups_total{result=\"stale\"}";
 
@@ -820,11 +826,8 @@ async fn tracked_reuses_end_with_an_invalidation_or_the_connection() {
             "start_time": DateTime::from_millis(1_700_000_000_000 + i)}
         })
         .collect();
-    app.insert(CALLS, &calls).await;
-    app.start_projector();
     let fields = [("limit", "20")];
-    warm_up(&app, 1, &fields).await;
-    warm_up(&app, 2, &fields).await;
+    project_and_warm(&mut app, &calls, &fields, &[1, 2]).await;
     let token = app.token(1);
     let live = app.live(1, &fields).await;
     // Its watermarks (which it publishes while idle too) stop: a new one
