@@ -903,7 +903,9 @@ async fn found_stale(app: &TestApp, token: &str, fields: &[(&str, &str)], live: 
     let deadline = std::time::Instant::now() + WAIT;
     while app.counter(stale).await == before {
         assert!(std::time::Instant::now() < deadline, "{change}: the kept answer was never found stale");
-        let (_, body) = app.grouped_as(token, fields, false).await;
+        let (cache, body) = app.grouped_as(token, fields, false).await;
+        // Redis is up: never live (a failed label read would be).
+        assert_eq!(cache, "hit", "{change}");
         callboard_tests::reference::assert_same(&body, live, change);
     }
 }

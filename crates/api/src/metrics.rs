@@ -47,8 +47,8 @@ pub const TENANT_COUNT_EVERY: std::time::Duration = std::time::Duration::from_se
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    grouped: HistogramVec,
-    grouped_by_outcome: std::sync::OnceLock<(prometheus::Histogram, prometheus::Histogram)>,
+    /// `grouped`'s two series, found once rather than by label per request.
+    grouped_by_outcome: (prometheus::Histogram, prometheus::Histogram),
     events_applied: IntGauge,
     lag_ms: IntGauge,
     warms: IntGauge,
@@ -86,6 +86,10 @@ impl Metrics {
             &["cache"],
         )
         .expect("valid histogram");
+        let grouped_by_outcome = (
+            grouped.with_label_values(&[CacheOutcome::Hit.as_str()]),
+            grouped.with_label_values(&[CacheOutcome::Miss.as_str()]),
+        );
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid gauge");
         let events_applied = gauge(names::EVENTS_APPLIED, "change events read and applied by the projectors, summed over partitions (each partition reads every event)");
         let lag_ms = gauge(names::LAG_MS, "commit-to-apply lag of the last applied batch, ms");
@@ -218,8 +222,7 @@ impl Metrics {
         registry.register(Box::new(answer_entries.clone())).expect("unique metric");
         Self {
             registry,
-            grouped,
-            grouped_by_outcome: std::sync::OnceLock::new(),
+            grouped_by_outcome,
             events_applied,
             lag_ms,
             warms,
@@ -314,11 +317,7 @@ impl Metrics {
     }
 
     pub fn observe_grouped(&self, outcome: CacheOutcome, elapsed: Duration) {
-        // Each outcome's histogram found once, not by its label per request.
-        let (hit, miss) = self.grouped_by_outcome.get_or_init(|| {
-            let of = |o: CacheOutcome| self.grouped.with_label_values(&[o.as_str()]);
-            (of(CacheOutcome::Hit), of(CacheOutcome::Miss))
-        });
+        let (hit, miss) = &self.grouped_by_outcome;
         match outcome {
             CacheOutcome::Hit => hit,
             CacheOutcome::Miss => miss,

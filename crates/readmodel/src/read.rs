@@ -431,13 +431,19 @@ impl ReadModel {
     async fn read_label(&self, tenant: TenantId) -> Result<Label, ReadModelError> {
         let shared = SharedLabel::keys(&self.keys);
         let own = TenantLabel::keys(&self.keys, tenant);
-        if let Some((mut conn, stamp)) = self.tracking.as_ref().and_then(|t| t.begin(tenant)) {
-            let values: Vec<Option<String>> = redis::cmd("MGET").arg(&shared).arg(&own).query_async(&mut conn).await?;
-            let label = Label::from_values(values);
-            if let Some(tracking) = &self.tracking {
-                tracking.confirm(tenant, stamp, &label);
+        if let Some(tracking) = &self.tracking {
+            if let Some((mut conn, stamp)) = tracking.begin(tenant) {
+                match redis::cmd("MGET").arg(&shared).arg(&own).query_async(&mut conn).await {
+                    Ok(values) => {
+                        let label = Label::from_values(values);
+                        tracking.confirm(tenant, stamp, &label);
+                        return Ok(label);
+                    }
+                    // Not found out by the heartbeat yet: read as without
+                    // tracking, and confirm nothing.
+                    Err(e) => tracing::debug!(error = %e, "the label read failed on the tracking connection"),
+                }
             }
-            return Ok(label);
         }
         let values: Vec<Option<String>> = match &self.hot {
             Some(hot) if !self.redis.is_cluster() => {
@@ -722,6 +728,7 @@ impl ReadModel {
         if set != 1 {
             return Ok(None);
         }
+        self.void_tracked(tenant);
         let command = Command::Warm { tenant, epoch, job: job.map(str::to_string) };
         let _: () = c.rpush(self.keys.commands(), command.encode()).await?;
         Ok(Some(epoch))
@@ -745,6 +752,9 @@ impl ReadModel {
             .arg(TenantState::format_prefix())
             .invoke_async(&mut c)
             .await?;
+        if set == 1 {
+            self.void_tracked(tenant);
+        }
         Ok(set == 1)
     }
 
@@ -787,12 +797,18 @@ impl ReadModel {
 
     /// Marks `tenant` cold at once (reads go live from now on) and queues
     /// the removal of its calls for the projector.
-    pub async fn invalidate(&self, tenant: TenantId) -> Result<(), ReadModelError> {
-        let mut c = self.conn().await?;
-        let _: () = c.del(self.keys.state(tenant)).await?;
+    /// After this process wrote `tenant`'s label keys itself: its next
+    /// read must not precede the invalidation Redis will push.
+    fn void_tracked(&self, tenant: TenantId) {
         if let Some(tracking) = &self.tracking {
             tracking.void(tenant);
         }
+    }
+
+    pub async fn invalidate(&self, tenant: TenantId) -> Result<(), ReadModelError> {
+        let mut c = self.conn().await?;
+        let _: () = c.del(self.keys.state(tenant)).await?;
+        self.void_tracked(tenant);
         let _: () = c.rpush(self.keys.commands(), Command::Purge { tenant }.encode()).await?;
         Ok(())
     }

@@ -659,8 +659,16 @@ mod tests {
             ("CALLBOARD_PROJECTOR_PARTITIONS", "0", "projector.partitions (CALLBOARD_PROJECTOR_PARTITIONS)"),
             ("CALLBOARD_MONGO_URI", "mongodb://x", "CALLBOARD_MONGO_URI"),
             ("CALLBOARD_REDIS_CLUSTER_NODES", "localhost:7000", "redis.cluster_nodes (CALLBOARD_REDIS_CLUSTER_NODES)"),
-            ("CALLBOARD_QUERY_RESPONSE_CACHE_TRACK_MS", "1", "query.response_cache_track_ms"),
-            ("CALLBOARD_QUERY_RESPONSE_CACHE_TRACK_MS", "1001", "query.response_cache_track_ms"),
+            (
+                "CALLBOARD_QUERY_RESPONSE_CACHE_TRACK_MS",
+                "1",
+                "query.response_cache_track_ms (CALLBOARD_QUERY_RESPONSE_CACHE_TRACK_MS)",
+            ),
+            (
+                "CALLBOARD_QUERY_RESPONSE_CACHE_TRACK_MS",
+                "1001",
+                "query.response_cache_track_ms (CALLBOARD_QUERY_RESPONSE_CACHE_TRACK_MS)",
+            ),
         ];
         for (var, value, expected) in cases {
             let err = load(&[(var, value)]).unwrap_err().to_string();
