@@ -155,6 +155,7 @@ impl Tracking {
         let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.epoch == epoch {
             state.new_epoch();
+            tracing::warn!("the response cache's tracking connection was lost; reconnecting");
         }
     }
 }
@@ -274,9 +275,11 @@ async fn connect(shared: &Arc<Shared>) -> Result<(), ReadModelError> {
     // not up yet.
     let _: Value = redis::cmd("PING").query_async(&mut conn).await?;
     let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-    if state.epoch == epoch {
-        state.conn = Some(conn);
+    if state.epoch != epoch {
+        // Lost while it was being set up.
+        return Err(ReadModelError::Config("the tracking connection closed while it was set up".into()));
     }
+    state.conn = Some(conn);
     Ok(())
 }
 
