@@ -61,7 +61,7 @@ impl Watermarks {
     /// What `tenant`'s answers can claim, as last read (the zero
     /// watermark, which vouches for nothing, before the first read).
     pub fn of(&self, tenant: TenantId) -> Watermark {
-        self.inner.partitioning.claim(tenant, &self.inner.latest.borrow().marks)
+        self.read_of(tenant).0
     }
 
     /// [`Self::of`], and the instant its copy was read by: data read

@@ -226,7 +226,9 @@ pub fn create_app(
                 let resource = route(path, handler.method(method));
                 if path == GROUPED_PATH {
                     // Errors are answered without the cache, so they say miss too.
-                    c.service(resource.wrap(actix_web::middleware::DefaultHeaders::new().add(("X-Cache", "miss"))));
+                    c.service(resource.wrap(
+                        actix_web::middleware::DefaultHeaders::new().add((routes::grouped::CACHE_HEADER, "miss")),
+                    ));
                 } else {
                     c.service(resource);
                 }

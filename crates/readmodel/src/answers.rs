@@ -130,10 +130,12 @@ pub enum Lookup {
 }
 
 impl Lookup {
+    /// The `result` it counts under.
     pub fn as_str(self) -> &'static str {
         match self {
             Lookup::Hit => "hit",
-            Lookup::Tracked => "tracked",
+            // A hit too: `check` tells the two apart.
+            Lookup::Tracked => "hit",
             Lookup::Stale => "stale",
             Lookup::Absent => "absent",
         }

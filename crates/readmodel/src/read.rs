@@ -795,8 +795,6 @@ impl ReadModel {
         }))
     }
 
-    /// Marks `tenant` cold at once (reads go live from now on) and queues
-    /// the removal of its calls for the projector.
     /// After this process wrote `tenant`'s label keys itself: its next
     /// read must not precede the invalidation Redis will push.
     fn void_tracked(&self, tenant: TenantId) {
@@ -805,6 +803,8 @@ impl ReadModel {
         }
     }
 
+    /// Marks `tenant` cold at once (reads go live from now on) and queues
+    /// the removal of its calls for the projector.
     pub async fn invalidate(&self, tenant: TenantId) -> Result<(), ReadModelError> {
         let mut c = self.conn().await?;
         let _: () = c.del(self.keys.state(tenant)).await?;

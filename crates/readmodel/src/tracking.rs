@@ -87,15 +87,25 @@ impl State {
         self.confirmed.remove(&tenant);
     }
 
+    fn void_all(&mut self) {
+        self.global += 1;
+        self.confirmed.clear();
+    }
+
     /// A connection is gone (or a new one begins): nothing it vouched for
     /// holds any more.
     fn new_epoch(&mut self) -> u64 {
         self.epoch += 1;
-        self.global += 1;
+        self.void_all();
         self.conn = None;
         self.vouched = None;
-        self.confirmed.clear();
         self.epoch
+    }
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -112,7 +122,7 @@ impl Tracking {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.state()
     }
 
     /// Whether an answer kept at `label` may be reused with no round trip:
@@ -152,7 +162,7 @@ impl Tracking {
 
     /// Forgets the connection of `epoch` if it is still the current one.
     fn lost(shared: &Shared, epoch: u64) {
-        let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = shared.state();
         if state.epoch == epoch {
             state.new_epoch();
             tracing::warn!("the response cache's tracking connection was lost; reconnecting");
@@ -165,7 +175,7 @@ impl Tracking {
 fn on_push(shared: &Shared, epoch: u64, push: PushInfo) {
     match push.kind {
         PushKind::Invalidate => {
-            let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = shared.state();
             let keys = match push.data.into_iter().next() {
                 Some(Value::Array(keys)) => keys,
                 // `Nil`: a flush, everything.
@@ -184,10 +194,7 @@ fn on_push(shared: &Shared, epoch: u64, push: PushInfo) {
                         state.void(tenant);
                     }
                 }
-                None => {
-                    state.global += 1;
-                    state.confirmed.clear();
-                }
+                None => state.void_all(),
             }
         }
         PushKind::Disconnection => Tracking::lost(shared, epoch),
@@ -206,14 +213,14 @@ async fn heartbeat(shared: Weak<Shared>) {
         let Some(strong) = shared.upgrade() else { return };
         let beat = (strong.bound / 2).max(Duration::from_millis(1));
         let current = {
-            let state = strong.state.lock().unwrap_or_else(|p| p.into_inner());
+            let state = strong.state();
             state.conn.clone().map(|c| (state.epoch, c))
         };
         let pause = match current {
             Some((epoch, mut conn)) => {
                 let sent = Instant::now();
                 let reply: Result<Value, _> = redis::cmd("PING").query_async(&mut conn).await;
-                let mut state = strong.state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut state = strong.state();
                 match reply {
                     Ok(_) => {
                         if state.epoch == epoch {
@@ -257,7 +264,7 @@ async fn heartbeat(shared: Weak<Shared>) {
 
 /// A new connection of a new epoch, with tracking on.
 async fn connect(shared: &Arc<Shared>) -> Result<(), ReadModelError> {
-    let epoch = shared.state.lock().unwrap_or_else(|p| p.into_inner()).new_epoch();
+    let epoch = shared.state().new_epoch();
     let weak = Arc::downgrade(shared);
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
@@ -274,7 +281,7 @@ async fn connect(shared: &Arc<Shared>) -> Result<(), ReadModelError> {
     // A Redis still loading its data accepts the above but not a PING:
     // not up yet.
     let _: Value = redis::cmd("PING").query_async(&mut conn).await?;
-    let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut state = shared.state();
     if state.epoch != epoch {
         // Lost while it was being set up.
         return Err(ReadModelError::Config("the tracking connection closed while it was set up".into()));
@@ -313,13 +320,13 @@ mod tests {
         let shared = Arc::new(Shared { bound: Duration::from_secs(1), ..shared() });
         let tracking = Tracking { shared: shared.clone() };
         let a = TenantId::new(1).unwrap();
-        shared.state.lock().unwrap().new_epoch();
+        shared.state().new_epoch();
         let stamp = tracking.state().stamp(a);
         tracking.confirm(a, stamp, &label("1"));
         let long_ago = Instant::now().checked_sub(Duration::from_secs(2)).unwrap();
-        shared.state.lock().unwrap().vouched = Some(long_ago);
+        shared.state().vouched = Some(long_ago);
         assert!(!tracking.vouches(a, &label("1"), long_ago), "2 s old, against a 1 s bound");
-        shared.state.lock().unwrap().vouched = Some(Instant::now());
+        shared.state().vouched = Some(Instant::now());
         assert!(tracking.vouches(a, &label("1"), long_ago));
     }
 
@@ -331,8 +338,8 @@ mod tests {
         let tracking = Tracking { shared: shared.clone() };
         let (a, b) = (TenantId::new(1).unwrap(), TenantId::new(2).unwrap());
         let now = Instant::now();
-        let epoch = shared.state.lock().unwrap().new_epoch();
-        shared.state.lock().unwrap().vouched = Some(now);
+        let epoch = shared.state().new_epoch();
+        shared.state().vouched = Some(now);
         let confirm = |t, l: &Label| {
             let stamp = tracking.state().stamp(t);
             tracking.confirm(t, stamp, l);

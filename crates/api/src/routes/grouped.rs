@@ -14,6 +14,8 @@ use crate::state::{AppState, Serve};
 pub const AS_OF_HEADER: &str = "x-callboard-as-of";
 /// How long before the answer was sent that instant was, in ms.
 pub const LAG_HEADER: &str = "x-callboard-lag-ms";
+/// `hit` or `miss`.
+pub const CACHE_HEADER: &str = "x-cache";
 
 /// `POST /crm/calls/get-grouped-by-status`
 #[utoipa::path(
@@ -74,7 +76,7 @@ pub async fn get_grouped_by_status(
     let mut response = HttpResponse::Ok().body(shared_bytes(answer.body.shared()));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(HeaderName::from_static("x-cache"), HeaderValue::from_static(answer.outcome.as_str()));
+    headers.insert(HeaderName::from_static(CACHE_HEADER), HeaderValue::from_static(answer.outcome.as_str()));
     headers.insert(HeaderName::from_static(AS_OF_HEADER), as_of_value(answer.as_of_ms));
     headers.insert(HeaderName::from_static(LAG_HEADER), HeaderValue::from(lag_ms));
     Ok(response)
