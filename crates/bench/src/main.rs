@@ -7,7 +7,7 @@
 /// The allocator `callboard` runs with, so that the projector's own
 /// throughput (`pipeline`) is measured as it runs there.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: callboard_alloc::Allocator = callboard_alloc::Allocator;
 
 mod memory;
 mod pipeline;
@@ -87,8 +87,17 @@ struct Deployment {
     admin: String,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime's threads and their first allocations.
+    if !callboard_alloc::without_huge_pages() {
+        eprintln!(
+            "warning: the kernel refused PR_SET_THP_DISABLE: the projector's figures are with transparent huge pages"
+        );
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench())
+}
+
+async fn bench() -> anyhow::Result<()> {
     let args = Args::parse();
     if !args.bin.exists() {
         bail!("{} not found: run `cargo build --release -p callboard` (make bench does)", args.bin.display());

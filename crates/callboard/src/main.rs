@@ -17,10 +17,9 @@ use callboard_settings::{LogFormat, Settings};
 use callboard_store::{indexes, seed};
 use clap::{Parser, Subcommand};
 
-// Measured (perf): glibc's malloc and free took about 10% of the API's CPU
-// under load.
+// mimalloc, without transparent huge pages (crates/alloc says why).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: callboard_alloc::Allocator = callboard_alloc::Allocator;
 
 #[derive(Parser)]
 #[command(name = "callboard", version, about = "CRM call statuses, grouped and cached")]
@@ -109,6 +108,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    let without_huge_pages = callboard_alloc::without_huge_pages();
     let cli = Cli::parse();
     // The operator commands are clients of a running API: no settings.
     let operator = match &cli.command {
@@ -134,6 +134,11 @@ fn main() -> anyhow::Result<()> {
             LogFormat::Json => callboard_telemetry::Format::Json,
         };
         callboard_telemetry::init(&settings.log.filter, format)?;
+        if !without_huge_pages {
+            tracing::warn!(
+                "the kernel refused PR_SET_THP_DISABLE: running with transparent huge pages (slower; ADR 0015)"
+            );
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(run(cli.command, settings))
