@@ -1,5 +1,6 @@
 //! The allocator every callboard binary runs with, and the one
-//! process-wide memory setting that goes with it.
+//! process-wide memory setting `callboard` makes (the bench does not:
+//! its children are what callboard is measured against).
 //!
 //! - mimalloc: glibc's malloc and free took about 10% of the API's CPU
 //!   under load (docs/PERFORMANCE.md, row 2).
