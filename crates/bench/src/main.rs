@@ -107,11 +107,12 @@ async fn main() -> anyhow::Result<()> {
         let run = pipeline::run(100_000, 20_000).await?;
         for p in &run.results {
             println!(
-                "{:<32} {:>8} events {:>7.2} s {:>9.0} events/s ({} windows left short)",
+                "{:<32} {:>8} events {:>7.2} s {:>9.0} events/s, Redis busy {:>3.0}% ({} windows left short)",
                 p.kind,
                 p.events,
                 p.secs,
                 p.rate(),
+                100.0 * p.redis_share(),
                 p.refills
             );
         }

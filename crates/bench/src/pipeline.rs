@@ -38,6 +38,8 @@ pub struct PipelineResult {
     pub refills: u64,
     /// Where the time went, for the kinds run as change events.
     pub stages: Option<Stages>,
+    /// Redis's CPU seconds in that time ([`redis_cpu`]).
+    pub redis_secs: f64,
 }
 
 /// Seconds in each stage of a batch, summed over a kind's batches.
@@ -53,9 +55,29 @@ pub struct Stages {
     pub apply: f64,
 }
 
+/// Redis's CPU seconds (`INFO cpu`: user and system, every thread) while a
+/// kind ran: the part of its time the server's one command thread spent,
+/// against the rest (the bench's own work and the loopback between).
+pub async fn redis_cpu(redis: &Redis) -> anyhow::Result<f64> {
+    let mut c = redis.get().await?;
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut c).await?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("INFO cpu has no {name}"))
+    };
+    Ok(field("used_cpu_user")? + field("used_cpu_sys")?)
+}
+
 impl PipelineResult {
     pub fn rate(&self) -> f64 {
         self.events as f64 / self.secs.max(1e-9)
+    }
+
+    /// The share of the kind's time Redis was busy.
+    pub fn redis_share(&self) -> f64 {
+        self.redis_secs / self.secs.max(1e-9)
     }
 }
 
@@ -98,10 +120,12 @@ fn calls(n: u64, tenant: i64) -> Vec<Document> {
 /// Runs `events` through the transform and the apply, a batch at a time.
 async fn project(
     writer: &Writer,
+    redis: &Redis,
     kind: &str,
     events: &[ChangeStreamEvent<Document>],
 ) -> anyhow::Result<PipelineResult> {
     let fields = UserFields::default();
+    let cpu = redis_cpu(redis).await?;
     let started = Instant::now();
     let mut short = std::collections::HashSet::new();
     let mut stages = Stages::default();
@@ -127,6 +151,7 @@ async fn project(
         secs,
         refills: short.len() as u64,
         stages: Some(stages),
+        redis_secs: redis_cpu(redis).await? - cpu,
     })
 }
 
@@ -155,6 +180,7 @@ pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<PipelineRun> {
 
     // A warm's snapshot load, timed from documents in memory.
     let docs = calls(calls_n, 1);
+    let cpu = redis_cpu(&redis).await?;
     let started = Instant::now();
     let mut short = std::collections::HashSet::new();
     for chunk in docs.chunks(CHUNK) {
@@ -167,6 +193,7 @@ pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<PipelineRun> {
         secs: started.elapsed().as_secs_f64(),
         refills: short.len() as u64,
         stages: None,
+        redis_secs: redis_cpu(&redis).await? - cpu,
     });
     let warm_costs = crate::memory::key_costs(&[server.url()], &keys).await?;
 
@@ -186,7 +213,7 @@ pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<PipelineRun> {
             event("insert", CALLS, id, Some(d))
         })
         .collect::<Result<_, _>>()?;
-    out.push(project(&writer, "inserts", &inserts).await?);
+    out.push(project(&writer, &redis, "inserts", &inserts).await?);
     // Status moves of warm calls (update events carry the full document).
     let moved: Vec<_> = docs
         .iter()
@@ -203,7 +230,7 @@ pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<PipelineRun> {
             event("update", CALLS, id, Some(d))
         })
         .collect::<Result<_, _>>()?;
-    out.push(project(&writer, "status moves", &moved).await?);
+    out.push(project(&writer, &redis, "status moves", &moved).await?);
     // Moves to another warm tenant.
     let to_tenant_2: Vec<_> = docs
         .iter()
@@ -215,7 +242,7 @@ pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<PipelineRun> {
             event("update", CALLS, d.get_i64("_id").unwrap_or(0), Some(d))
         })
         .collect::<Result<_, _>>()?;
-    out.push(project(&writer, "tenant moves", &to_tenant_2).await?);
+    out.push(project(&writer, &redis, "tenant moves", &to_tenant_2).await?);
     // Deletes (the event carries only the `_id`).
     let deletes: Vec<_> = docs
         .iter()
@@ -223,7 +250,7 @@ pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<PipelineRun> {
         .take(n)
         .map(|d| event("delete", CALLS, d.get_i64("_id").unwrap_or(0), None))
         .collect::<Result<_, _>>()?;
-    out.push(project(&writer, "deletes", &deletes).await?);
+    out.push(project(&writer, &redis, "deletes", &deletes).await?);
     // User renames: a user is stored once and spliced in at read time, so
     // a rename writes one hash field and one stamp, whatever the number of
     // calls it shows on. One rename of user 1 alone (the owner of the
@@ -235,12 +262,13 @@ pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<PipelineRun> {
     let owned = docs.iter().enumerate().filter(|(i, d)| !deleted.contains(i) && by_1(d)).count()
         + inserted.iter().filter(|d| by_1(d)).count();
     let one = [event("update", USERS, 1, Some(doc! {"_id": 1_i64, "id": 1_i64, "name": "Renamed"}))?];
-    out.push(project(&writer, &format!("one rename of user 1 (owns {owned} calls)"), &one).await?);
+    out.push(project(&writer, &redis, &format!("one rename of user 1 (owns {owned} calls)"), &one).await?);
     let renames: Vec<_> = (1..=n as i64)
         .map(|u| event("update", USERS, u, Some(doc! {"_id": u, "id": u, "name": format!("Renamed {u}")})))
         .collect::<Result<_, _>>()?;
     out.push(
-        project(&writer, &format!("user updates ({n} distinct users, the seed's 100 and new ones)"), &renames).await?,
+        project(&writer, &redis, &format!("user updates ({n} distinct users, the seed's 100 and new ones)"), &renames)
+            .await?,
     );
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);

@@ -173,10 +173,20 @@ impl Report {
         if !self.pipeline.is_empty() {
             writeln!(md, "## Projector throughput, no MongoDB\n")?;
             writeln!(md, "Synthetic change events (the seed's documents) through the projector's transform and Redis apply, {} events a batch (`projector.batch_max`), one process against one Redis; the warm row is a snapshot's chunks (1,000 calls) from documents in memory, so neither counts MongoDB's time. It times the transform and the apply only: no lease or fence check, no checkpoint, watermark or durability-marker write, and no document-window refills, which read MongoDB (the last column counts the distinct statuses an apply left short; the kinds run one after another on the same calls, so later kinds meet windows that deletes and moves have shortened).\n", crate::pipeline::BATCH)?;
-            writeln!(md, "| what | events | s | events/s | windows left short |")?;
-            writeln!(md, "|---|---:|---:|---:|---:|")?;
+            writeln!(md, "`Redis busy`: the server's CPU time (`INFO cpu`) over the kind's time; the rest is the bench's own work (decoding, planning, building the scripts) and the loopback, which the one connection does not overlap with Redis's.\n")?;
+            writeln!(md, "| what | events | s | events/s | Redis busy | windows left short |")?;
+            writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
             for p in &self.pipeline {
-                writeln!(md, "| {} | {} | {:.2} | {:.0} | {} |", p.kind, p.events, p.secs, p.rate(), p.refills)?;
+                writeln!(
+                    md,
+                    "| {} | {} | {:.2} | {:.0} | {:.0}% | {} |",
+                    p.kind,
+                    p.events,
+                    p.secs,
+                    p.rate(),
+                    100.0 * p.redis_share(),
+                    p.refills
+                )?;
             }
             writeln!(md)?;
         }
