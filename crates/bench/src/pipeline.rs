@@ -55,8 +55,9 @@ pub struct Stages {
     pub apply: f64,
 }
 
-/// Redis's CPU seconds (`INFO cpu`: user and system, every thread) while a
-/// kind ran: the part of its time the server's one command thread spent,
+/// Redis's CPU seconds so far (`INFO cpu`: user and system, all its
+/// threads; with no persistence nearly all of it the command thread's).
+/// Taken before and after a kind: how much of its time Redis was busy,
 /// against the rest (the bench's own work and the loopback between).
 pub async fn redis_cpu(redis: &Redis) -> anyhow::Result<f64> {
     let mut c = redis.get().await?;
