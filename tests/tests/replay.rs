@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use bson::{doc, Bson, DateTime, Document};
 use callboard_domain::TenantId;
 use callboard_projector::transform::{needs, plan, Change};
-use callboard_projector::warm::{refill_windows, CallSource, Touched};
+use callboard_projector::warm::{refill_windows, CallSource, Load, Touched};
 use callboard_readmodel::codec::CallEntry;
 use callboard_readmodel::write::{DocWindow, Guard, Plan, Writer};
 use callboard_readmodel::{Conn, Keys, Redis, TenantState};
@@ -408,6 +408,57 @@ fn a_document_read_twice_by_a_snapshot_ends_in_one_place() {
         let first: u64 = conn.zcard(format!("{prefix}:{{t1}}:z:1")).await.unwrap();
         let second: u64 = conn.zcard(format!("{prefix}:{{t1}}:z:2")).await.unwrap();
         assert_eq!((first, second), (0, 1), "the call must be in status 2 only");
+    });
+}
+
+/// `warm::Load` itself. Each round puts the chunk read in the round before
+/// and reads the next one. Whatever the number of documents (none, less
+/// than a chunk, an exact multiple, and neither), every call is put once,
+/// and the load ends exactly once, one round after the last full chunk (an
+/// empty last chunk for an exact multiple). A call touched between two
+/// rounds, after its chunk was read ahead and before it was put (an event
+/// applied meanwhile), is not put: the filter runs at the put, not at the
+/// read.
+#[test]
+fn a_load_puts_each_chunk_a_round_after_reading_it_without_the_calls_touched_meanwhile() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let redis = connect().await;
+        let mut conn = redis.get().await.unwrap();
+        let tenant = TenantId::new(1).unwrap();
+        let key = |id: i64| callboard_domain::DocKey::from_bson(&Bson::Int64(id));
+        for n in [0_i64, 999, 2000, 2500] {
+            let prefix = fresh();
+            let keys = Keys::new(&prefix);
+            warm_all(&mut conn, &keys).await;
+            let writer = Writer::new(redis.clone(), keys.clone());
+            let docs: Vec<Document> =
+                (1..=n).map(|id| doc! {"_id": id, "id": 100 + id, "tenant_id": 1_i64, "status_id": 1_i64}).collect();
+            let source = Docs(docs.iter().map(|d| (key(d.get_i64("_id").unwrap()), d.clone())).collect());
+            let stream = futures::stream::iter(docs.into_iter().map(Ok::<_, mongodb::error::Error>));
+            let mut load = Load::from_source(tenant, stream);
+            let mut rounds = 0;
+            loop {
+                rounds += 1;
+                let done = load.next_chunk(&source, &writer).await.unwrap();
+                // Round 1 put documents 1 to 1,000 and read 1,001 to 2,000.
+                if rounds == 1 {
+                    load.touch(key(1500));
+                }
+                if done {
+                    break;
+                }
+                assert!(rounds <= 3, "{n} documents: no end after {rounds} rounds");
+            }
+            assert_eq!(rounds, n / 1000 + 1, "{n} documents");
+            let skipped = i64::from(n >= 1500);
+            assert_eq!(load.calls() as i64, n - skipped, "{n} documents");
+            let members: i64 = conn.zcard(keys.zset(tenant, callboard_domain::StatusKey::new(1))).await.unwrap();
+            assert_eq!(members, n - skipped, "{n} documents");
+            let view = writer.load_locators(&[key(1500), key(n.min(999))], &[], &[], &[]).await.unwrap();
+            assert!(!view.call_loc.contains_key(&key(1500)), "{n} documents: the touched call was put");
+            assert_eq!(view.call_loc.contains_key(&key(n.min(999))), n > 0, "{n} documents");
+        }
     });
 }
 

@@ -2,20 +2,25 @@
 //! change events (the seed's documents, as `ChangeStreamEvent`s) through
 //! the transform (`change_of`, `needs`, `plan`) and the Redis apply
 //! (`load_locators`, `apply`), in batches of `projector.batch_max`; and a
-//! warm's snapshot chunks (`CallEntry::from_document`, `put_snapshot`).
-//! One real redis-server, started here. Each kind is timed alone.
+//! warm: the projector's own `warm::Load` over the snapshot's documents
+//! from memory (each chunk decoded with `CallEntry::from_document` and put
+//! with `put_snapshot` while the next is decoded; its final refill reads
+//! the same documents). One real redis-server, started here. Each kind is
+//! timed alone.
 //!
 //! Left out, because they need MongoDB: the document windows' refills
 //! after deletes and moves out of a window (`apply` returns the statuses
-//! that need one; counted here, not run), and a warm's final refill.
+//! that need one; counted here, not run).
 
 use std::time::Instant;
 
 use anyhow::Context;
 use bson::{doc, Bson, DateTime, Document};
 use callboard_domain::render::UserFields;
-use callboard_domain::TenantId;
+use callboard_domain::{DocKey, TenantId};
 use callboard_projector::transform::{self, Change};
+use callboard_projector::warm::{CallSource, Load};
+use callboard_projector::ProjectorError;
 use callboard_readmodel::codec::CallEntry;
 use callboard_readmodel::write::Writer;
 use callboard_readmodel::{Keys, Redis, TenantState};
@@ -25,8 +30,19 @@ use mongodb::change_stream::event::ChangeStreamEvent;
 
 /// The projector's default batch (`projector.batch_max`).
 pub const BATCH: usize = 1000;
-/// A warm's chunk (the projector's `warm::CHUNK`).
-const CHUNK: usize = 1000;
+/// The snapshot's documents by `_id`: where the warm's final refill reads
+/// the calls it puts back.
+struct Snapshot<'a>(std::collections::HashMap<DocKey, &'a Document>);
+
+impl CallSource for Snapshot<'_> {
+    async fn calls(&self, ids: Vec<Bson>) -> Result<Vec<CallEntry>, ProjectorError> {
+        Ok(ids
+            .iter()
+            .filter_map(|id| self.0.get(&DocKey::from_bson(id)))
+            .filter_map(|d| CallEntry::from_document(d))
+            .collect())
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct PipelineResult {
@@ -34,7 +50,8 @@ pub struct PipelineResult {
     pub events: u64,
     pub secs: f64,
     /// Distinct statuses whose document window an apply left short (a
-    /// refill from MongoDB would follow, not run here).
+    /// refill from MongoDB would follow, not run here; the warm's final
+    /// refill is run, from the documents in memory).
     pub refills: u64,
     /// Where the time went, for the kinds run as change events.
     pub stages: Option<Stages>,
@@ -179,20 +196,20 @@ pub async fn run(calls_n: u64, events_n: u64) -> anyhow::Result<PipelineRun> {
     }
     let mut out = Vec::new();
 
-    // A warm's snapshot load, timed from documents in memory.
+    // A warm's snapshot load, timed from documents in memory (owned, as a
+    // cursor yields them, and made before the clock starts).
     let docs = calls(calls_n, 1);
+    let snapshot = Snapshot(docs.iter().filter_map(|d| d.get("_id").map(|id| (DocKey::from_bson(id), d))).collect());
+    let source = futures::stream::iter(docs.clone().into_iter().map(Ok::<_, mongodb::error::Error>));
     let cpu = redis_cpu(&redis).await?;
     let started = Instant::now();
-    let mut short = std::collections::HashSet::new();
-    for chunk in docs.chunks(CHUNK) {
-        let entries: Vec<CallEntry> = chunk.iter().filter_map(CallEntry::from_document).collect();
-        short.extend(writer.put_snapshot(t1, &entries).await?);
-    }
+    let mut load = Load::from_source(t1, source);
+    while !load.next_chunk(&snapshot, &writer).await? {}
     out.push(PipelineResult {
         kind: "warm: snapshot chunks (calls)".into(),
         events: docs.len() as u64,
         secs: started.elapsed().as_secs_f64(),
-        refills: short.len() as u64,
+        refills: load.short_windows() as u64,
         stages: None,
         redis_secs: redis_cpu(&redis).await? - cpu,
     });

@@ -91,12 +91,28 @@ async fn load_users(
 /// touched is put from the chunk, and any event for it still to come is
 /// applied over it, as after an inline snapshot. The tenant turns warm
 /// once the stream is past the end of the load, as before.
-pub struct Load {
+///
+/// Each chunk is put while the next one is read ([`Load::next_chunk`]), so
+/// the source's scan and Redis's writes overlap. A chunk read ahead is
+/// filtered when it is put, not when it is read: it skips every call an
+/// event touched up to then, as a chunk read at that moment would.
+///
+/// `S` is where the documents come from: MongoDB's cursor, or any stream
+/// of the snapshot's documents (the bench's, from memory).
+pub struct Load<S = mongodb::Cursor<Document>> {
     tenant: TenantId,
-    cursor: mongodb::Cursor<Document>,
+    cursor: S,
+    /// The chunk read while the last one was put.
+    ahead: Option<Chunk>,
     touched: Touched,
     calls: u64,
     needy: Vec<(TenantId, StatusKey)>,
+}
+
+/// Up to [`CHUNK`] documents' entries, and whether the source ended after them.
+struct Chunk {
+    entries: Vec<CallEntry>,
+    last: bool,
 }
 
 impl Load {
@@ -108,7 +124,17 @@ impl Load {
             .find(doc! {"tenant_id": tenant.get(), "deleted": {"$ne": 1}})
             .batch_size(CHUNK as u32)
             .await?;
-        Ok(Self { tenant, cursor, touched: Default::default(), calls: 0, needy: Vec::new() })
+        Ok(Self::from_source(tenant, cursor))
+    }
+}
+
+impl<S> Load<S>
+where
+    S: futures::Stream<Item = Result<Document, mongodb::error::Error>> + Unpin,
+{
+    /// A load of `tenant` from `source`, whose calls were purged already.
+    pub fn from_source(tenant: TenantId, source: S) -> Self {
+        Self { tenant, cursor: source, ahead: None, touched: Default::default(), calls: 0, needy: Vec::new() }
     }
 
     pub fn tenant(&self) -> TenantId {
@@ -126,32 +152,55 @@ impl Load {
         self.touched.touch(doc);
     }
 
-    /// Loads the next chunk; `true` once the snapshot is complete (its
-    /// windows refilled).
-    pub async fn next_chunk(&mut self, db: &Database, writer: &Writer) -> Result<bool, ProjectorError> {
-        let mut chunk = Vec::with_capacity(CHUNK);
-        let mut read = 0;
-        let mut done = false;
-        while read < CHUNK {
-            let Some(call) = self.cursor.try_next().await? else {
-                done = true;
-                break;
-            };
-            read += 1;
-            if let Some(entry) = CallEntry::from_document(&call).filter(|e| e.place.tenant == self.tenant) {
-                chunk.push(entry);
-            }
-        }
-        let chunk = self.touched.untouched(chunk);
-        self.calls += chunk.len() as u64;
-        self.needy.extend(writer.put_snapshot(self.tenant, &chunk).await?);
-        if done {
+    /// How many (tenant, status) windows the puts left short so far,
+    /// counted once each after the last chunk (whose refill fills them),
+    /// possibly more than once before.
+    pub fn short_windows(&self) -> usize {
+        self.needy.len()
+    }
+
+    /// Puts the next chunk, reading the one after it meanwhile; `true`
+    /// once the snapshot is complete (its windows refilled from `source`).
+    /// After an error the load is abandoned (the leader redoes the warm).
+    pub async fn next_chunk(&mut self, source: &impl CallSource, writer: &Writer) -> Result<bool, ProjectorError> {
+        let tenant = self.tenant;
+        let chunk = match self.ahead.take() {
+            Some(chunk) => chunk,
+            None => read_chunk(&mut self.cursor, tenant).await?,
+        };
+        let entries = self.touched.untouched(chunk.entries);
+        self.calls += entries.len() as u64;
+        if chunk.last {
+            self.needy.extend(writer.put_snapshot(tenant, &entries).await?);
             self.needy.sort();
             self.needy.dedup();
-            refill_windows(db, writer, &self.needy).await?;
+            refill_windows(source, writer, &self.needy).await?;
+            return Ok(true);
         }
-        Ok(done)
+        let (put, next) = futures::join!(writer.put_snapshot(tenant, &entries), read_chunk(&mut self.cursor, tenant));
+        self.needy.extend(put?);
+        self.ahead = Some(next?);
+        Ok(false)
     }
+}
+
+/// The next [`CHUNK`] documents of `cursor`: the entries of those in
+/// `tenant` (a document that moved out since the scan began is left to
+/// its event).
+async fn read_chunk<S>(cursor: &mut S, tenant: TenantId) -> Result<Chunk, ProjectorError>
+where
+    S: futures::Stream<Item = Result<Document, mongodb::error::Error>> + Unpin,
+{
+    let mut entries = Vec::with_capacity(CHUNK);
+    for _ in 0..CHUNK {
+        let Some(call) = cursor.try_next().await? else {
+            return Ok(Chunk { entries, last: true });
+        };
+        if let Some(entry) = CallEntry::from_document(&call).filter(|e| e.place.tenant == tenant) {
+            entries.push(entry);
+        }
+    }
+    Ok(Chunk { entries, last: false })
 }
 
 /// The calls the stream's events changed since a load began: a chunk
